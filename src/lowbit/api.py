@@ -1,0 +1,200 @@
+"""The public Python API: quantize(), load(), evaluate(), inspect(). The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .algorithms import parse_chain
+from .arch import describe, linear_modules
+from .data import calib_windows, eval_windows, load_text, tokenize
+from .engine import Engine, EngineReport
+from .errors import LowbitError
+from .eval import perplexity
+from .export.native import NativeSink, write_metadata
+from .export.output import check_output, staged_output
+from .hf.model import LoadedModel, open_model
+from .recipe import DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, resolve_plan, validate_plan
+from .spec import parse_scheme
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None = None, algo: str = "rtn",
+                exclude_layers=None, overrides=(), dataset: str = "pydoc", num_calib_data: int = 128,
+                seq_len: int = 512, seed: int = 0, batch_size: int = 8) -> Recipe:
+    """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head)."""
+    chain = parse_chain(algo)
+    return Recipe(
+        scheme=parse_scheme(scheme, group_size),
+        exclude=tuple(DEFAULT_EXCLUDE if exclude_layers is None else exclude_layers),
+        overrides=tuple(o if isinstance(o, Override) else Override.parse(o) for o in overrides),
+        algorithms=tuple(AlgoStep(a.name, tuple(a.args().items())) for a in chain),
+        calibration={"dataset": dataset, "num_samples": num_calib_data, "seq_len": seq_len, "seed": seed,
+                     "batch_size": batch_size},
+    )
+
+
+@dataclass
+class QuantizeResult:
+    output: Path | None
+    summary: dict
+    report: EngineReport
+    model: torch.nn.Module | None = None  # the fake-quant model, when keep_in_memory
+    plan: dict = field(default_factory=dict)
+
+
+def plan_for(loaded: LoadedModel, recipe: Recipe):
+    """The validated per-module plan of a recipe on a model."""
+    plan = resolve_plan(recipe, linear_modules(loaded.model))
+    validate_plan(plan, recipe.scheme)
+    return plan
+
+
+def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: bool = False,
+             keep_in_memory: bool = False, evaluate_after: bool = False, eval_dataset: str | None = None,
+             eval_seq_len: int | None = None, max_chunks: int | None = None, progress: bool = True,
+             quiet: bool = False, **recipe_args) -> QuantizeResult:
+    """Quantize a model source (HF folder, GGUF file or "demo") and write a lowbit folder to `output`.
+
+    Everything is validated before any weight is read: the scheme, the chain, the output path, the plan.
+    """
+    t0 = time.perf_counter()
+    recipe = recipe or make_recipe(**recipe_args)
+    chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
+    if output is not None:
+        check_output(Path(output), overwrite)
+    loaded = open_model(model)
+    if loaded.quantized:
+        raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
+    plan = plan_for(loaded, recipe)
+    _log(format_plan(plan), quiet)
+
+    calib = None
+    cal = recipe.calibration
+    if any(a.needs_calibration for a in chain):
+        tokenizer = loaded.tokenizer()
+        ids = tokenize(tokenizer, load_text(cal["dataset"], "calib"))
+        calib = calib_windows(ids, cal["num_samples"], cal["seq_len"], cal["seed"])
+    t_loaded = time.perf_counter()
+
+    keep = keep_in_memory or evaluate_after
+    tied_lm_head = any(t.rpartition(".")[0] in plan and plan[t.rpartition(".")[0]].spec is not None
+                       for t in loaded.layout.tied)
+    summary = {"lowbit_version": __version__, "source": str(model), "source_folder": str(loaded.folder),
+               "scheme": recipe.scheme.name, "algorithms": [a.name for a in chain], "seed": cal.get("seed", 0),
+               "torch_version": torch.__version__, "python": platform.python_version()}
+    if calib is not None:
+        summary["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+
+    def run(sink):
+        engine = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep,
+                        batch_size=cal.get("batch_size", 8), progress=progress)
+        return engine.run()
+
+    if output is not None:
+        with staged_output(Path(output), overwrite) as tmp:
+            sink = NativeSink(tmp)
+            report = run(sink)
+            t_quant = time.perf_counter()
+            sink.close()
+            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), untie=tied_lm_head)
+            recipe.save(tmp / "recipe.yaml")
+            summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
+            if evaluate_after:
+                summary["perplexity"] = _eval_model(loaded, eval_dataset or "pydoc", eval_seq_len or cal["seq_len"],
+                                                    max_chunks, progress)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    else:
+        report = run(None)
+        t_quant = time.perf_counter()
+        summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, None))
+        if evaluate_after:
+            summary["perplexity"] = _eval_model(loaded, eval_dataset or "pydoc", eval_seq_len or cal["seq_len"],
+                                                max_chunks, progress)
+    model_out = loaded.model.eval() if keep else None
+    return QuantizeResult(Path(output) if output is not None else None, summary, report, model_out, plan)
+
+
+def _measures(loaded, report, plan, t0, t_loaded, t_quant, folder) -> dict:
+    out = {
+        "seconds": {"prepare": round(t_loaded - t0, 3), "quantize": round(t_quant - t_loaded, 3),
+                    "total": round(time.perf_counter() - t0, 3)},
+        "block_seconds": [round(s, 4) for s in report.block_seconds],
+        "peak_rss_bytes": peak_rss_bytes(),
+        "source_size_bytes": loaded.size_bytes(),
+        "quantized_modules": sum(1 for lp in plan.values() if lp.spec is not None),
+        "layer_errors": {r.name: round(r.relative_error, 6) for r in report.layers},
+    }
+    if report.layers:
+        errs = [r.relative_error for r in report.layers]
+        out["mean_layer_error"] = round(sum(errs) / len(errs), 6)
+    if folder is not None:
+        out["output_size_bytes"] = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    return out
+
+
+def _eval_model(loaded: LoadedModel, dataset: str, seq_len: int, max_chunks, progress) -> dict:
+    ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
+    return perplexity(loaded.model.eval(), eval_windows(ids, seq_len, max_chunks), progress=progress).to_dict()
+
+
+def load(path, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) for any source: a float HF folder, a GGUF file, `demo`, or a lowbit output
+    (its packed linears dequantized into ordinary nn.Linear weights)."""
+    loaded = open_model(path, dtype)
+    return loaded.load_all(), loaded.tokenizer()
+
+
+def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int | None = None,
+             batch_size: int = 4, progress: bool = True) -> dict:
+    """Perplexity (standard protocol) of a model source, with its size and parameter count."""
+    if seq_len < 2:
+        raise LowbitError(f"--seq-len must be at least 2, got {seq_len}")
+    loaded = open_model(model)
+    ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
+    windows = eval_windows(ids, seq_len, max_chunks)
+    t0 = time.perf_counter()
+    net = loaded.load_all()
+    load_s = time.perf_counter() - t0
+    result = perplexity(net, windows, batch_size, progress).to_dict()
+    result.update({
+        "model": str(model), "dataset": dataset, "size_bytes": loaded.size_bytes(),
+        "parameters": describe(net)["parameters"], "quantized": bool(loaded.quantized),
+        "scheme": (loaded.quantization_config or {}).get("scheme"), "load_seconds": round(load_s, 3),
+    })
+    return result
+
+
+def inspect(model, recipe: Recipe | None = None) -> dict:
+    """Architecture, blocks, linear shapes and, with a recipe, what each linear would get."""
+    loaded = open_model(model)
+    info = describe(loaded.model)
+    info["folder"] = str(loaded.folder)
+    info["size_bytes"] = loaded.size_bytes()
+    if loaded.quantization_config:
+        info["quantization"] = {k: loaded.quantization_config[k] for k in ("scheme", "algorithms", "ignore")}
+    linears = linear_modules(loaded.model)
+    info["linears"] = {n: list(s) for n, s in linears.items()}
+    if recipe is not None:
+        plan = plan_for(loaded, recipe)
+        info["plan"] = {n: (lp.spec.short_name if lp.spec else "float") for n, lp in plan.items()}
+        info["plan_table"] = format_plan(plan)
+    return info

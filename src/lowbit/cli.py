@@ -1,0 +1,198 @@
+"""The `lowbit` command: quantize, eval, inspect. Thin: parses arguments and calls lowbit.api."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from .errors import LowbitError
+
+EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym} (e.g. w_uint4_per_group_asym, "
+                  "w_int8_per_channel_sym); float and MX names (w_fp8_a_fp8, w_mxfp4, ...) are recognised but not "
+                  "implemented yet.")
+
+
+def _add_data_args(p, purpose: str) -> None:
+    p.add_argument("--dataset", default="pydoc",
+                   help="text source: a .txt/.jsonl/.parquet file, pydoc (built in, offline), wikitext2, pileval, "
+                        "c4 or cnn_dailymail (Hugging Face hub) [default: pydoc]")
+    p.add_argument("--seq-len", "--seq_len", type=int, default=512, help="tokens per window [default: 512]")
+    if purpose == "eval":
+        p.add_argument("--max-chunks", "--max_chunks", type=int, default=None,
+                       help="evaluate at most this many windows [default: all]")
+
+
+def _add_recipe_args(p, required: bool) -> None:
+    p.add_argument("--scheme", "--quant-scheme", "--quant_scheme", required=required, default=None,
+                   help="quantization scheme, Quark spelling (e.g. w_uint4_per_group_asym)")
+    p.add_argument("--group-size", "--group_size", type=int, default=None,
+                   help="group size for *_per_group_* schemes [default: 128]; need not divide the layer width")
+    p.add_argument("--exclude-layers", "--exclude_layers", nargs="*", default=None, metavar="PATTERN",
+                   help="layers kept in float: names, globs or re:REGEX [default: lm_head]; "
+                        "give the flag with no pattern to quantize every linear, lm_head included")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN:KEY=VALUE[,KEY=VALUE]",
+                   help="per-layer change to the scheme, e.g. 'down_proj:bits=8' or 'lm_head:group_size=32' or "
+                        "'lm_head:scheme=w_int8_per_channel_sym'; repeatable, later ones win")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization of causal LMs.",
+                                     epilog="Run `lowbit COMMAND --help` for each command's options.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model and write a lowbit folder",
+                       description="Quantize MODEL (a Hugging Face folder, a .gguf file or `demo`) block by block "
+                                   "and write a Hugging Face-style folder with packed weights, the recipe and a "
+                                   "summary.", epilog=EPILOG_SCHEMES)
+    q.add_argument("model", help="Hugging Face folder, .gguf file, or `demo` (SmolLM2-135M-Instruct)")
+    q.add_argument("-o", "--output", "--output-dir", "--output_dir", default=None, help="output folder")
+    _add_recipe_args(q, required=False)
+    q.add_argument("--algo", default="rtn", help="algorithm chain, comma-separated [default: rtn]")
+    q.add_argument("--recipe", default=None, help="a recipe.yaml/.json (replaces the scheme/layer/algo options)")
+    q.add_argument("--num-calib-data", "--num_calib_data", type=int, default=128,
+                   help="calibration windows, for calibrated algorithms [default: 128]")
+    q.add_argument("--seed", type=int, default=0, help="seed for calibration window sampling [default: 0]")
+    q.add_argument("--batch-size", "--batch_size", type=int, default=8, help="calibration batch size [default: 8]")
+    _add_data_args(q, "eval")
+    q.add_argument("--eval", action="store_true", help="after quantizing, measure perplexity of the result")
+    q.add_argument("--skip-quantization", "--skip_quantization", action="store_true",
+                   help="do not quantize: evaluate the float model on --dataset and exit")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="perplexity and size of a model",
+                       description="Perplexity by the standard protocol: the whole text tokenized once, cut into "
+                                   "non-overlapping windows of --seq-len tokens (at most --max-chunks), mean "
+                                   "token negative log-likelihood over all windows, exponentiated.")
+    e.add_argument("model", help="Hugging Face folder, .gguf file, `demo`, or a lowbit output folder")
+    _add_data_args(e, "eval")
+    e.add_argument("--batch-size", "--batch_size", type=int, default=4, help="windows per forward [default: 4]")
+    e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="architecture, layers, shapes and what a scheme would do",
+                       description="Show MODEL's architecture and linear layers; with --scheme, the per-module "
+                                   "plan (which layers are quantized, and how) without quantizing.",
+                       epilog=EPILOG_SCHEMES)
+    i.add_argument("model", help="Hugging Face folder, .gguf file, `demo`, or a lowbit output folder")
+    _add_recipe_args(i, required=False)
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _recipe_from_args(args):
+    from .api import make_recipe
+    from .recipe import Recipe
+
+    if getattr(args, "recipe", None):
+        if not os.path.isfile(args.recipe):
+            raise LowbitError(f"recipe file {args.recipe} not found")
+        return Recipe.load(args.recipe)
+    if not args.scheme:
+        return None
+    return make_recipe(scheme=args.scheme, group_size=args.group_size, algo=getattr(args, "algo", "rtn"),
+                       exclude_layers=args.exclude_layers, overrides=args.override,
+                       dataset=getattr(args, "dataset", "pydoc"), num_calib_data=getattr(args, "num_calib_data", 128),
+                       seq_len=getattr(args, "seq_len", 512), seed=getattr(args, "seed", 0),
+                       batch_size=getattr(args, "batch_size", 8))
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def cmd_quantize(args) -> int:
+    from . import api
+
+    if args.skip_quantization:
+        return cmd_eval(args)
+    recipe = _recipe_from_args(args)
+    if recipe is None:
+        raise LowbitError("quantize needs --scheme NAME (e.g. --scheme w_uint4_per_group_asym) or --recipe FILE")
+    if args.output is None:
+        raise LowbitError("quantize needs an output folder: -o OUT")
+    result = api.quantize(args.model, args.output, recipe=recipe, overwrite=args.overwrite,
+                          evaluate_after=args.eval, eval_dataset=args.dataset, eval_seq_len=args.seq_len,
+                          max_chunks=args.max_chunks, progress=not args.no_progress, quiet=args.json)
+    s = result.summary
+    if args.json:
+        print(json.dumps({"output": str(result.output), **s}))
+        return 0
+    print(f"wrote {result.output}: {s['quantized_modules']} linears quantized ({s['scheme']}, "
+          f"{'+'.join(s['algorithms'])}) in {s['seconds']['quantize']:.1f} s "
+          f"(total {s['seconds']['total']:.1f} s, peak memory {_fmt_size(s['peak_rss_bytes'])})")
+    print(f"size: {_fmt_size(s['source_size_bytes'])} -> {_fmt_size(s['output_size_bytes'])}; "
+          f"mean relative weight error {s.get('mean_layer_error', 0):.4f}")
+    if "perplexity" in s:
+        print(f"perplexity: {s['perplexity']['perplexity']:.4f} over {s['perplexity']['windows']} windows")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import api
+
+    result = api.evaluate(args.model, dataset=args.dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,
+                          batch_size=getattr(args, "batch_size", 4), progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        kind = f"quantized, {result['scheme']}" if result["quantized"] else "float"
+        print(f"{args.model} ({kind}): perplexity {result['perplexity']:.4f} on {args.dataset} "
+              f"({result['windows']} windows x {result['seq_len']} tokens, {result['tokens']} predicted tokens); "
+              f"size {_fmt_size(result['size_bytes'])}, {result['parameters'] / 1e6:.1f} M parameters")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from . import api
+
+    info = api.inspect(args.model, _recipe_from_args(args))
+    if args.json:
+        info.pop("plan_table", None)
+        print(json.dumps(info))
+        return 0
+    print(f"{info['architecture']} ({info['model_type']}): {info['num_layers']} blocks at {info['blocks']}, "
+          f"hidden {info['hidden_size']}, vocab {info['vocab_size']}, {info['parameters'] / 1e6:.1f} M parameters "
+          f"({info['dtype']}), tied embeddings: {info['tied_embeddings']}, {_fmt_size(info['size_bytes'])} on disk")
+    if "quantization" in info:
+        print(f"quantized by lowbit: {info['quantization']}")
+    if "plan_table" in info:
+        print(info["plan_table"])
+    else:
+        shapes: dict[str, list[str]] = {}
+        for name, (n_out, n_in) in info["linears"].items():
+            shapes.setdefault(re.sub(r"[.]\d+[.]", ".*.", name), []).append(f"{n_out}x{n_in}")
+        for pattern, s in shapes.items():
+            print(f"  {pattern:<40} x{len(s):<3} out x in = {s[0]}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+    except LowbitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; use a smaller --batch-size or --num-calib-data", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

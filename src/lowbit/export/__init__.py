@@ -1,0 +1,2 @@
+"""Writers: each reads quantized results and writes files, nothing else (native now; AWQ, GPTQ,
+compressed-tensors, GGUF and ONNX later)."""

@@ -1,0 +1,103 @@
+"""Integer quantization maths on a 2-D weight: scales, zero points, codes and the inverse.
+
+Rules (FORMATS.md 6.1):
+- asymmetric: the range [min(w, 0), max(w, 0)] (it always holds 0, as in torch observers, GPTQ and
+  onnxruntime) maps onto [qmin, qmax]; s = (max - min) / (qmax - qmin); z = clamp(qmin - round(min / s)).
+- symmetric: s = amax / (2^(b-1) - 1); signed codes lie in [-(2^(b-1)-1), 2^(b-1)-1] with zero point 0,
+  unsigned codes in [1, 2^b - 1] with the fixed zero point 2^(b-1). So int4 sym uses 15 levels, exactly.
+- rounding is round-half-to-even (torch.round); all maths in float32.
+- a group size that does not divide the input dimension K: groups are runs of `group_size` columns from
+  column 0 and the last group holds the K % group_size remaining columns. Its statistics come from those
+  columns only (padding with zeros cannot change them, because every range above contains 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..spec import QuantSpec
+
+
+@dataclass
+class IntQuantized:
+    """A quantized 2-D weight: integer codes (rows, cols), and per-block scales / zero points of shape
+    (ceil(rows / block_rows), ceil(cols / block_cols))."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype)
+
+
+def _expand(blockwise: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Broadcast a per-block tensor to the full (rows, cols) shape, cutting a partial last block."""
+    br, bc = block
+    full = blockwise.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
+    return full[: shape[0], : shape[1]]
+
+
+def _block_view(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad w to whole blocks and view it as (n_row_blocks, br, n_col_blocks, bc)."""
+    rows, cols = w.shape
+    br, bc = block
+    pr, pc = -rows % br, -cols % bc
+    if pr or pc:
+        w = torch.nn.functional.pad(w, (0, pc, 0, pr))
+    return w.reshape((rows + pr) // br, br, (cols + pc) // bc, bc)
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None):
+    """Scale and zero point for each block of the 2-D weight w. `clip` (same shape as the scales, in
+    (0, 1]) shrinks each block's range, for clipping searches."""
+    block = spec.block_shape(*w.shape)
+    blocks = _block_view(w.float(), block)
+    lo = blocks.amin(dim=(1, 3)).clamp(max=0)
+    hi = blocks.amax(dim=(1, 3)).clamp(min=0)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = amax / ((1 << (spec.bits - 1)) - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = None if spec.signed else torch.full_like(scale, 1 << (spec.bits - 1), dtype=torch.int32)
+    else:
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax).to(torch.int32)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes of w for the given per-block scale and zero point (int32, same shape as w)."""
+    block = spec.block_shape(*w.shape)
+    s = _expand(scale, block, w.shape)
+    q = torch.round(w.float() / s)
+    if zero is not None:
+        q = q + _expand(zero, block, w.shape)
+    return q.clamp(spec.qmin, spec.qmax).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """(codes - zero) * scale in float32."""
+    block = spec.block_shape(*codes.shape)
+    q = codes.float()
+    if zero is not None:
+        q = q - _expand(zero, block, codes.shape).float()
+    return q * _expand(scale.float(), block, codes.shape)
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> IntQuantized:
+    """Round-to-nearest integer quantization of a 2-D weight (rows = output features)."""
+    if w.dim() != 2:
+        raise ValueError(f"integer quantization works on 2-D weights, got shape {tuple(w.shape)}")
+    scale, zero = compute_qparams(w, spec, clip)
+    return IntQuantized(quantize_codes(w, scale, zero, spec), scale, zero, spec)

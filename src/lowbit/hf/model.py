@@ -1,0 +1,135 @@
+"""A causal LM as a transformers module skeleton whose weights are read from disk on demand.
+
+The skeleton is built from config.json with parameters on the meta device (no memory); `materialize`
+loads the weights of one module (a decoder block, say) and `release` drops them again, so the engine holds
+one block at a time. Folders written by lowbit are recognised by their quantization_config and their packed
+linears are dequantized as they are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..arch import Layout, find_layout, set_module_tensor
+from ..errors import LowbitError
+from ..spec import QuantSpec
+from .checkpoint import LazyCheckpoint
+from .source import resolve_source
+
+QUANT_METHOD = "lowbit"
+
+
+@dataclass
+class LoadedModel:
+    """A model folder opened lazily: skeleton module, checkpoint reader and what is stored quantized."""
+
+    folder: Path
+    model: nn.Module
+    layout: Layout
+    ckpt: LazyCheckpoint
+    dtype: torch.dtype
+    quantized: dict[str, QuantSpec] = field(default_factory=dict)
+    quantization_config: dict | None = None
+
+    # -- weights ------------------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """A parameter's float value from disk (dequantizing lowbit-packed linears)."""
+        module_name, _, attr = name.rpartition(".")
+        if attr == "weight" and module_name in self.quantized:
+            from ..export.native import read_linear
+
+            shape = tuple(self.model.get_parameter(name).shape)
+            return read_linear(self.ckpt, module_name, self.quantized[module_name], shape).to(self.dtype)
+        if name not in self.ckpt and name in self.layout.tied:
+            return self.read(self.layout.tied[name])
+        return self.ckpt.get(name)
+
+    def materialize(self, prefix: str = "") -> None:
+        """Load every parameter whose name starts with prefix from disk into the skeleton. A tied weight
+        stored only under its source (lm_head -> embeddings) shares the source's tensor."""
+        for name, param in list(self.model.named_parameters(remove_duplicate=False)):
+            if not name.startswith(prefix) or param.device.type != "meta":
+                continue
+            source = self.layout.tied.get(name)
+            if source and name not in self.ckpt and name.rpartition(".")[0] not in self.quantized:
+                if self.model.get_parameter(source).device.type == "meta":
+                    self.materialize(source)
+                set_module_tensor(self.model, name, self.model.get_parameter(source))
+                continue
+            tensor = self.read(name)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise LowbitError(f"tensor {name} has shape {tuple(tensor.shape)} in {self.folder} but the config "
+                                  f"asks for {tuple(param.shape)}; the checkpoint does not match its config.json")
+            set_module_tensor(self.model, name, tensor.to(param.dtype) if tensor.is_floating_point() else tensor)
+
+    def release(self, prefix: str) -> None:
+        """Drop the weights under prefix back to the meta device."""
+        for name, param in list(self.model.named_parameters(remove_duplicate=False)):
+            if name.startswith(prefix) and param.device.type != "meta":
+                set_module_tensor(self.model, name, torch.empty_like(param, device="meta"))
+
+    def load_all(self) -> nn.Module:
+        """Materialize every weight and return the ready-to-run model (eval mode)."""
+        self.materialize("")
+        self.model.eval()
+        return self.model
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.folder)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LowbitError(f"cannot load the tokenizer from {self.folder} ({first}); "
+                              f"copy the tokenizer files (tokenizer.json, tokenizer_config.json) into the folder") from None
+
+    def size_bytes(self) -> int:
+        return self.ckpt.size_bytes()
+
+
+def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Open any model source lazily: the skeleton is built, no weight is read."""
+    folder = resolve_source(source)
+    config_dict = json.loads((folder / "config.json").read_text())
+    qconfig = config_dict.get("quantization_config")
+    quantized = {}
+    if qconfig is not None:
+        if qconfig.get("quant_method") != QUANT_METHOD:
+            raise LowbitError(f"{folder} is quantized with {qconfig.get('quant_method')!r}, which lowbit cannot "
+                              f"read yet; give the float model")
+        quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig["modules"].items()}
+    ckpt = LazyCheckpoint(folder)
+    model = build_skeleton(folder, dtype or ckpt.dtype())
+    return LoadedModel(folder, model, find_layout(model), ckpt, dtype or ckpt.dtype(), quantized, qconfig)
+
+
+def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The transformers causal-LM module for folder's config.json, parameters on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LowbitError(f"cannot read the config in {folder} ({first}); the architecture may be unknown to the "
+                          f"installed transformers") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise LowbitError(f"unsupported architecture {getattr(config, 'model_type', '?')!r} in {folder}: "
+                          f"transformers has no causal LM for it ({str(exc).splitlines()[0]})") from None
+    return model

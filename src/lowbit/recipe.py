@@ -1,0 +1,204 @@
+"""Recipe: the scheme, per-layer overrides, excluded layers and the algorithm chain; and its resolution
+into a per-module plan that is printed and validated before any work starts.
+
+Layer patterns (for --exclude-layers and --override):
+- "re:REGEX" matches module names with re.match (compressed-tensors' convention);
+- a pattern with * ? or [ is a glob on the full module name;
+- a plain pattern matches a module when it is a run of whole dot-separated parts of the name:
+  "down_proj" matches every model.layers.N.mlp.down_proj, "layers.0" every module of the first block.
+Precedence: excluded > an override naming the module exactly > pattern overrides (later ones win) > scheme.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import LowbitError
+from .spec import QuantSpec, Scheme, parse_scheme
+
+DEFAULT_EXCLUDE = ("lm_head",)
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether a layer pattern selects the module `name` (rules in the module docstring)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return f".{pattern}." in f".{name}."
+
+
+@dataclass(frozen=True)
+class Override:
+    """Changes to the scheme's weight spec for modules matching `pattern`: QuantSpec fields, or
+    `scheme` (a whole scheme name, applied first) possibly with other fields on top."""
+
+    pattern: str
+    changes: tuple[tuple[str, object], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "Override":
+        """Parse 'PATTERN:key=value[,key=value...]', e.g. 'down_proj:bits=8' or 'lm_head:group_size=32'."""
+        pattern, sep, body = text.rpartition(":")
+        if not sep or not pattern or not body:
+            raise LowbitError(f"override {text!r} is not PATTERN:key=value[,key=value]; e.g. down_proj:bits=8")
+        changes = []
+        for item in body.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq:
+                raise LowbitError(f"override {text!r}: {item!r} is not key=value")
+            changes.append((key, _coerce(key, value.strip(), text)))
+        return cls(pattern.strip(), tuple(changes))
+
+    def apply(self, spec: QuantSpec) -> QuantSpec:
+        changes = dict(self.changes)
+        if "scheme" in changes:
+            spec = parse_scheme(str(changes.pop("scheme")), changes.pop("group_size", None)).weight
+        if changes.get("group_size") is not None and "granularity" not in changes:
+            changes["granularity"] = "group"
+        return spec.with_changes(**changes)
+
+    def to_text(self) -> str:
+        return f"{self.pattern}:" + ",".join(f"{k}={v}" for k, v in self.changes)
+
+
+def _coerce(key: str, value: str, text: str):
+    if key == "scheme":
+        return value
+    if key not in QuantSpec.__dataclass_fields__:
+        valid = ", ".join(["scheme", *QuantSpec.__dataclass_fields__])
+        raise LowbitError(f"override {text!r}: unknown key {key!r}; valid keys: {valid}")
+    if key in ("bits", "group_size", "exponent_bits", "mantissa_bits"):
+        if value.lower() in ("none", "-1") and key == "group_size":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise LowbitError(f"override {text!r}: {key} must be an integer, got {value!r}") from None
+    if key in ("signed", "symmetric", "tensor_scale", "dynamic"):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise LowbitError(f"override {text!r}: {key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return value
+
+
+@dataclass(frozen=True)
+class AlgoStep:
+    """One element of the algorithm chain, with its keyword arguments."""
+
+    name: str
+    args: tuple[tuple[str, object], ...] = ()
+
+    def kwargs(self) -> dict:
+        return dict(self.args)
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a quantization result, saved as recipe.yaml beside every output."""
+
+    scheme: Scheme
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    overrides: tuple[Override, ...] = ()
+    algorithms: tuple[AlgoStep, ...] = (AlgoStep("rtn"),)
+    calibration: dict = field(default_factory=lambda: {"dataset": "pydoc", "num_samples": 128,
+                                                       "seq_len": 512, "seed": 0, "batch_size": 8})
+
+    def to_dict(self) -> dict:
+        return {
+            "scheme": self.scheme.to_dict(),
+            "exclude": list(self.exclude),
+            "overrides": [o.to_text() for o in self.overrides],
+            "algorithms": [{"name": a.name, **a.kwargs()} for a in self.algorithms],
+            "calibration": dict(self.calibration),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        algos = tuple(AlgoStep(a["name"], tuple((k, v) for k, v in a.items() if k != "name"))
+                      for a in data.get("algorithms", [{"name": "rtn"}]))
+        return cls(scheme=Scheme.from_dict(data["scheme"]),
+                   exclude=tuple(data.get("exclude", DEFAULT_EXCLUDE)),
+                   overrides=tuple(Override.parse(t) for t in data.get("overrides", [])),
+                   algorithms=algos,
+                   calibration=dict(data.get("calibration", {})) or cls.__dataclass_fields__["calibration"].default_factory())
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(self.to_dict(), sort_keys=False)
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: Path) -> "Recipe":
+        text = Path(path).read_text()
+        return cls.from_dict(json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one linear module: its spec (None = kept in float) and why."""
+
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    spec: QuantSpec | None
+    reason: str
+
+
+def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[str, LayerPlan]:
+    """Resolve the recipe against the model's linear modules (name -> (out, in)) into a per-module plan."""
+    for pattern in [*recipe.exclude, *(o.pattern for o in recipe.overrides)]:
+        if not any(matches(pattern, n) for n in linears):
+            raise LowbitError(f"layer pattern {pattern!r} matches no linear module of this model; "
+                              f"run `lowbit inspect MODEL` to see the module names")
+    plan = {}
+    for name, shape in linears.items():
+        if any(matches(p, name) for p in recipe.exclude):
+            plan[name] = LayerPlan(name, shape, None, "excluded")
+            continue
+        spec, reason = recipe.scheme.weight, "scheme"
+        exact = [o for o in recipe.overrides if o.pattern == name]
+        for o in [o for o in recipe.overrides if o.pattern != name and matches(o.pattern, name)] + exact:
+            spec, reason = o.apply(spec), f"override {o.pattern}"
+        plan[name] = LayerPlan(name, shape, spec, reason)
+    return plan
+
+
+def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme, implemented_kinds=("int",)) -> None:
+    """Refuse, before any work, what this plan cannot do: formats not implemented, groups larger than a layer."""
+    if scheme.input is not None:
+        raise LowbitError(f"scheme {scheme.name!r} also quantizes activations, which this version does not do yet; "
+                          f"use a weight-only scheme such as w_int8_per_channel_sym")
+    for lp in plan.values():
+        spec = lp.spec
+        if spec is None:
+            continue
+        if spec.kind not in implemented_kinds or spec.scale_dtype != "float32":
+            raise LowbitError(f"{lp.name}: the {spec.short_name} format is described but not implemented yet; "
+                              f"use an integer scheme (w_uint4_per_group_asym, w_int8_per_channel_sym, ...)")
+        if spec.granularity == "group" and spec.group_size > lp.shape[1]:
+            raise LowbitError(f"group size {spec.group_size} is larger than {lp.name}'s {lp.shape[1]} input features; "
+                              f"use --group-size <= {lp.shape[1]} or an override such as "
+                              f"'{lp.name}:group_size={lp.shape[1]}'")
+
+
+def format_plan(plan: dict[str, LayerPlan]) -> str:
+    """A compact table of the plan: consecutive blocks with the same treatment are folded together."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    for lp in plan.values():
+        label = lp.spec.short_name if lp.spec else "float (not quantized)"
+        key = (re.sub(r"\.\d+\.", ".*.", lp.name), label)
+        rows.setdefault(key, []).append(lp.name)
+    width = max((len(k[0]) for k in rows), default=10)
+    lines = [f"{'module':<{width}}  {'count':>5}  treatment"]
+    for (pattern, label), names in rows.items():
+        lines.append(f"{pattern:<{width}}  {len(names):>5}  {label}")
+    n_q = sum(1 for lp in plan.values() if lp.spec)
+    lines.append(f"{n_q} of {len(plan)} linear modules quantized")
+    return "\n".join(lines)

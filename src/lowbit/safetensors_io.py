@@ -1,0 +1,105 @@
+"""Streaming safetensors I/O: read one tensor with a plain file read, write tensors as they come.
+
+The safetensors library memory-maps whole files; pages a quantizer touches then stay resident for as long
+as the file is open, so a block-by-block run would still end up holding the whole model. Reading each
+tensor with one positioned read and writing tensors to a spool file as they arrive keeps memory to what
+is in use. The layout is the safetensors one: u64 header length, JSON header (dtype, shape,
+data_offsets), then the raw little-endian data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 << 20
+
+
+class SafetensorsFile:
+    """The header of a safetensors file, and positioned reads of its tensors."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, _MAX_HEADER):
+                raise ValueError("header length is beyond the end of the file")
+            header = json.loads(f.read(n))
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.entries = header
+        self.data_start = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise ValueError(f"file is truncated ({size} bytes, data needs {self.data_start + end})")
+
+    def keys(self):
+        return self.entries.keys()
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        buf = np.empty(end - begin, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(memoryview(buf)) != end - begin:
+                raise ValueError(f"tensor {name} is cut short")
+        return torch.from_numpy(buf).view(dtype).reshape(entry["shape"])
+
+
+class StreamingWriter:
+    """Writes one safetensors file: tensor data is appended to a spool file as it arrives; close() writes the
+    header and copies the spool behind it."""
+
+    def __init__(self, path: Path, metadata: dict | None = None):
+        self.path = Path(path)
+        self.spool_path = self.path.with_name(self.path.name + ".spool")
+        self.spool = open(self.spool_path, "wb")
+        self.header: dict = {}
+        self.offset = 0
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+
+    def add(self, name: str, tensor: torch.Tensor) -> int:
+        if name in self.header:
+            raise ValueError(f"tensor {name} written twice")
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype not in _NAMES:
+            raise ValueError(f"cannot store dtype {t.dtype}")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        self.spool.write(data)
+        self.header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.offset, self.offset + len(data)]}
+        self.offset += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.spool.close()
+        header = dict(self.header)
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(self.path, "wb") as out, open(self.spool_path, "rb") as spool:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(spool, out, 16 << 20)
+        os.remove(self.spool_path)

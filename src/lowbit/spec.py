@@ -1,0 +1,214 @@
+"""QuantSpec: the one description of how a tensor is quantized, and the parser for scheme names.
+
+Scheme names follow AMD Quark's spelling (w_uint4_per_group_asym, w_int8_a_int8_per_tensor_sym,
+w_mxfp4, ...). Strings become QuantSpec here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, replace
+
+from .errors import LowbitError
+
+GRANULARITIES = ("tensor", "channel", "group")
+SCALE_DTYPES = ("float32", "e8m0", "fp8_e4m3")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    kind "int": integer codes of `bits` bits, signed ([-2^(b-1), 2^(b-1)-1]) or unsigned ([0, 2^b-1]).
+    kind "float": a minifloat element (exponent_bits + mantissa_bits + sign), as in FP8, FP6, FP4.
+    kind "bfp": block floating point (sign-magnitude mantissas sharing one exponent per block).
+    Granularity "tensor" shares one scale, "channel" one per output row, "group" one per
+    `group_size` consecutive input columns of a row. scale_dtype "e8m0" gives OCP MX formats,
+    "fp8_e4m3" with tensor_scale gives NVFP4-style two-level scales.
+    """
+
+    kind: str = "int"
+    bits: int = 4
+    signed: bool = False
+    symmetric: bool = False
+    granularity: str = "group"
+    group_size: int | None = 128
+    exponent_bits: int | None = None
+    mantissa_bits: int | None = None
+    scale_dtype: str = "float32"
+    tensor_scale: bool = False
+    dynamic: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("int", "float", "bfp"):
+            raise LowbitError(f"unknown quantization kind {self.kind!r}; use int, float or bfp")
+        if self.kind == "int" and not 2 <= self.bits <= 8:
+            raise LowbitError(f"integer quantization needs 2 to 8 bits, got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise LowbitError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "group" and (self.group_size is None or self.group_size < 1):
+            raise LowbitError(f"per-group quantization needs a positive group size, got {self.group_size}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"unknown scale dtype {self.scale_dtype!r}; use one of {', '.join(SCALE_DTYPES)}")
+
+    # -- integer ranges -------------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def block_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        """The (rows, cols) block that shares one scale in a (rows, cols) weight; the last
+        column block is partial when group_size does not divide cols."""
+        if self.granularity == "tensor":
+            return rows, cols
+        if self.granularity == "channel":
+            return 1, cols
+        return 1, self.group_size
+
+    @property
+    def short_name(self) -> str:
+        """A compact human label, e.g. uint4 g128 asym."""
+        if self.kind == "int":
+            elem = f"{'int' if self.signed else 'uint'}{self.bits}"
+        elif self.kind == "float":
+            elem = f"fp{self.bits}_e{self.exponent_bits}m{self.mantissa_bits}"
+        else:
+            elem = f"bfp{self.bits}"
+        gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        parts = [elem, gran]
+        if self.kind == "int":
+            parts.append("sym" if self.symmetric else "asym")
+        if self.scale_dtype != "float32":
+            parts.append(f"scale {self.scale_dtype}")
+        if self.dynamic:
+            parts.append("dynamic")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantSpec":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def with_changes(self, **changes) -> "QuantSpec":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a layer gets: a weight spec and, for W+A schemes, an input-activation spec."""
+
+    name: str
+    weight: QuantSpec
+    input: QuantSpec | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "weight": self.weight.to_dict(),
+                "input": self.input.to_dict() if self.input else None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Scheme":
+        inp = data.get("input")
+        return cls(data["name"], QuantSpec.from_dict(data["weight"]), QuantSpec.from_dict(inp) if inp else None)
+
+
+# -- scheme names -----------------------------------------------------------------------------------
+
+def _fp(bits, e, m, **kw):
+    return QuantSpec(kind="float", bits=bits, signed=True, symmetric=True, exponent_bits=e, mantissa_bits=m, **kw)
+
+
+def _mx(bits, e, m):
+    return _fp(bits, e, m, granularity="group", group_size=32, scale_dtype="e8m0")
+
+
+_FP8 = dict(granularity="tensor", group_size=None)
+# Non-integer weight formats by their Quark names (implemented in a later release; described here).
+_FLOAT_WEIGHTS = {
+    "fp8": _fp(8, 4, 3, **_FP8),
+    "mxfp8": _mx(8, 4, 3),
+    "mxfp6_e3m2": _mx(6, 3, 2),
+    "mxfp6_e2m3": _mx(6, 2, 3),
+    "mxfp4": _mx(4, 2, 1),
+    "mxint8": QuantSpec(kind="int", bits=8, signed=True, symmetric=True, granularity="group", group_size=32,
+                        scale_dtype="e8m0"),
+    "mx6": QuantSpec(kind="bfp", bits=6, signed=True, symmetric=True, granularity="group", group_size=16,
+                     scale_dtype="e8m0"),
+    "mx9": QuantSpec(kind="bfp", bits=9, signed=True, symmetric=True, granularity="group", group_size=16,
+                     scale_dtype="e8m0"),
+    "bfp16": QuantSpec(kind="bfp", bits=8, signed=True, symmetric=True, granularity="group", group_size=8,
+                       scale_dtype="e8m0"),
+    "fp4_scale_fp8": _fp(4, 2, 1, granularity="group", group_size=16, scale_dtype="fp8_e4m3", tensor_scale=True),
+}
+_FLOAT_NAMES = {
+    "w_fp8_a_fp8": ("fp8", "fp8"), "w_mxfp8": ("mxfp8", None), "w_mxfp8_a_mxfp8": ("mxfp8", "mxfp8"),
+    "w_mxfp4": ("mxfp4", None), "w_mxfp4_a_mxfp4": ("mxfp4", "mxfp4"), "w_mxfp6_e3m2": ("mxfp6_e3m2", None),
+    "w_mxfp6_e2m3": ("mxfp6_e2m3", None), "w_mxint8": ("mxint8", None), "w_mx6": ("mx6", None),
+    "w_mx6_a_mx6": ("mx6", "mx6"), "w_bfp16": ("bfp16", None), "w_bfp16_a_bfp16": ("bfp16", "bfp16"),
+    "w_fp4_scale_fp8": ("fp4_scale_fp8", None), "w_fp4_a_fp4_scale_fp8": ("fp4_scale_fp8", "fp4_scale_fp8"),
+}
+
+_INT_RE = re.compile(
+    r"^w_(?P<w>u?int)(?P<bits>[2-8])"
+    r"(?:_a_(?P<a>u?int)(?P<abits>[2-8]))?"
+    r"_per_(?P<gran>tensor|channel|group)_(?P<sym>sym|asym)$")
+
+DEFAULT_GROUP_SIZE = 128
+
+
+def scheme_names() -> list[str]:
+    """Every scheme name the parser accepts (integer names are generated from the grammar)."""
+    names = []
+    for signed in ("int", "uint"):
+        for bits in range(2, 9):
+            for gran in GRANULARITIES:
+                for sym in ("sym", "asym"):
+                    names.append(f"w_{signed}{bits}_per_{gran}_{sym}")
+    names += ["w_int8_a_int8_per_tensor_sym", "w_int8_a_int8_per_channel_sym", "w_uint8_a_uint8_per_tensor_asym"]
+    return names + list(_FLOAT_NAMES)
+
+
+def scheme_grammar() -> str:
+    """A one-line summary of valid names, for error messages."""
+    return ("w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym}, "
+            "w_int8_a_int8_per_{tensor|channel}_sym, " + ", ".join(_FLOAT_NAMES))
+
+
+def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
+    """Parse a Quark-style scheme name (plus an optional group size) into a Scheme."""
+    key = name.strip().lower()
+    if key in _FLOAT_NAMES:
+        w, a = _FLOAT_NAMES[key]
+        wspec = _FLOAT_WEIGHTS[w]
+        if group_size is not None and wspec.granularity == "group":
+            wspec = wspec.with_changes(group_size=group_size)
+        aspec = _FLOAT_WEIGHTS[a].with_changes(dynamic=True) if a else None
+        return Scheme(key, wspec, aspec)
+    m = _INT_RE.match(key)
+    if not m:
+        close = difflib.get_close_matches(key, scheme_names(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise LowbitError(f"unknown scheme {name!r}{hint}; valid schemes: {scheme_grammar()}")
+    gran = m["gran"]
+    if gran == "group":
+        gs = group_size if group_size is not None else DEFAULT_GROUP_SIZE
+    else:
+        if group_size is not None:
+            raise LowbitError(f"--group-size {group_size} given with per-{gran} scheme {name!r}; "
+                              f"use a *_per_group_* scheme or drop --group-size")
+        gs = None
+    sym = m["sym"] == "sym"
+    weight = QuantSpec(kind="int", bits=int(m["bits"]), signed=m["w"] == "int", symmetric=sym,
+                       granularity=gran, group_size=gs)
+    act = None
+    if m["a"]:
+        act = QuantSpec(kind="int", bits=int(m["abits"]), signed=m["a"] == "int", symmetric=sym,
+                        granularity="tensor", group_size=None)
+    return Scheme(key, weight, act)

@@ -115,7 +115,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
             report = run(sink)
             t_quant = time.perf_counter()
             sink.close()
-            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), untie=tied_lm_head)
+            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.dtype, untie=tied_lm_head)
             recipe.save(tmp / "recipe.yaml")
             summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
             if evaluate_after:

@@ -59,8 +59,12 @@ class Override:
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
         changes = dict(self.changes)
-        if "scheme" in changes:
-            spec = parse_scheme(str(changes.pop("scheme")), changes.pop("group_size", None)).weight
+        if "scheme" in changes:  # a per-group scheme without its own group_size keeps the current one
+            inherited = spec.group_size if spec.granularity == "group" else None
+            new = parse_scheme(str(changes.pop("scheme"))).weight
+            if new.granularity == "group":
+                new = new.with_changes(group_size=changes.pop("group_size", inherited or new.group_size))
+            spec = new
         if changes.get("group_size") is not None and "granularity" not in changes:
             changes["granularity"] = "group"
         return spec.with_changes(**changes)

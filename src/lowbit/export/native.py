@@ -85,7 +85,7 @@ def ckpt_shapes(ckpt) -> dict[str, list[int]]:
     return config["quantization_config"]["shapes"]
 
 
-def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict) -> dict:
+def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict, dtype: torch.dtype) -> dict:
     quantized = {n: lp for n, lp in plan.items() if lp.spec is not None}
     return {
         "quant_method": "lowbit",
@@ -93,6 +93,7 @@ def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict) -> dict:
         "format_version": FORMAT_VERSION,
         "lowbit_version": __version__,
         "scheme": recipe_dict["scheme"]["name"],
+        "dtype": str(dtype).replace("torch.", ""),  # of the float tensors and of dequantized weights
         "algorithms": recipe_dict["algorithms"],
         "ignore": sorted(n for n, lp in plan.items() if lp.spec is None),
         "modules": {n: lp.spec.to_dict() for n, lp in quantized.items()},
@@ -101,10 +102,10 @@ def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict) -> dict:
 
 
 def write_metadata(folder: Path, source_folder: Path, plan: dict[str, LayerPlan], recipe_dict: dict,
-                   untie: bool) -> None:
+                   dtype: torch.dtype, untie: bool) -> None:
     """config.json with the quantization_config, plus the source's tokenizer and generation files."""
     config = json.loads((Path(source_folder) / "config.json").read_text())
-    config["quantization_config"] = quantization_config(plan, recipe_dict)
+    config["quantization_config"] = quantization_config(plan, recipe_dict, dtype)
     if untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):

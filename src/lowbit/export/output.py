@@ -26,6 +26,8 @@ def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise LowbitError(f"output {out} is a file; give a folder path")
     parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise LowbitError(f"cannot write {out}: {parent} is a file, not a folder; choose another output path")
     if not parent.exists():
         try:
             parent.mkdir(parents=True)
@@ -43,7 +45,10 @@ def staged_output(out: Path, overwrite: bool = False):
     check_output(out, overwrite)
     tmp = out.resolve().parent / f".{out.name}.lowbit-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise LowbitError(f"cannot write beside {out} ({exc.strerror}); choose a writable output path") from None
     try:
         yield tmp
     except BaseException:

@@ -106,6 +106,7 @@ def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:
             raise LowbitError(f"{folder} is quantized with {qconfig.get('quant_method')!r}, which lowbit cannot "
                               f"read yet; give the float model")
         quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig["modules"].items()}
+        dtype = dtype or getattr(torch, qconfig.get("dtype", "float32"))
     ckpt = LazyCheckpoint(folder)
     model = build_skeleton(folder, dtype or ckpt.dtype())
     return LoadedModel(folder, model, find_layout(model), ckpt, dtype or ckpt.dtype(), quantized, qconfig)
@@ -132,4 +133,4 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     except ValueError as exc:
         raise LowbitError(f"unsupported architecture {getattr(config, 'model_type', '?')!r} in {folder}: "
                           f"transformers has no causal LM for it ({str(exc).splitlines()[0]})") from None
-    return model
+    return model.eval()  # no dropout in calibration forwards

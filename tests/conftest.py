@@ -1,0 +1,94 @@
+"""Shared fixtures: a small byte-level BPE tokenizer trained on CPython's docs, and tiny random causal LMs of
+several architectures saved as Hugging Face folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HIDDEN = 80  # not a power of two: group 32 leaves a partial last group of 16
+
+
+def _configs(vocab: int) -> dict:
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=2, max_position_embeddings=256,
+                  bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    return {
+        "llama": tf.LlamaConfig(**common, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
+                                tie_word_embeddings=True),
+        "qwen2": tf.Qwen2Config(**common, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
+                                tie_word_embeddings=False),
+        "mistral": tf.MistralConfig(**common, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2),
+        "phi3": tf.Phi3Config(**common, intermediate_size=112, num_attention_heads=4, num_key_value_heads=4),
+        "gemma": tf.GemmaConfig(**common, intermediate_size=112, num_attention_heads=4, num_key_value_heads=1,
+                                head_dim=20),
+        "gemma3": tf.Gemma3TextConfig(**common, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=20, sliding_window=64),
+        "opt": tf.OPTConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=2, ffn_dim=112,
+                            num_attention_heads=4, word_embed_proj_dim=HIDDEN, max_position_embeddings=256,
+                            pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    }
+
+
+ARCHS = ["llama", "qwen2", "mistral", "phi3", "gemma", "gemma3", "opt"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A 400-token byte-level BPE tokenizer, trained here on CPython's own documentation."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(topics.values())[:40], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+def make_tiny(arch: str, folder, tokenizer_dir, dtype=torch.float32, seed: int = 0):
+    """Build a tiny random model of an architecture and save it (with the tokenizer) to folder."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = _configs(len(tok))[arch]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():  # random weights with a little structure: wider spread than the init default
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir):
+    """arch -> folder of a saved tiny float32 model."""
+    return {a: make_tiny(a, tmp_path_factory.mktemp(f"tiny-{a}"), tokenizer_dir) for a in ARCHS}
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(list(topics.values())[40:80]))
+    return path

@@ -29,19 +29,28 @@ def test_asym_range_always_contains_zero():
 
 
 def test_int4_sym_hand_values_and_edges():
-    w = torch.tensor([[-0.7, 0.05, 0.15, 0.35]])
+    w = torch.tensor([[-0.8, 0.05, 0.15, 0.35]])
     q = quantize(w, INT4_SYM)
     assert q.zero is None
-    assert q.scale.item() == pytest.approx(0.1)  # amax 0.7 / 7
+    assert q.scale.item() == pytest.approx(0.1)  # signed extreme -0.8 / -8
     # 0.05/0.1 = 0.5 -> 0 and 0.15/0.1 = 1.5 -> 2 (half to even); 0.35/0.1 = 3.5 -> 4
-    assert q.codes.tolist() == [[-7, 0, 2, 4]]
-    assert q.codes.min() >= -7 and q.codes.max() <= 7
+    assert q.codes.tolist() == [[-8, 0, 2, 4]]
+
+
+def test_sym_positive_extreme_gives_negative_scale():
+    w = torch.tensor([[0.8, -0.8, 0.1, 0.0]])  # ties on |x|: the first extreme (+0.8) is taken
+    q = quantize(w, INT4_SYM)
+    assert q.scale.item() == pytest.approx(-0.1)
+    # +0.8 -> -8 exactly; -0.8 -> +8, clipped to 7 (one step of error, the rule's known cost)
+    assert q.codes.tolist() == [[-8, 7, -1, 0]]
+    assert q.dequantize()[0].tolist() == pytest.approx([0.8, -0.7, 0.1, 0.0])
 
 
 def test_uint_sym_uses_midpoint_zero():
     spec = QuantSpec(bits=4, signed=False, symmetric=True, granularity="channel", group_size=None)
-    q = quantize(torch.tensor([[-0.7, 0.7, 0.0]]), spec)
-    assert q.zero.item() == 8 and q.codes.tolist() == [[1, 15, 8]]
+    q = quantize(torch.tensor([[-0.8, 0.7, 0.0]]), spec)
+    assert q.zero.item() == 8 and q.scale.item() == pytest.approx(0.1)
+    assert q.codes.tolist() == [[0, 15, 8]]
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -53,10 +62,11 @@ def test_edge_values_of_each_width(bits):
             q = quantize(w, spec)
             assert q.codes.min() >= spec.qmin and q.codes.max() <= spec.qmax
             err = (q.dequantize() - w).abs()
-            if sym:  # the element of largest magnitude is exact; rounding error at most half a step
+            if sym:  # the element of largest magnitude is exact; others within a step (half, unless clipped)
                 row_max = w.abs().argmax(dim=1, keepdim=True)
                 assert torch.allclose(q.dequantize().gather(1, row_max), w.gather(1, row_max), atol=1e-5)
-                assert (err <= q.scale * 0.5 + 1e-6).all()
+                assert (err <= q.scale.abs() * 1.0 + 1e-6).all()
+                assert (q.codes.gather(1, row_max) == -(1 << (bits - 1)) + (0 if signed else 1 << (bits - 1))).all()
             else:  # the integer zero point can shift the grid by up to half a step more
                 assert (err <= q.scale * 1.0 + 1e-6).all()
                 assert ((q.codes.max(dim=1).values == spec.qmax) | (q.codes.min(dim=1).values == spec.qmin)).all()
@@ -64,8 +74,9 @@ def test_edge_values_of_each_width(bits):
 
 def test_int8_sym_int8_extremes():
     spec = QuantSpec(bits=8, signed=True, symmetric=True, granularity="tensor", group_size=None)
-    q = quantize(torch.tensor([[-1.27, 1.27, 0.01]]), spec)
-    assert q.codes.tolist() == [[-127, 127, 1]]
+    q = quantize(torch.tensor([[-1.28, 1.27, 0.01]]), spec)
+    assert q.scale.item() == pytest.approx(0.01)
+    assert q.codes.tolist() == [[-128, 127, 1]]
 
 
 def test_non_dividing_groups_use_only_their_columns():
@@ -93,7 +104,8 @@ def test_per_tensor_and_per_channel_shapes():
     t = quantize(w, QuantSpec(bits=8, signed=True, symmetric=True, granularity="tensor", group_size=None))
     c = quantize(w, QuantSpec(bits=8, signed=True, symmetric=True, granularity="channel", group_size=None))
     assert t.scale.shape == (1, 1) and c.scale.shape == (6, 1)
-    assert t.scale.item() == pytest.approx(w.abs().max().item() / 127)
+    ext = w.flatten()[w.abs().argmax()].item()
+    assert t.scale.item() == pytest.approx(ext / -128)
 
 
 def test_zero_weights_are_safe():

@@ -31,6 +31,29 @@ class _StopForward(Exception):
     pass
 
 
+def _libc():
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_freed_memory_to_os() -> None:
+    """Hand the heap pages of freed tensors back to the OS (glibc malloc_trim). Block-sized tensors often
+    land on glibc's heap, which fragments and never shrinks by itself: on the demo model resident memory
+    then grew ~8 MiB per block and the peak reached 0.75-0.95 GiB instead of ~0.57 GiB."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 @dataclass
 class LayerReport:
     name: str
@@ -96,6 +119,7 @@ class Engine:
             self._emit_params(block, prefix)
             if not self.keep:
                 self.loaded.release(prefix)
+                return_freed_memory_to_os()
             self.report.block_seconds.append(time.perf_counter() - start)
             bar.set_postfix(block_s=f"{self.report.block_seconds[-1]:.2f}")
         bar.close()

@@ -84,12 +84,13 @@ class StreamingWriter:
         t = tensor.detach().cpu().contiguous()
         if t.dtype not in _NAMES:
             raise ValueError(f"cannot store dtype {t.dtype}")
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        self.spool.write(data)
+        nbytes = t.numel() * t.element_size()
+        if nbytes:  # written straight from the tensor's memory, no copy
+            self.spool.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self.header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
-                             "data_offsets": [self.offset, self.offset + len(data)]}
-        self.offset += len(data)
-        return len(data)
+                             "data_offsets": [self.offset, self.offset + nbytes]}
+        self.offset += nbytes
+        return nbytes
 
     def close(self) -> None:
         self.spool.close()

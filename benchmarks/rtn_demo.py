@@ -51,16 +51,15 @@ def main() -> None:
     ap.add_argument("--max-chunks", type=int, default=None)
     args = ap.parse_args()
 
-    from lowbit.api import evaluate
     from lowbit.hf.source import resolve_source
 
     resolve_source(args.model)  # convert the GGUF once, outside the timings
     lowbit = [sys.executable, "-m", "lowbit"]
     eval_kw = dict(dataset=args.dataset, seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
-    base = evaluate(args.model, **eval_kw)
-    rows = [("float", "-", base["perplexity"], None, None, None, base["size_bytes"])]
-    print(f"float: perplexity {base['perplexity']:.4f} ({base['windows']} windows x {args.seq_len})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        # all quantizations first, while this process is small: a forked child's peak RSS counts the
+        # parent's pages it inherited before exec
+        measured = []
         for scheme, gs in SCHEMES:
             out = Path(tmp) / f"{scheme}-{gs}"
             argv = [*lowbit, "quantize", args.model, "-o", str(out), "--scheme", scheme, "--no-progress"]
@@ -68,11 +67,19 @@ def main() -> None:
                 argv += ["--group-size", str(gs)]
             wall, peak = peak_of(argv)
             summary = json.loads((out / "summary.json").read_text())
+            measured.append((scheme, gs, out, summary["seconds"]["quantize"], wall, peak))
+            print(f"{scheme} g{gs}: quantize {summary['seconds']['quantize']:.2f} s, wall {wall:.1f} s, "
+                  f"peak {peak / 2**20:.0f} MiB", flush=True)
+
+        from lowbit.api import evaluate
+
+        base = evaluate(args.model, **eval_kw)
+        rows = [("float", "-", base["perplexity"], None, None, None, base["size_bytes"])]
+        print(f"float: perplexity {base['perplexity']:.4f} ({base['windows']} windows x {args.seq_len})", flush=True)
+        for scheme, gs, out, qs, wall, peak in measured:
             res = evaluate(str(out), **eval_kw)
-            rows.append((scheme, gs or "-", res["perplexity"], summary["seconds"]["quantize"], wall, peak,
-                         res["size_bytes"]))
-            print(f"{scheme} g{gs}: perplexity {res['perplexity']:.4f}, quantize {summary['seconds']['quantize']:.2f} s,"
-                  f" wall {wall:.1f} s, peak {peak / 2**20:.0f} MiB", flush=True)
+            rows.append((scheme, gs or "-", res["perplexity"], qs, wall, peak, res["size_bytes"]))
+            print(f"{scheme} g{gs}: perplexity {res['perplexity']:.4f}", flush=True)
 
     float_ppl = base["perplexity"]
     print()

@@ -118,6 +118,21 @@ def test_bf16_source_keeps_dtype(tokenizer_dir, tmp_path, ids):
     assert torch.equal(logits(result.model, ids), logits(reloaded, ids))
 
 
+def test_bf16_in_memory_and_reloaded_perplexity_agree(tokenizer_dir, tmp_path, text_file):
+    from lowbit.api import evaluate
+
+    from .conftest import make_tiny
+
+    src = make_tiny("qwen2", tmp_path / "bf16", tokenizer_dir, dtype=torch.bfloat16)
+    kw = dict(seq_len=64, max_chunks=3, progress=False)
+    result = quantize(src, tmp_path / "q", scheme="w_int4_per_group_sym", group_size=32, evaluate_after=True,
+                      eval_dataset=str(text_file), eval_seq_len=64, max_chunks=3, progress=False, quiet=True)
+    reloaded = evaluate(tmp_path / "q", dataset=str(text_file), **kw)
+    assert reloaded["dtype"] == "float32"
+    assert reloaded["perplexity"] == pytest.approx(result.summary["perplexity"]["perplexity"], rel=1e-6)
+    assert evaluate(src, dataset=str(text_file), dtype="auto", **kw)["dtype"] == "bfloat16"
+
+
 def test_sharded_source_and_output(tiny_models, tmp_path, ids):
     from transformers import AutoModelForCausalLM as Auto
 

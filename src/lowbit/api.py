@@ -26,6 +26,8 @@ from .hf.model import LoadedModel, open_model
 from .recipe import DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, resolve_plan, validate_plan
 from .spec import parse_scheme
 
+EVAL_DTYPE = torch.float32  # perplexity is computed in float32 unless asked otherwise
+
 
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
@@ -115,7 +117,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
             report = run(sink)
             t_quant = time.perf_counter()
             sink.close()
-            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.dtype, untie=tied_lm_head)
+            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.source_dtype, untie=tied_lm_head)
             recipe.save(tmp / "recipe.yaml")
             summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
             if evaluate_after:
@@ -152,23 +154,39 @@ def _measures(loaded, report, plan, t0, t_loaded, t_quant, folder) -> dict:
 
 
 def _eval_model(loaded: LoadedModel, dataset: str, seq_len: int, max_chunks, progress) -> dict:
+    """Perplexity of the in-memory fake-quant model, in float32 like `evaluate` (weights already rounded to
+    the source dtype, so the figure equals evaluating the written folder)."""
     ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
-    return perplexity(loaded.model.eval(), eval_windows(ids, seq_len, max_chunks), progress=progress).to_dict()
+    model = loaded.model.to(EVAL_DTYPE).eval()
+    return perplexity(model, eval_windows(ids, seq_len, max_chunks), progress=progress).to_dict()
 
 
-def load(path, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, object]:
+def _dtype(name) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise LowbitError(f"unknown dtype {name!r}; use float32, bfloat16, float16 or auto")
+    return getattr(torch, name)
+
+
+def load(path, dtype: torch.dtype | str | None = None) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) for any source: a float HF folder, a GGUF file, `demo`, or a lowbit output
-    (its packed linears dequantized into ordinary nn.Linear weights)."""
-    loaded = open_model(path, dtype)
+    (its packed linears dequantized, rounded to the source dtype, into ordinary nn.Linear weights).
+    dtype None or "auto" keeps the stored dtype."""
+    loaded = open_model(path, _dtype(dtype))
     return loaded.load_all(), loaded.tokenizer()
 
 
 def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int | None = None,
-             batch_size: int = 4, progress: bool = True) -> dict:
-    """Perplexity (standard protocol) of a model source, with its size and parameter count."""
+             batch_size: int = 4, progress: bool = True, dtype: torch.dtype | str | None = EVAL_DTYPE) -> dict:
+    """Perplexity (standard protocol) of a model source, with its size and parameter count. Computed in
+    float32 by default whatever the stored dtype, so copies of the same weights give the same figure;
+    dtype "auto" computes in the stored dtype."""
     if seq_len < 2:
         raise LowbitError(f"--seq-len must be at least 2, got {seq_len}")
-    loaded = open_model(model)
+    loaded = open_model(model, _dtype(dtype))
     ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
     windows = eval_windows(ids, seq_len, max_chunks)
     t0 = time.perf_counter()
@@ -179,6 +197,7 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         "model": str(model), "dataset": dataset, "size_bytes": loaded.size_bytes(),
         "parameters": describe(net)["parameters"], "quantized": bool(loaded.quantized),
         "scheme": (loaded.quantization_config or {}).get("scheme"), "load_seconds": round(load_s, 3),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
     })
     return result
 

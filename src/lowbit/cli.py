@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="Hugging Face folder, .gguf file, `demo`, or a lowbit output folder")
     _add_data_args(e, "eval")
     e.add_argument("--batch-size", "--batch_size", type=int, default=4, help="windows per forward [default: 4]")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="compute dtype; auto = as stored [default: float32, so copies of one model agree]")
     e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -112,6 +114,7 @@ def cmd_quantize(args) -> int:
     from . import api
 
     if args.skip_quantization:
+        args.batch_size = 4  # the evaluation batch, not the calibration one
         return cmd_eval(args)
     recipe = _recipe_from_args(args)
     if recipe is None:
@@ -139,12 +142,13 @@ def cmd_eval(args) -> int:
     from . import api
 
     result = api.evaluate(args.model, dataset=args.dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,
-                          batch_size=getattr(args, "batch_size", 4), progress=not args.no_progress)
+                          batch_size=getattr(args, "batch_size", 4), progress=not args.no_progress,
+                          dtype=getattr(args, "dtype", "float32"))
     if args.json:
         print(json.dumps(result))
     else:
         kind = f"quantized, {result['scheme']}" if result["quantized"] else "float"
-        print(f"{args.model} ({kind}): perplexity {result['perplexity']:.4f} on {args.dataset} "
+        print(f"{args.model} ({kind}): perplexity {result['perplexity']:.4f} on {args.dataset} in {result['dtype']} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['tokens']} predicted tokens); "
               f"size {_fmt_size(result['size_bytes'])}, {result['parameters'] / 1e6:.1f} M parameters")
     return 0

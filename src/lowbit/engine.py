@@ -131,7 +131,9 @@ class Engine:
         """Run the model up to block 0 on each calibration batch and keep block 0's inputs (CPU)."""
         start = time.perf_counter()
         layout, model = self.loaded.layout, self.loaded.model
-        outside = [n for n, _ in model.named_parameters() if block_of(layout, n) is None]
+        # what runs before block 0: embeddings (and norms); not lm_head, which is read at the end
+        outside = [n for n, _ in model.named_parameters() if block_of(layout, n) is None
+                   and n.rpartition(".")[0] not in self.plan]
         for name in outside:
             self.loaded.materialize(name)
         captured = []
@@ -154,6 +156,9 @@ class Engine:
                         pass
         finally:
             handle.remove()
+        if not self.keep:
+            for name in outside:
+                self.loaded.release(name)
         self.report.capture_seconds = time.perf_counter() - start
         return captured
 

@@ -23,6 +23,7 @@ from .errors import LowbitError
 from .spec import QuantSpec, Scheme, parse_scheme
 
 DEFAULT_EXCLUDE = ("lm_head",)
+DEFAULT_CALIBRATION = {"dataset": "pydoc", "num_samples": 128, "seq_len": 512, "seed": 0, "batch_size": 8}
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -112,8 +113,7 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[Override, ...] = ()
     algorithms: tuple[AlgoStep, ...] = (AlgoStep("rtn"),)
-    calibration: dict = field(default_factory=lambda: {"dataset": "pydoc", "num_samples": 128,
-                                                       "seq_len": 512, "seed": 0, "batch_size": 8})
+    calibration: dict = field(default_factory=lambda: dict(DEFAULT_CALIBRATION))
 
     def to_dict(self) -> dict:
         return {
@@ -132,7 +132,7 @@ class Recipe:
                    exclude=tuple(data.get("exclude", DEFAULT_EXCLUDE)),
                    overrides=tuple(Override.parse(t) for t in data.get("overrides", [])),
                    algorithms=algos,
-                   calibration=dict(data.get("calibration", {})) or cls.__dataclass_fields__["calibration"].default_factory())
+                   calibration={**DEFAULT_CALIBRATION, **data.get("calibration", {})})
 
     def save(self, path: Path) -> None:
         path = Path(path)

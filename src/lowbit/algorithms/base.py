@@ -28,6 +28,14 @@ class Algorithm:
         return {}
 
 
+class Transform(Algorithm):
+    """Changes a block's weights before quantization (AWQ scaling, SmoothQuant, rotation), given the block's
+    calibration inputs; the function the block computes stays the same in float."""
+
+    def apply_block(self, block, inputs) -> None:
+        raise NotImplementedError
+
+
 class Quantizer(Algorithm):
     """Turns one weight into codes + scales. Calibrated quantizers see each linear's inputs first."""
 

@@ -28,13 +28,16 @@ QUANT_METHOD = "lowbit"
 
 @dataclass
 class LoadedModel:
-    """A model folder opened lazily: skeleton module, checkpoint reader and what is stored quantized."""
+    """A model folder opened lazily: skeleton module, checkpoint reader and what is stored quantized.
+    source_dtype is the dtype of the stored float weights (dequantized weights are rounded to it, as a
+    runtime holding them in that dtype would); dtype is the working dtype of the skeleton."""
 
     folder: Path
     model: nn.Module
     layout: Layout
     ckpt: LazyCheckpoint
     dtype: torch.dtype
+    source_dtype: torch.dtype
     quantized: dict[str, QuantSpec] = field(default_factory=dict)
     quantization_config: dict | None = None
 
@@ -46,7 +49,7 @@ class LoadedModel:
             from ..export.native import read_linear
 
             shape = tuple(self.model.get_parameter(name).shape)
-            return read_linear(self.ckpt, module_name, self.quantized[module_name], shape).to(self.dtype)
+            return read_linear(self.ckpt, module_name, self.quantized[module_name], shape).to(self.source_dtype)
         if name not in self.ckpt and name in self.layout.tied:
             return self.read(self.layout.tied[name])
         return self.ckpt.get(name)
@@ -96,20 +99,23 @@ class LoadedModel:
 
 
 def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Open any model source lazily: the skeleton is built, no weight is read."""
+    """Open any model source lazily: the skeleton is built (in `dtype`, default the stored dtype), no weight
+    is read."""
     folder = resolve_source(source)
     config_dict = json.loads((folder / "config.json").read_text())
     qconfig = config_dict.get("quantization_config")
     quantized = {}
+    ckpt = LazyCheckpoint(folder)
+    source_dtype = ckpt.dtype()
     if qconfig is not None:
         if qconfig.get("quant_method") != QUANT_METHOD:
             raise LowbitError(f"{folder} is quantized with {qconfig.get('quant_method')!r}, which lowbit cannot "
                               f"read yet; give the float model")
         quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig["modules"].items()}
-        dtype = dtype or getattr(torch, qconfig.get("dtype", "float32"))
-    ckpt = LazyCheckpoint(folder)
-    model = build_skeleton(folder, dtype or ckpt.dtype())
-    return LoadedModel(folder, model, find_layout(model), ckpt, dtype or ckpt.dtype(), quantized, qconfig)
+        source_dtype = getattr(torch, qconfig.get("dtype", "float32"))
+    dtype = dtype or source_dtype
+    model = build_skeleton(folder, dtype)
+    return LoadedModel(folder, model, find_layout(model), ckpt, dtype, source_dtype, quantized, qconfig)
 
 
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:

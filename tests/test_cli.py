@@ -127,7 +127,7 @@ def test_bad_models(case, capsys, tiny_models, tmp_path, monkeypatch):
     (["--scheme", "w_uint4_per_group_asym", "--group-size", "256"], "larger than"),
     (["--scheme", "w_mxfp4"], "not implemented"),
     (["--scheme", "w_int8_a_int8_per_tensor_sym"], "activations"),
-    (["--scheme", "w_uint4_per_group_asym", "--algo", "gptq"], "unknown algorithm"),
+    (["--scheme", "w_uint4_per_group_asym", "--algo", "awq"], "unknown algorithm"),
     (["--scheme", "w_uint4_per_group_asym", "--exclude-layers", "lm_haed"], "matches no linear"),
     (["--scheme", "w_uint4_per_group_asym", "--override", "down_proj:bitz=8"], "unknown key"),
     ([], "needs --scheme"),

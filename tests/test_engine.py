@@ -51,13 +51,30 @@ def test_replayed_inputs_match_the_quantized_model(arch, tiny_models):
     for h in hooks:
         h.remove()
     assert set(recorder.seen) == set(expected)
-    # the linears that read the block's input (observation inside a block is not yet true-sequential)
-    first = [n for n in expected if n.endswith(("q_proj", "qkv_proj"))]
-    assert len(first) == 2
-    for name in first:
+    # true-sequential: every linear saw inputs computed with the earlier linears already quantized
+    for name in expected:
         got, want = torch.cat(recorder.seen[name]), torch.cat(expected[name])
         assert got.shape == want.shape == (5 * 32, want.shape[1])
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("arch,stages", [
+    ("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+    ("phi3", [["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"]]),
+    ("opt", [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]]),
+    ("gemma3", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+])
+def test_stages_follow_shared_inputs(arch, stages, tiny_models):
+    loaded = open_model(tiny_models[arch])
+    plan = resolve_plan(Recipe(scheme=parse_scheme("w_uint4_per_group_asym", 16)), linear_modules(loaded.model))
+    calib = torch.randint(3, 300, (2, 16))
+    engine = Engine(loaded, plan, [Recorder()], calib, keep_in_memory=True, progress=False)
+    inputs = engine._capture_block0_inputs()
+    prefix = loaded.layout.block_prefix(0)
+    loaded.materialize(prefix)
+    block = loaded.layout.blocks[0]
+    found = engine._stages(block, engine._planned(block, prefix), inputs)
+    assert [[n.rsplit(".", 1)[1] for n in st] for st in found] == stages
 
 
 def test_rtn_runs_no_forward_pass(tiny_models, monkeypatch):

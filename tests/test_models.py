@@ -154,3 +154,16 @@ def test_sharded_source_and_output(tiny_models, tmp_path, ids):
         native.NativeSink.__init__.__defaults__ = old
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     assert torch.equal(logits(result.model, ids), logits(load(out)[0], ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "opt"])
+def test_gptq_end_to_end(arch, tiny_models, ids, tmp_path, text_file):
+    out = tmp_path / "q"
+    result = quantize(tiny_models[arch], out, scheme="w_uint4_per_group_asym", group_size=16, algo="gptq",
+                      dataset=str(text_file), num_calib_data=8, seq_len=32, keep_in_memory=True,
+                      progress=False, quiet=True)
+    assert torch.equal(logits(result.model, ids), logits(load(out)[0], ids))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algorithms"] == ["gptq"] and len(summary["calibration_sha256"]) == 64
+    recipe = (out / "recipe.yaml").read_text()
+    assert "gptq" in recipe and "act_order: true" in recipe

@@ -59,6 +59,7 @@ class LayerReport:
     name: str
     spec: str
     relative_error: float  # ||W - Q(W)|| / ||W||
+    note: str = ""  # e.g. a calibrated quantizer's fallback to RTN
 
 
 @dataclass
@@ -112,8 +113,8 @@ class Engine:
             for transform in self.transforms:
                 transform.apply_block(block, inputs)  # later algorithms (AWQ, SmoothQuant)
             if self.quantizer.needs_calibration:
-                self._observe(block, prefix, inputs)
-            self._quantize_modules(block, prefix)
+                self._calibrate_and_quantize(block, prefix, inputs)
+            self._quantize_modules(block, prefix)  # whatever calibration did not reach
             if inputs is not None and i + 1 < len(blocks):
                 inputs = self._run_block(block, inputs)
             self._emit_params(block, prefix)
@@ -171,19 +172,71 @@ class Engine:
                 outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
         return outputs
 
-    def _observe(self, block: nn.Module, prefix: str, inputs) -> None:
-        """Show the quantizer every planned linear's inputs, from a forward pass over the block."""
-        handles = []
-        for rel, module in block.named_modules():
-            name = prefix + rel
-            if name in self.plan and self.plan[name].spec is not None:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, args, name=name: self.quantizer.observe(name, args[0].reshape(-1, args[0].shape[-1]))))
+    def _planned(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+        return {prefix + rel: m for rel, m in block.named_modules()
+                if prefix + rel in self.plan and self.plan[prefix + rel].spec is not None}
+
+    def _stages(self, block: nn.Module, linears: dict[str, nn.Module], first_chunk) -> list[list[str]]:
+        """The block's planned linears in execution order, grouped into stages of linears that read the same
+        input tensor (q/k/v, then o, then gate/up, then down for a Llama block): found by one probe forward."""
+        calls: list[tuple[str, torch.Tensor]] = []  # tensors kept alive, so identity comparisons hold
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0])))
+                 for n, m in linears.items()]
         try:
-            self._run_block(block, inputs)
+            self._run_block(block, first_chunk[:1])
         finally:
-            for h in handles:
+            for h in hooks:
                 h.remove()
+        stages: list[list[str]] = []
+        last_input = None
+        for name, tensor in calls:
+            if any(name in st for st in stages):
+                continue  # a linear called twice (shared weights): its first call decides
+            if stages and tensor is last_input:
+                stages[-1].append(name)
+            else:
+                stages.append([name])
+            last_input = tensor
+        return stages
+
+    def _observe(self, block: nn.Module, names: list[str], linears: dict[str, nn.Module], inputs,
+                 stop_after: str | None) -> None:
+        """Show the quantizer the inputs of the given linears over every calibration chunk, stopping each
+        forward after `stop_after` has run (nothing later in the block is needed yet)."""
+        hooks = [linears[n].register_forward_pre_hook(
+            lambda m, args, n=n: self.quantizer.observe(n, args[0].reshape(-1, args[0].shape[-1])))
+            for n in names]
+        if stop_after is not None:
+            def stop(module, args, output):
+                raise _StopForward
+
+            hooks.append(linears[stop_after].register_forward_hook(stop))
+        try:
+            with torch.no_grad():
+                for hidden, kwargs in inputs:
+                    try:
+                        block(hidden, **kwargs)
+                    except _StopForward:
+                        pass
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _calibrate_and_quantize(self, block: nn.Module, prefix: str, inputs) -> None:
+        """Calibrated quantization of a block. True-sequential (the default): stage by stage, each stage's
+        inputs computed with the earlier stages already quantized; otherwise one pass for all linears."""
+        linears = self._planned(block, prefix)
+        if not linears:
+            return
+        if getattr(self.quantizer, "true_sequential", True):
+            for stage in self._stages(block, linears, inputs):
+                self._observe(block, stage, linears, inputs, stop_after=stage[-1])
+                for name in stage:
+                    self._quantize_linear(name, linears[name])
+        else:
+            self._observe(block, list(linears), linears, inputs, stop_after=None)
+            for name, module in linears.items():
+                self._quantize_linear(name, module)
 
     # -- quantization and output --------------------------------------------------------------------
     def _quantize_linear(self, name: str, module: nn.Linear) -> None:
@@ -193,15 +246,17 @@ class Engine:
         dequant = qt.dequantize(torch.float32)
         err = (torch.linalg.vector_norm(dequant - weight.float()) /
                torch.linalg.vector_norm(weight.float()).clamp_min(1e-30)).item()
-        self.report.layers.append(LayerReport(name, lp.spec.short_name, err))
+        note = getattr(self.quantizer, "notes", {}).get(name, "")
+        self.report.layers.append(LayerReport(name, lp.spec.short_name, err, note))
         set_module_tensor(self.loaded.model, f"{name}.weight", dequant.to(weight.dtype))
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         self.sink.add_quantized(name, qt, bias)
 
     def _quantize_modules(self, root: nn.Module, prefix: str) -> None:
+        done = {r.name for r in self.report.layers}
         for rel, module in root.named_modules():
             name = prefix + rel
-            if name in self.plan and self.plan[name].spec is not None:
+            if name in self.plan and self.plan[name].spec is not None and name not in done:
                 self._quantize_linear(name, module)
 
     def _quantized_param_names(self) -> set[str]:

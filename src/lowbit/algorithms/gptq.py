@@ -1,0 +1,155 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, spreading each column's rounding error
+over the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (FORMATS.md 6.3).
+
+Works on tensors only: a weight (N, K) and the Hessian 2/n * sum x x^T of its inputs (K, K). Choices:
+- lazy batch updates over blocks of `block_size` columns (rounded to whole groups, so no group straddles
+  two blocks);
+- damping `damp` x mean(diag H), multiplied by 10 and retried while the Cholesky factorisation fails;
+- act-order (columns by decreasing Hessian diagonal) with *static groups*: every group's scale and zero
+  point come from the original weights in the original column order, so the result needs no g_idx;
+- without act-order, a group's parameters come from the already-updated weights when the group starts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import IntQuantized, compute_qparams, quantize
+from ..spec import QuantSpec
+from .base import Quantizer, register
+
+
+class HessianAccumulator:
+    """Running H = 2/n * sum_t x_t x_t^T over the rows x_t of the chunks it is given (float32)."""
+
+    def __init__(self, columns: int):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if n == 0:
+            return
+        self.H.mul_(self.count / (self.count + n))
+        self.count += n
+        x = x * (2.0 / self.count) ** 0.5
+        self.H.addmm_(x.T, x)
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp tenfold on failure.
+    Returns the factor and the damping used."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    mean = H.diagonal().mean().clamp_min(1e-12)
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U, damp
+        damp *= 10
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp / 10:g}")
+
+
+def _column_params(scale, zero, g: int, rows: int):
+    """Per-row scale and zero point (N,) of column group g."""
+    s = scale[:, g].expand(rows) if scale.shape[0] == 1 else scale[:, g]
+    z = None if zero is None else (zero[:, g].expand(rows) if zero.shape[0] == 1 else zero[:, g])
+    return s, z
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128,
+                  damp: float = 0.01, act_order: bool = True) -> tuple[IntQuantized, float]:
+    """GPTQ of weight (N, K) with input Hessian H (K, K). Returns the quantized weight and the damping used."""
+    W = weight.float().clone()
+    N, K = W.shape
+    H = H.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    group = spec.group_size if spec.granularity == "group" else K
+    n_groups = -(-K // group)
+    static = act_order or spec.granularity != "group"
+    if static:
+        scale, zero = compute_qparams(W, spec)
+    else:
+        scale = torch.ones(N, n_groups)
+        zero = None if spec.symmetric and spec.signed else torch.zeros(N, n_groups, dtype=torch.int32)
+        block_size = group * max(1, block_size // group)
+
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv, used = inverse_cholesky(H, damp)
+
+    codes = torch.zeros(N, K, dtype=torch.int32)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(perm[col]) // group
+            if not static and col % group == 0:
+                s_new, z_new = compute_qparams(W1[:, i:i + group], spec.with_changes(granularity="channel",
+                                                                                       group_size=None))
+                scale[:, g] = s_new[:, 0]
+                if zero is not None:
+                    zero[:, g] = z_new[:, 0]
+            s, z = _column_params(scale, zero, g, N)
+            w = W1[:, i]
+            q = torch.round(w / s)
+            if z is not None:
+                q = q + z
+            q = q.clamp(spec.qmin, spec.qmax)
+            deq = (q - z if z is not None else q) * s
+            codes[:, col] = q.to(torch.int32)
+            err = (w - deq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return IntQuantized(out, scale, zero, spec), used
+
+
+@register
+class GPTQ(Quantizer):
+    """GPTQ as a calibrated quantizer: accumulates each linear's input Hessian, then quantizes it."""
+
+    name = "gptq"
+    needs_calibration = True
+
+    def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True,
+                 true_sequential: bool = True):
+        self.block_size, self.damp, self.act_order = int(block_size), float(damp), bool(act_order)
+        self.true_sequential = bool(true_sequential)
+        self.hessians: dict[str, HessianAccumulator] = {}
+        self.notes: dict[str, str] = {}
+
+    def args(self) -> dict:
+        return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order,
+                "true_sequential": self.true_sequential}
+
+    def observe(self, name: str, inputs: torch.Tensor) -> None:
+        acc = self.hessians.get(name)
+        if acc is None:
+            acc = self.hessians[name] = HessianAccumulator(inputs.shape[-1])
+        acc.add(inputs)
+
+    def quantize(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> IntQuantized:
+        acc = self.hessians.pop(name, None)
+        if acc is None or acc.count == 0:
+            self.notes[name] = "no calibration inputs: RTN"
+            return quantize(weight, spec)
+        try:
+            qt, used = gptq_quantize(weight, acc.H, spec, self.block_size, self.damp, self.act_order)
+        except torch.linalg.LinAlgError as exc:
+            self.notes[name] = f"{exc}: RTN"
+            return quantize(weight, spec)
+        if used != self.damp:
+            self.notes[name] = f"damping raised to {used:g}"
+        return qt

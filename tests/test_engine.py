@@ -4,7 +4,7 @@ quantized model computes, so no KV cache or stale activation leaks between sampl
 import pytest
 import torch
 
-from lowbit.algorithms import Quantizer, parse_chain
+from lowbit.algorithms import Quantizer, parse_algo_args, parse_chain
 from lowbit.arch import linear_modules
 from lowbit.data import calib_windows, load_text, tokenize
 from lowbit.engine import Engine
@@ -24,8 +24,9 @@ class Recorder(Quantizer):
     def __init__(self):
         self.seen = {}
 
-    def observe(self, name, inputs):
-        self.seen.setdefault(name, []).append(inputs.clone())
+    def observe(self, names, inputs):
+        for name in names:
+            self.seen.setdefault(name, []).append(inputs.clone())
 
     def quantize(self, name, weight, spec):
         return quantize(weight, spec)
@@ -99,4 +100,14 @@ def test_chain_validation():
     with pytest.raises(LowbitError, match="empty"):
         parse_chain(" , ")
     with pytest.raises(LowbitError, match="quantizers"):
-        parse_chain("rtn,rtn")
+        parse_chain("rtn,gptq")
+    with pytest.raises(LowbitError, match="must come last|quantizers"):
+        parse_chain("gptq,rtn")
+    assert parse_chain("gptq", parse_algo_args(["gptq:damp=0.05,act_order=false"]))[0].args() == {
+        "block_size": 128, "damp": 0.05, "act_order": False, "true_sequential": True}
+    with pytest.raises(LowbitError, match="not in the chain"):
+        parse_chain("rtn", parse_algo_args(["gptq:damp=0.05"]))
+    with pytest.raises(LowbitError, match="bad options"):
+        parse_chain("gptq", parse_algo_args(["gptq:colour=red"]))
+    with pytest.raises(LowbitError, match="takes no options"):
+        parse_chain("rtn", parse_algo_args(["rtn:x=1"]))

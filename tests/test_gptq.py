@@ -77,6 +77,23 @@ def test_dead_inputs_and_damping_retry():
         inverse_cholesky(torch.tensor([[1.0, 3.0], [3.0, 1.0]]), 1e-6, tries=3)
 
 
+def test_joint_group_equals_separate_runs():
+    W, X, acc = problem()
+    spec = QuantSpec(bits=4, signed=False, symmetric=False, granularity="group", group_size=32)
+    gptq = GPTQ()
+    gptq.observe(("a", "b"), X)
+    a, b = gptq.quantize_group(("a", "b"), [W[:20], W[20:]], [spec, spec])
+    whole, _ = gptq_quantize(W, gptq_h(X), spec)
+    assert torch.equal(torch.cat([a.codes, b.codes]), whole.codes)
+    assert torch.equal(torch.cat([a.scale, b.scale]), whole.scale)
+
+
+def gptq_h(X):
+    acc = HessianAccumulator(X.shape[1])
+    acc.add(X)
+    return acc.H
+
+
 def test_quantizer_falls_back_to_rtn_without_inputs():
     spec = QuantSpec(bits=4, signed=False, symmetric=False, granularity="group", group_size=16)
     gptq = GPTQ()

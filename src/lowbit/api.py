@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .algorithms import parse_chain
+from .algorithms import parse_algo_args, parse_chain
 from .arch import describe, linear_modules
 from .data import calib_windows, eval_windows, load_text, tokenize
 from .engine import Engine, EngineReport
@@ -41,9 +42,11 @@ def peak_rss_bytes() -> int:
 
 def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None = None, algo: str = "rtn",
                 exclude_layers=None, overrides=(), dataset: str = "pydoc", num_calib_data: int = 128,
-                seq_len: int = 512, seed: int = 0, batch_size: int = 8) -> Recipe:
-    """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head)."""
-    chain = parse_chain(algo)
+                seq_len: int = 512, seed: int = 0, batch_size: int = 8, algo_args=None) -> Recipe:
+    """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head; algo_args a dict
+    {algorithm: {option: value}} or 'NAME:KEY=VALUE' strings)."""
+    options = algo_args if isinstance(algo_args, dict) else parse_algo_args(algo_args)
+    chain = parse_chain(algo, options)
     return Recipe(
         scheme=parse_scheme(scheme, group_size),
         exclude=tuple(DEFAULT_EXCLUDE if exclude_layers is None else exclude_layers),
@@ -106,31 +109,22 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if calib is not None:
         summary["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
 
-    def run(sink):
-        engine = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep,
-                        batch_size=cal.get("batch_size", 8), progress=progress)
-        return engine.run()
-
-    if output is not None:
-        with staged_output(Path(output), overwrite) as tmp:
-            sink = NativeSink(tmp)
-            report = run(sink)
-            t_quant = time.perf_counter()
+    staging = staged_output(Path(output), overwrite) if output is not None else contextlib.nullcontext(None)
+    with staging as tmp:
+        sink = NativeSink(tmp) if tmp is not None else None
+        report = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep,
+                        batch_size=cal.get("batch_size", 8), progress=progress).run()
+        t_quant = time.perf_counter()
+        if tmp is not None:
             sink.close()
             write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.source_dtype, untie=tied_lm_head)
             recipe.save(tmp / "recipe.yaml")
-            summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
-            if evaluate_after:
-                summary["perplexity"] = _eval_model(loaded, eval_dataset or "pydoc", eval_seq_len or cal["seq_len"],
-                                                    max_chunks, progress)
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    else:
-        report = run(None)
-        t_quant = time.perf_counter()
-        summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, None))
+        summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
         if evaluate_after:
             summary["perplexity"] = _eval_model(loaded, eval_dataset or "pydoc", eval_seq_len or cal["seq_len"],
                                                 max_chunks, progress)
+        if tmp is not None:
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     model_out = loaded.model.eval() if keep else None
     return QuantizeResult(Path(output) if output is not None else None, summary, report, model_out, plan)
 
@@ -144,6 +138,7 @@ def _measures(loaded, report, plan, t0, t_loaded, t_quant, folder) -> dict:
         "source_size_bytes": loaded.size_bytes(),
         "quantized_modules": sum(1 for lp in plan.values() if lp.spec is not None),
         "layer_errors": {r.name: round(r.relative_error, 6) for r in report.layers},
+        "layer_notes": {r.name: r.note for r in report.layers if r.note},
     }
     if report.layers:
         errs = [r.relative_error for r in report.layers]

@@ -16,11 +16,13 @@ EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|a
 
 
 def _add_data_args(p, purpose: str) -> None:
+    use = ("calibration text (its calibration split) and, with --eval, evaluation text (its evaluation split)"
+           if purpose == "quantize" else "evaluation text (its evaluation split)")
     p.add_argument("--dataset", default="pydoc",
-                   help="text source: a .txt/.jsonl/.parquet file, pydoc (built in, offline), wikitext2, pileval, "
-                        "c4 or cnn_dailymail (Hugging Face hub) [default: pydoc]")
+                   help=f"{use}: a .txt/.jsonl/.parquet file (used whole), pydoc (built in, offline), wikitext2, "
+                        f"pileval, c4 or cnn_dailymail (Hugging Face hub) [default: pydoc]")
     p.add_argument("--seq-len", "--seq_len", type=int, default=512, help="tokens per window [default: 512]")
-    if purpose == "eval":
+    if purpose in ("eval", "quantize"):
         p.add_argument("--max-chunks", "--max_chunks", type=int, default=None,
                        help="evaluate at most this many windows [default: all]")
 
@@ -53,13 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="Hugging Face folder, .gguf file, or `demo` (SmolLM2-135M-Instruct)")
     q.add_argument("-o", "--output", "--output-dir", "--output_dir", default=None, help="output folder")
     _add_recipe_args(q, required=False)
-    q.add_argument("--algo", default="rtn", help="algorithm chain, comma-separated [default: rtn]")
+    q.add_argument("--algo", default="rtn", help="algorithm chain, comma-separated: rtn, gptq [default: rtn]")
+    q.add_argument("--algo-arg", "--algo_arg", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="an algorithm option, e.g. gptq:damp=0.05 or gptq:act_order=false; repeatable")
     q.add_argument("--recipe", default=None, help="a recipe.yaml/.json (replaces the scheme/layer/algo options)")
     q.add_argument("--num-calib-data", "--num_calib_data", type=int, default=128,
                    help="calibration windows, for calibrated algorithms [default: 128]")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration window sampling [default: 0]")
     q.add_argument("--batch-size", "--batch_size", type=int, default=8, help="calibration batch size [default: 8]")
-    _add_data_args(q, "eval")
+    _add_data_args(q, "quantize")
     q.add_argument("--eval", action="store_true", help="after quantizing, measure perplexity of the result")
     q.add_argument("--skip-quantization", "--skip_quantization", action="store_true",
                    help="do not quantize: evaluate the float model on --dataset and exit")
@@ -103,7 +107,7 @@ def _recipe_from_args(args):
                        exclude_layers=args.exclude_layers, overrides=args.override,
                        dataset=getattr(args, "dataset", "pydoc"), num_calib_data=getattr(args, "num_calib_data", 128),
                        seq_len=getattr(args, "seq_len", 512), seed=getattr(args, "seed", 0),
-                       batch_size=getattr(args, "batch_size", 8))
+                       batch_size=getattr(args, "batch_size", 8), algo_args=getattr(args, "algo_arg", []))
 
 
 def _fmt_size(n: int) -> str:

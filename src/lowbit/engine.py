@@ -122,7 +122,9 @@ class Engine:
                 self.loaded.release(prefix)
                 return_freed_memory_to_os()
             self.report.block_seconds.append(time.perf_counter() - start)
-            bar.set_postfix(block_s=f"{self.report.block_seconds[-1]:.2f}")
+            errors = [r.relative_error for r in self.report.layers if r.name.startswith(prefix)]
+            bar.set_postfix(block_s=f"{self.report.block_seconds[-1]:.2f}",
+                            weight_err=f"{sum(errors) / max(len(errors), 1):.4f}")
         bar.close()
         self._finish_outside_blocks()
         return self.report
@@ -199,13 +201,13 @@ class Engine:
             last_input = tensor
         return stages
 
-    def _observe(self, block: nn.Module, names: list[str], linears: dict[str, nn.Module], inputs,
+    def _observe(self, block: nn.Module, stages: list[list[str]], linears: dict[str, nn.Module], inputs,
                  stop_after: str | None) -> None:
-        """Show the quantizer the inputs of the given linears over every calibration chunk, stopping each
-        forward after `stop_after` has run (nothing later in the block is needed yet)."""
-        hooks = [linears[n].register_forward_pre_hook(
-            lambda m, args, n=n: self.quantizer.observe(n, args[0].reshape(-1, args[0].shape[-1])))
-            for n in names]
+        """Show the quantizer each stage's common input over every calibration chunk (hooked on the stage's
+        first linear), stopping each forward after `stop_after` has run (nothing later is needed yet)."""
+        hooks = [linears[st[0]].register_forward_pre_hook(
+            lambda m, args, names=tuple(st): self.quantizer.observe(names, args[0].reshape(-1, args[0].shape[-1])))
+            for st in stages]
         if stop_after is not None:
             def stop(module, args, output):
                 raise _StopForward
@@ -224,25 +226,34 @@ class Engine:
 
     def _calibrate_and_quantize(self, block: nn.Module, prefix: str, inputs) -> None:
         """Calibrated quantization of a block. True-sequential (the default): stage by stage, each stage's
-        inputs computed with the earlier stages already quantized; otherwise one pass for all linears."""
+        inputs computed with the earlier stages already quantized; otherwise one pass for all stages."""
         linears = self._planned(block, prefix)
         if not linears:
             return
+        stages = self._stages(block, linears, inputs)
         if getattr(self.quantizer, "true_sequential", True):
-            for stage in self._stages(block, linears, inputs):
-                self._observe(block, stage, linears, inputs, stop_after=stage[-1])
-                for name in stage:
-                    self._quantize_linear(name, linears[name])
+            for stage in stages:
+                self._observe(block, [stage], linears, inputs, stop_after=stage[-1])
+                self._quantize_stage(stage, linears)
         else:
-            self._observe(block, list(linears), linears, inputs, stop_after=None)
-            for name, module in linears.items():
-                self._quantize_linear(name, module)
+            self._observe(block, stages, linears, inputs, stop_after=None)
+            for stage in stages:
+                self._quantize_stage(stage, linears)
 
     # -- quantization and output --------------------------------------------------------------------
+    def _quantize_stage(self, names: list[str], linears: dict[str, nn.Module]) -> None:
+        weights = [linears[n].weight.detach() for n in names]
+        qts = self.quantizer.quantize_group(tuple(names), weights, [self.plan[n].spec for n in names])
+        for name, qt in zip(names, qts):
+            self._record(name, linears[name], qt)
+
     def _quantize_linear(self, name: str, module: nn.Linear) -> None:
+        self._record(name, module, self.quantizer.quantize(name, module.weight.detach(), self.plan[name].spec))
+
+    def _record(self, name: str, module: nn.Linear, qt: IntQuantized) -> None:
+        """Put a quantized weight into the model (fake-quant), report its error and send it to the sink."""
         lp = self.plan[name]
         weight = module.weight.detach()
-        qt = self.quantizer.quantize(name, weight, lp.spec)
         dequant = qt.dequantize(torch.float32)
         err = (torch.linalg.vector_norm(dequant - weight.float()) /
                torch.linalg.vector_norm(weight.float()).clamp_min(1e-30)).item()

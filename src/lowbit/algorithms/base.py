@@ -37,18 +37,51 @@ class Transform(Algorithm):
 
 
 class Quantizer(Algorithm):
-    """Turns one weight into codes + scales. Calibrated quantizers see each linear's inputs first."""
+    """Turns weights into codes + scales. Calibrated quantizers first see the inputs of each group of linears
+    that read the same tensor (q/k/v; gate/up; ...)."""
 
     role = "quantizer"
 
-    def observe(self, name: str, inputs) -> None:
-        """Receive a chunk of the inputs (tokens, in_features) of linear `name` (calibrated quantizers only)."""
+    def observe(self, names: tuple[str, ...], inputs) -> None:
+        """Receive a chunk of the common input (tokens, in_features) of the linears `names`
+        (calibrated quantizers only)."""
 
     def quantize(self, name: str, weight, spec: QuantSpec) -> IntQuantized:
         raise NotImplementedError
 
+    def quantize_group(self, names: tuple[str, ...], weights: list, specs: list[QuantSpec]) -> list[IntQuantized]:
+        """Quantize linears that share an input; by default one at a time."""
+        return [self.quantize(n, w, s) for n, w, s in zip(names, weights, specs)]
+
 
 REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def parse_algo_args(items) -> dict[str, dict]:
+    """Options per algorithm from 'NAME:KEY=VALUE[,KEY=VALUE]' strings, e.g. 'gptq:damp=0.05,act_order=false'."""
+    out: dict[str, dict] = {}
+    for text in items or ():
+        name, sep, body = text.partition(":")
+        if not sep or not body:
+            raise LowbitError(f"algorithm option {text!r} is not NAME:KEY=VALUE[,KEY=VALUE]; e.g. gptq:damp=0.05")
+        for item in body.split(","):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise LowbitError(f"algorithm option {text!r}: {item!r} is not KEY=VALUE")
+            out.setdefault(name.strip().lower(), {})[key.strip()] = _value(value.strip())
+    return out
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false", "yes", "no"):
+        return low in ("true", "yes")
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
@@ -64,11 +97,17 @@ def parse_chain(text_or_steps, options: dict[str, dict] | None = None) -> list[A
     if not names:
         raise LowbitError("the algorithm chain is empty; use --algo rtn")
     options = options or {}
+    for name in options:
+        if name not in names:
+            raise LowbitError(f"options given for {name!r}, which is not in the chain {','.join(names)}")
     chain = []
     for name in names:
         if name not in REGISTRY:
             raise LowbitError(f"unknown algorithm {name!r}; available in this version: {', '.join(sorted(REGISTRY))}")
-        chain.append(REGISTRY[name](**options.get(name, {})))
+        try:
+            chain.append(REGISTRY[name](**options.get(name, {})))
+        except TypeError as exc:
+            raise LowbitError(f"bad options for {name!r} ({exc}); see the algorithm table in the README") from None
     quantizers = [i for i, a in enumerate(chain) if a.role == "quantizer"]
     if len(quantizers) > 1:
         raise LowbitError(f"chain {','.join(names)} has {len(quantizers)} quantizers "

@@ -1,9 +1,10 @@
-"""RTN on the demo model (SmolLM2-135M-Instruct): perplexity, quantization time, peak memory and size per scheme.
+"""Schemes on the demo model (SmolLM2-135M-Instruct): perplexity, quantization time, peak memory and size.
 
 Each quantization runs as its own `lowbit quantize` process so that its wall time and peak resident memory
 are measured alone (os.wait4). Perplexity uses `lowbit eval` semantics (standard protocol) on a text source.
 
-    python benchmarks/rtn_demo.py [--dataset pydoc] [--seq-len 512] [--max-chunks N] [--model demo]
+    python benchmarks/demo_schemes.py [--algo rtn] [--schemes NAME:GROUP,...] [--num-calib-data 128]
+                                      [--dataset pydoc] [--seq-len 512] [--max-chunks N] [--model demo]
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def main() -> None:
     ap.add_argument("--dataset", default="pydoc")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-chunks", type=int, default=None)
+    ap.add_argument("--algo", default="rtn", help="algorithm chain passed to lowbit quantize")
+    ap.add_argument("--schemes", default=None,
+                    help="comma-separated NAME:GROUP (GROUP empty for per-channel/tensor) [default: the RTN set]")
+    ap.add_argument("--num-calib-data", type=int, default=128, help="calibration windows (calibrated algorithms)")
     args = ap.parse_args()
+    schemes = SCHEMES if args.schemes is None else [
+        (name, int(gs) if gs else None) for name, _, gs in (item.partition(":") for item in args.schemes.split(","))]
 
     from lowbit.hf.source import resolve_source
 
@@ -60,9 +67,11 @@ def main() -> None:
         # all quantizations first, while this process is small: a forked child's peak RSS counts the
         # parent's pages it inherited before exec
         measured = []
-        for scheme, gs in SCHEMES:
+        for scheme, gs in schemes:
             out = Path(tmp) / f"{scheme}-{gs}"
-            argv = [*lowbit, "quantize", args.model, "-o", str(out), "--scheme", scheme, "--no-progress"]
+            argv = [*lowbit, "quantize", args.model, "-o", str(out), "--scheme", scheme, "--no-progress",
+                    "--algo", args.algo, "--dataset", args.dataset, "--seq-len", str(args.seq_len),
+                    "--num-calib-data", str(args.num_calib_data)]
             if gs:
                 argv += ["--group-size", str(gs)]
             wall, peak = peak_of(argv)
@@ -83,7 +92,8 @@ def main() -> None:
 
     float_ppl = base["perplexity"]
     print()
-    print(f"model {args.model}, text {args.dataset}, seq_len {args.seq_len}, windows {base['windows']}, "
+    print(f"model {args.model}, algo {args.algo}, calibration {args.num_calib_data} x {args.seq_len} "
+          f"(when calibrated), text {args.dataset}, seq_len {args.seq_len}, windows {base['windows']}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default")
     print("| scheme | group | perplexity | vs float | quantize s | command wall s | peak RSS MiB | weights MiB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -134,6 +134,7 @@ def _measures(loaded, report, plan, t0, t_loaded, t_quant, folder) -> dict:
         "seconds": {"prepare": round(t_loaded - t0, 3), "quantize": round(t_quant - t_loaded, 3),
                     "total": round(time.perf_counter() - t0, 3)},
         "block_seconds": [round(s, 4) for s in report.block_seconds],
+        "capture_seconds": round(report.capture_seconds, 3),
         "peak_rss_bytes": peak_rss_bytes(),
         "source_size_bytes": loaded.size_bytes(),
         "quantized_modules": sum(1 for lp in plan.values() if lp.spec is not None),

@@ -69,20 +69,11 @@ def unpack_linear(tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tupl
     return IntQuantized(codes, scale, zero, spec)
 
 
-def read_linear(ckpt, module_name: str, spec: QuantSpec, shape: tuple[int, int] | None = None) -> torch.Tensor:
+def read_linear(ckpt, module_name: str, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
     """The dequantized float32 weight (N, K) of a packed linear in a lowbit checkpoint."""
     names = ["qweight", "scales"] + ([] if spec.symmetric else ["qzeros"])
-    tensors = {n: ckpt.get(f"{module_name}.{n}") for n in names}
-    if shape is None:
-        shape = (tensors["qweight"].shape[0], int(ckpt_shapes(ckpt)[module_name][1]))
-    qt = unpack_linear(tensors, spec, shape)
+    qt = unpack_linear({n: ckpt.get(f"{module_name}.{n}") for n in names}, spec, shape)
     return dequantize(qt.codes, qt.scale, qt.zero, spec)
-
-
-def ckpt_shapes(ckpt) -> dict[str, list[int]]:
-    """Module shapes recorded in a lowbit checkpoint's config (quantization_config.shapes)."""
-    config = json.loads((ckpt.folder / "config.json").read_text())
-    return config["quantization_config"]["shapes"]
 
 
 def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict, dtype: torch.dtype) -> dict:

@@ -166,13 +166,13 @@ class Engine:
         return captured
 
     def _run_block(self, block: nn.Module, inputs):
-        """The block's outputs for every calibration chunk: the next block's inputs."""
-        outputs = []
+        """The block's outputs for every calibration chunk, the next block's inputs. Each chunk is replaced in
+        the list as soon as its output exists, so one copy of the activations is held, not two."""
         with torch.no_grad():
-            for hidden, kwargs in inputs:
+            for k, (hidden, kwargs) in enumerate(inputs):
                 out = block(hidden, **kwargs)
-                outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-        return outputs
+                inputs[k] = (out[0] if isinstance(out, tuple) else out, kwargs)
+        return inputs
 
     def _planned(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:
         return {prefix + rel: m for rel, m in block.named_modules()

@@ -97,6 +97,7 @@ class Engine:
         self.batch_size = batch_size
         self.progress = progress
         self.report = EngineReport()
+        self.quantized: set[str] = set()  # linears already quantized
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> EngineReport:
@@ -106,7 +107,7 @@ class Engine:
         bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", file=sys.stderr,
                    disable=not self.progress, dynamic_ncols=True)
         for i in bar:
-            start = time.perf_counter()
+            start, first_layer = time.perf_counter(), len(self.report.layers)
             prefix = layout.block_prefix(i)
             self.loaded.materialize(prefix)
             block = blocks[i]
@@ -122,7 +123,7 @@ class Engine:
                 self.loaded.release(prefix)
                 return_freed_memory_to_os()
             self.report.block_seconds.append(time.perf_counter() - start)
-            errors = [r.relative_error for r in self.report.layers if r.name.startswith(prefix)]
+            errors = [r.relative_error for r in self.report.layers[first_layer:]]
             bar.set_postfix(block_s=f"{self.report.block_seconds[-1]:.2f}",
                             weight_err=f"{sum(errors) / max(len(errors), 1):.4f}")
         bar.close()
@@ -231,13 +232,10 @@ class Engine:
         if not linears:
             return
         stages = self._stages(block, linears, inputs)
-        if getattr(self.quantizer, "true_sequential", True):
-            for stage in stages:
-                self._observe(block, [stage], linears, inputs, stop_after=stage[-1])
-                self._quantize_stage(stage, linears)
-        else:
-            self._observe(block, stages, linears, inputs, stop_after=None)
-            for stage in stages:
+        sequential = getattr(self.quantizer, "true_sequential", True)
+        for passes in ([[st] for st in stages] if sequential else [stages]):
+            self._observe(block, passes, linears, inputs, stop_after=passes[-1][-1] if sequential else None)
+            for stage in passes:
                 self._quantize_stage(stage, linears)
 
     # -- quantization and output --------------------------------------------------------------------
@@ -259,15 +257,14 @@ class Engine:
                torch.linalg.vector_norm(weight.float()).clamp_min(1e-30)).item()
         note = getattr(self.quantizer, "notes", {}).get(name, "")
         self.report.layers.append(LayerReport(name, lp.spec.short_name, err, note))
+        self.quantized.add(name)
         set_module_tensor(self.loaded.model, f"{name}.weight", dequant.to(weight.dtype))
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         self.sink.add_quantized(name, qt, bias)
 
     def _quantize_modules(self, root: nn.Module, prefix: str) -> None:
-        done = {r.name for r in self.report.layers}
-        for rel, module in root.named_modules():
-            name = prefix + rel
-            if name in self.plan and self.plan[name].spec is not None and name not in done:
+        for name, module in self._planned(root, prefix).items():
+            if name not in self.quantized:
                 self._quantize_linear(name, module)
 
     def _quantized_param_names(self) -> set[str]:

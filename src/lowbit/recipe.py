@@ -35,6 +35,21 @@ def matches(pattern: str, name: str) -> bool:
     return f".{pattern}." in f".{name}."
 
 
+def split_assignments(text: str, what: str, example: str) -> tuple[str, list[tuple[str, str]]]:
+    """Split 'HEAD:key=value[,key=value...]' (the head may itself hold ':', as in re:...) into the head and
+    (key, value) strings; `what` and `example` word the error."""
+    head, sep, body = text.rpartition(":")
+    if not sep or not head.strip() or not body:
+        raise LowbitError(f"{what} {text!r} is not {what.split()[-1].upper()}:key=value[,key=value]; e.g. {example}")
+    pairs = []
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise LowbitError(f"{what} {text!r}: {item!r} is not key=value")
+        pairs.append((key.strip().replace("-", "_"), value.strip()))
+    return head.strip(), pairs
+
+
 @dataclass(frozen=True)
 class Override:
     """Changes to the scheme's weight spec for modules matching `pattern`: QuantSpec fields, or
@@ -46,17 +61,8 @@ class Override:
     @classmethod
     def parse(cls, text: str) -> "Override":
         """Parse 'PATTERN:key=value[,key=value...]', e.g. 'down_proj:bits=8' or 'lm_head:group_size=32'."""
-        pattern, sep, body = text.rpartition(":")
-        if not sep or not pattern or not body:
-            raise LowbitError(f"override {text!r} is not PATTERN:key=value[,key=value]; e.g. down_proj:bits=8")
-        changes = []
-        for item in body.split(","):
-            key, eq, value = item.partition("=")
-            key = key.strip().replace("-", "_")
-            if not eq:
-                raise LowbitError(f"override {text!r}: {item!r} is not key=value")
-            changes.append((key, _coerce(key, value.strip(), text)))
-        return cls(pattern.strip(), tuple(changes))
+        pattern, pairs = split_assignments(text, "override pattern", "down_proj:bits=8")
+        return cls(pattern, tuple((key, _coerce(key, value, text)) for key, value in pairs))
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
         changes = dict(self.changes)

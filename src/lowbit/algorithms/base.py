@@ -8,6 +8,7 @@ work on tensors handed to them by the engine and return plain data; none reads o
 from __future__ import annotations
 
 from ..errors import LowbitError
+from ..recipe import split_assignments
 from ..formats import IntQuantized
 from ..spec import QuantSpec
 
@@ -61,14 +62,8 @@ def parse_algo_args(items) -> dict[str, dict]:
     """Options per algorithm from 'NAME:KEY=VALUE[,KEY=VALUE]' strings, e.g. 'gptq:damp=0.05,act_order=false'."""
     out: dict[str, dict] = {}
     for text in items or ():
-        name, sep, body = text.partition(":")
-        if not sep or not body:
-            raise LowbitError(f"algorithm option {text!r} is not NAME:KEY=VALUE[,KEY=VALUE]; e.g. gptq:damp=0.05")
-        for item in body.split(","):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise LowbitError(f"algorithm option {text!r}: {item!r} is not KEY=VALUE")
-            out.setdefault(name.strip().lower(), {})[key.strip()] = _value(value.strip())
+        name, pairs = split_assignments(text, "algorithm option name", "gptq:damp=0.05")
+        out.setdefault(name.lower(), {}).update((key, _value(value)) for key, value in pairs)
     return out
 
 

@@ -28,8 +28,8 @@ class Recorder(Quantizer):
         for name in names:
             self.seen.setdefault(name, []).append(inputs.clone())
 
-    def quantize(self, name, weight, spec):
-        return quantize(weight, spec)
+    def quantize(self, name, weight, spec, clip=None):
+        return quantize(weight, spec, clip)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "phi3"])
@@ -95,8 +95,12 @@ def test_rtn_runs_no_forward_pass(tiny_models, monkeypatch):
 
 def test_chain_validation():
     assert [a.name for a in parse_chain("rtn")] == ["rtn"]
-    with pytest.raises(LowbitError, match="unknown algorithm 'awq'"):
-        parse_chain("awq,rtn")
+    assert [a.name for a in parse_chain("awq")] == ["awq", "rtn"]  # transforms alone end with RTN
+    assert [a.name for a in parse_chain("smoothquant,gptq")] == ["smoothquant", "gptq"]
+    with pytest.raises(LowbitError, match="unknown algorithm 'awk'"):
+        parse_chain("awk,rtn")
+    with pytest.raises(LowbitError, match="two per-channel scaling"):
+        parse_chain("smoothquant,awq,gptq")
     with pytest.raises(LowbitError, match="empty"):
         parse_chain(" , ")
     with pytest.raises(LowbitError, match="quantizers"):

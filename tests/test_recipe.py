@@ -1,5 +1,7 @@
 """Layer patterns, override precedence, plan validation and recipe files."""
 
+from dataclasses import replace
+
 import pytest
 
 from lowbit.errors import LowbitError
@@ -85,9 +87,16 @@ def test_validation_refuses_unimplemented_formats():
     r = recipe("w_mxfp4", None)
     with pytest.raises(LowbitError, match="not implemented"):
         validate_plan(resolve_plan(r, LINEARS), r.scheme)
-    r = recipe("w_int8_a_int8_per_tensor_sym", None)
-    with pytest.raises(LowbitError, match="activations"):
+    r = recipe("w_mxfp4_a_mxfp4", None)
+    with pytest.raises(LowbitError, match="activations|not implemented"):
         validate_plan(resolve_plan(r, LINEARS), r.scheme)
+    r = recipe("w_int8_a_int8_per_tensor_sym", None)  # integer activations are implemented
+    plan = resolve_plan(r, LINEARS)
+    validate_plan(plan, r.scheme)
+    assert all(lp.input_spec == r.scheme.input for lp in plan.values() if lp.spec is not None)
+    with pytest.raises(LowbitError, match="per-token granularity is for activations"):
+        validate_plan({n: replace(lp, spec=lp.spec and lp.spec.with_changes(granularity="token"))
+                       for n, lp in plan.items()}, r.scheme)
 
 
 def test_plan_table_folds_blocks():

@@ -24,7 +24,8 @@ from .eval import perplexity
 from .export.native import NativeSink, write_metadata
 from .export.output import check_output, staged_output
 from .hf.model import LoadedModel, open_model
-from .recipe import DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, resolve_plan, validate_plan
+from .recipe import (DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
+                     validate_plan)
 from .spec import parse_scheme
 
 EVAL_DTYPE = torch.float32  # perplexity is computed in float32 unless asked otherwise
@@ -94,7 +95,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
 
     calib = None
     cal = recipe.calibration
-    if any(a.needs_calibration for a in chain):
+    if has_static_inputs(plan) or any(a.needs_calibration for a in chain):
         tokenizer = loaded.tokenizer()
         ids = tokenize(tokenizer, load_text(cal["dataset"], "calib"))
         calib = calib_windows(ids, cal["num_samples"], cal["seq_len"], cal["seed"])
@@ -117,7 +118,8 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
         t_quant = time.perf_counter()
         if tmp is not None:
             sink.close()
-            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.source_dtype, untie=tied_lm_head)
+            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.source_dtype, untie=tied_lm_head,
+                           input_specs=sink.input_specs)
             recipe.save(tmp / "recipe.yaml")
         summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
         if evaluate_after:

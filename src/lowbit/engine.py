@@ -1,9 +1,11 @@
 """The block-by-block runner.
 
-For each decoder block: load its weights from disk, let the algorithm chain see the block's inputs (when
-it needs calibration), quantize the block's linears, re-run the quantized block to produce the next block's
-inputs, hand the results to the writer, and drop the block from memory. The inputs of block 0 are captured
-once from the calibration windows. A chain that needs no calibration (RTN) runs no forward pass at all.
+For each decoder block: load its weights from disk, let the transforms (AWQ, SmoothQuant) see the statistics
+of every linear's input and fold their scales into the block, let a calibrated quantizer (GPTQ) see its
+inputs, quantize the block's linears, re-run the quantized block to produce the next block's inputs (and
+calibrate static activation ranges), hand the results to the writer, and drop the block from memory. The
+inputs of block 0 are captured once from the calibration windows. A chain that needs no calibration (RTN,
+weight-only) runs no forward pass at all.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .algorithms import Algorithm, Quantizer
+from .algorithms import Algorithm, InputStats, Quantizer
 from .arch import block_of, set_module_tensor
-from .formats import IntQuantized
+from .arch.folding import Fold, divide_output, find_folds, multiply_inputs
+from .errors import LowbitError
+from .formats import IntQuantized, activation_qparams
+from .hf.actquant import attach_input_quant
 from .hf.model import LoadedModel
-from .recipe import LayerPlan
+from .recipe import LayerPlan, has_static_inputs
 
 # keyword arguments of a decoder block that carry a KV cache: dropped, so replays never append to a cache
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "use_cache", "layer_past")
@@ -78,6 +83,9 @@ class Sink:
     def add_quantized(self, module_name: str, qt: IntQuantized, bias: torch.Tensor | None) -> None:
         pass
 
+    def add_input_quant(self, module_name: str, spec, params: torch.Tensor | None) -> None:
+        """A linear's input quantization: its spec and, when static, its calibrated parameters."""
+
 
 class Engine:
     """Runs an algorithm chain over a lazily loaded model, one decoder block at a time."""
@@ -88,7 +96,8 @@ class Engine:
         self.loaded, self.plan, self.chain = loaded, plan, chain
         self.quantizer: Quantizer = chain[-1]
         self.transforms = chain[:-1]
-        self.needs_calibration = any(a.needs_calibration for a in chain)
+        self.static_inputs = has_static_inputs(plan)
+        self.needs_calibration = any(a.needs_calibration for a in chain) or self.static_inputs
         if self.needs_calibration and calibration is None:
             raise ValueError("this chain needs calibration windows")
         self.calibration = calibration
@@ -98,6 +107,9 @@ class Engine:
         self.progress = progress
         self.report = EngineReport()
         self.quantized: set[str] = set()  # linears already quantized
+        self.clips: dict[str, torch.Tensor] = {}  # clipping factors chosen by a transform, per linear
+        self.notes: dict[str, str] = {}  # per-linear remarks for the summary
+        self._folds: dict[tuple, dict] = {}  # fold map per block structure (block-relative stage names)
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> EngineReport:
@@ -111,13 +123,17 @@ class Engine:
             prefix = layout.block_prefix(i)
             self.loaded.materialize(prefix)
             block = blocks[i]
-            for transform in self.transforms:
-                transform.apply_block(block, inputs)  # later algorithms (AWQ, SmoothQuant)
-            if self.quantizer.needs_calibration:
-                self._calibrate_and_quantize(block, prefix, inputs)
+            linears = self._planned(block, prefix)
+            calibrated = self.transforms or self.quantizer.needs_calibration
+            stages = self._stages(block, linears, inputs) if calibrated and linears and inputs is not None else []
+            if self.transforms and stages:
+                self._transform(block, prefix, linears, stages, inputs)
+            if self.quantizer.needs_calibration and stages:
+                self._calibrate_and_quantize(block, linears, stages, inputs)
             self._quantize_modules(block, prefix)  # whatever calibration did not reach
-            if inputs is not None and i + 1 < len(blocks):
-                inputs = self._run_block(block, inputs)
+            if inputs is not None and (i + 1 < len(blocks) or self.static_inputs):
+                inputs = self._run_block(block, inputs, self._input_range_hooks(linears))
+            self._attach_input_quant(linears)
             self._emit_params(block, prefix)
             if not self.keep:
                 self.loaded.release(prefix)
@@ -166,14 +182,35 @@ class Engine:
         self.report.capture_seconds = time.perf_counter() - start
         return captured
 
-    def _run_block(self, block: nn.Module, inputs):
+    def _run_block(self, block: nn.Module, inputs, hooks=()):
         """The block's outputs for every calibration chunk, the next block's inputs. Each chunk is replaced in
-        the list as soon as its output exists, so one copy of the activations is held, not two."""
-        with torch.no_grad():
-            for k, (hidden, kwargs) in enumerate(inputs):
-                out = block(hidden, **kwargs)
-                inputs[k] = (out[0] if isinstance(out, tuple) else out, kwargs)
+        the list as soon as its output exists, so one copy of the activations is held, not two. `hooks`
+        (handles) are removed afterwards."""
+        try:
+            with torch.no_grad():
+                for k, (hidden, kwargs) in enumerate(inputs):
+                    out = block(hidden, **kwargs)
+                    inputs[k] = (out[0] if isinstance(out, tuple) else out, kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
         return inputs
+
+    @staticmethod
+    def _first_window(inputs):
+        """The first calibration window alone (hidden states and batch-shaped kwargs cut to one row): enough
+        for probes, 1/batch of their cost."""
+        hidden, kwargs = inputs[0]
+        rows = hidden.shape[0]
+
+        def cut(v):
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows and rows > 1:
+                return v[:1]
+            if isinstance(v, tuple):
+                return tuple(cut(x) for x in v)
+            return v
+
+        return [(hidden[:1], {k: cut(v) for k, v in kwargs.items()})]
 
     def _planned(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:
         return {prefix + rel: m for rel, m in block.named_modules()
@@ -185,11 +222,7 @@ class Engine:
         calls: list[tuple[str, torch.Tensor]] = []  # tensors kept alive, so identity comparisons hold
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0])))
                  for n, m in linears.items()]
-        try:
-            self._run_block(block, first_chunk[:1])
-        finally:
-            for h in hooks:
-                h.remove()
+        self._run_block(block, self._first_window(first_chunk), hooks)
         stages: list[list[str]] = []
         last_input = None
         for name, tensor in calls:
@@ -214,6 +247,72 @@ class Engine:
                 raise _StopForward
 
             hooks.append(linears[stop_after].register_forward_hook(stop))
+        self._observe_pass(block, inputs, hooks)
+
+    def _calibrate_and_quantize(self, block: nn.Module, linears, stages, inputs) -> None:
+        """Calibrated quantization of a block. True-sequential (the default): stage by stage, each stage's
+        inputs computed with the earlier stages already quantized; otherwise one pass for all stages."""
+        sequential = getattr(self.quantizer, "true_sequential", True)
+        for passes in ([[st] for st in stages] if sequential else [stages]):
+            self._observe(block, passes, linears, inputs, stop_after=passes[-1][-1] if sequential else None)
+            for stage in passes:
+                self._quantize_stage(stage, linears)
+
+    # -- transforms (AWQ, SmoothQuant) ---------------------------------------------------------------
+    def _fold_map(self, block: nn.Module, prefix: str, stages, inputs) -> dict[tuple, Fold | None]:
+        """Where each stage's scales fold, found on the first block of each structure and reused; refused
+        before any statistics are gathered when the first stage of a block (its normalised input) has none."""
+        rel = [tuple(n[len(prefix):] for n in st) for st in stages]
+        key = tuple(rel)
+        if key not in self._folds:
+            probe = self._first_window(inputs)
+
+            def run():
+                out = block(probe[0][0], **probe[0][1])
+                return out[0] if isinstance(out, tuple) else out
+
+            self._folds[key] = find_folds(block, rel, run)
+            if self._folds[key][rel[0]] is None:
+                names = ", ".join(prefix + n for n in rel[0])
+                raise LowbitError(f"{', '.join(t.name for t in self.transforms)} cannot scale {names}: no norm or "
+                                  f"linear produces their input in a way scales can be folded into (a post-norm "
+                                  f"or unusual block); use --algo rtn or gptq for this model")
+        return {st: self._folds[key][r] for st, r in zip(map(tuple, stages), rel)}
+
+    def _transform(self, block: nn.Module, prefix: str, linears, stages, inputs) -> None:
+        """Statistics of every stage's input in one pass of the float block, then each transform's scales
+        folded into the block (statistics divided alike, so no second pass), then its clipping factors."""
+        folds = self._fold_map(block, prefix, stages, inputs)
+        gram = any(t.needs_gram for t in self.transforms)
+        stats = {tuple(st): InputStats(linears[st[0]].in_features, gram=gram) for st in stages}
+        hooks = [linears[st[0]].register_forward_pre_hook(lambda m, a, key=tuple(st): stats[key].add(a[0]))
+                 for st in stages]
+        self._observe_pass(block, inputs, hooks)
+        for t in self.transforms:
+            for st in map(tuple, stages):
+                fold = folds[st]
+                if fold is None:
+                    for n in st:
+                        self.notes[n] = f"{t.name}: no op to fold scales into, not scaled"
+                    continue
+                s = t.channel_scales(st, [linears[n].weight.detach() for n in st], [self.plan[n].spec for n in st],
+                                     stats[st])
+                if s is None:
+                    continue
+                divide_output(block.get_submodule(fold.module), fold.rule, s)
+                for n in st:
+                    multiply_inputs(linears[n], s)
+                stats[st].divide_channels(s)
+            for st in map(tuple, stages):
+                clips = t.clip_ratios(st, [linears[n].weight.detach() for n in st], [self.plan[n].spec for n in st],
+                                      stats[st])
+                self.clips.update({n: c for n, c in zip(st, clips) if c is not None})
+            for n, note in getattr(t, "notes", {}).items():
+                self.notes.setdefault(n, note)
+
+    def _observe_pass(self, block: nn.Module, inputs, hooks) -> None:
+        """Run the block over every calibration chunk for its hooks' sake, outputs discarded (a hook may stop
+        the forward early by raising _StopForward)."""
         try:
             with torch.no_grad():
                 for hidden, kwargs in inputs:
@@ -225,28 +324,45 @@ class Engine:
             for h in hooks:
                 h.remove()
 
-    def _calibrate_and_quantize(self, block: nn.Module, prefix: str, inputs) -> None:
-        """Calibrated quantization of a block. True-sequential (the default): stage by stage, each stage's
-        inputs computed with the earlier stages already quantized; otherwise one pass for all stages."""
-        linears = self._planned(block, prefix)
-        if not linears:
-            return
-        stages = self._stages(block, linears, inputs)
-        sequential = getattr(self.quantizer, "true_sequential", True)
-        for passes in ([[st] for st in stages] if sequential else [stages]):
-            self._observe(block, passes, linears, inputs, stop_after=passes[-1][-1] if sequential else None)
-            for stage in passes:
-                self._quantize_stage(stage, linears)
+    # -- activation quantization ----------------------------------------------------------------------
+    def _input_range_hooks(self, linears: dict[str, nn.Module]) -> list:
+        """Hooks recording the input range of each linear with static input quantization (in the pass that
+        computes the block's outputs with its quantized weights)."""
+        self._ranges: dict[str, list[float]] = {}
+
+        def record(name, x):
+            lo, hi = x.min().item(), x.max().item()
+            r = self._ranges.setdefault(name, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+        return [m.register_forward_pre_hook(lambda m, a, n=n: record(n, a[0]))
+                for n, m in linears.items()
+                if self.plan[n].input_spec is not None and not self.plan[n].input_spec.dynamic]
+
+    def _attach_input_quant(self, linears: dict[str, nn.Module]) -> None:
+        """Fake-quantize the inputs of the block's linears from now on and tell the sink."""
+        for name, module in linears.items():
+            spec = self.plan[name].input_spec
+            if spec is None:
+                continue
+            params = None
+            if not spec.dynamic:
+                lo, hi = self._ranges.get(name, (0.0, 0.0))
+                params = activation_qparams(lo, hi, spec)
+            attach_input_quant(module, spec, params)
+            self.sink.add_input_quant(name, spec, params)
 
     # -- quantization and output --------------------------------------------------------------------
     def _quantize_stage(self, names: list[str], linears: dict[str, nn.Module]) -> None:
         weights = [linears[n].weight.detach() for n in names]
-        qts = self.quantizer.quantize_group(tuple(names), weights, [self.plan[n].spec for n in names])
+        qts = self.quantizer.quantize_group(tuple(names), weights, [self.plan[n].spec for n in names],
+                                            [self.clips.get(n) for n in names])
         for name, qt in zip(names, qts):
             self._record(name, linears[name], qt)
 
     def _quantize_linear(self, name: str, module: nn.Linear) -> None:
-        self._record(name, module, self.quantizer.quantize(name, module.weight.detach(), self.plan[name].spec))
+        self._record(name, module, self.quantizer.quantize(name, module.weight.detach(), self.plan[name].spec,
+                                                           self.clips.get(name)))
 
     def _record(self, name: str, module: nn.Linear, qt: IntQuantized) -> None:
         """Put a quantized weight into the model (fake-quant), report its error and send it to the sink."""
@@ -255,7 +371,7 @@ class Engine:
         dequant = qt.dequantize(torch.float32)
         err = (torch.linalg.vector_norm(dequant - weight.float()) /
                torch.linalg.vector_norm(weight.float()).clamp_min(1e-30)).item()
-        note = getattr(self.quantizer, "notes", {}).get(name, "")
+        note = "; ".join(x for x in (self.notes.get(name, ""), getattr(self.quantizer, "notes", {}).get(name, "")) if x)
         self.report.layers.append(LayerReport(name, lp.spec.short_name, err, note))
         self.quantized.add(name)
         set_module_tensor(self.loaded.model, f"{name}.weight", dequant.to(weight.dtype))

@@ -159,6 +159,7 @@ class LayerPlan:
     shape: tuple[int, int]  # (out_features, in_features)
     spec: QuantSpec | None
     reason: str
+    input_spec: QuantSpec | None = None  # the input activations' quantization (W+A schemes)
 
 
 def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[str, LayerPlan]:
@@ -176,19 +177,23 @@ def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[st
         exact = [o for o in recipe.overrides if o.pattern == name]
         for o in [o for o in recipe.overrides if o.pattern != name and matches(o.pattern, name)] + exact:
             spec, reason = o.apply(spec), f"override {o.pattern}"
-        plan[name] = LayerPlan(name, shape, spec, reason)
+        plan[name] = LayerPlan(name, shape, spec, reason, recipe.scheme.input)
     return plan
 
 
 def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme, implemented_kinds=("int",)) -> None:
     """Refuse, before any work, what this plan cannot do: formats not implemented, groups larger than a layer."""
-    if scheme.input is not None:
-        raise LowbitError(f"scheme {scheme.name!r} also quantizes activations, which this version does not do yet; "
-                          f"use a weight-only scheme such as w_int8_per_channel_sym")
+    if scheme.input is not None and (scheme.input.kind not in implemented_kinds or scheme.input.scale_dtype != "float32"):
+        raise LowbitError(f"scheme {scheme.name!r} quantizes activations to {scheme.input.short_name}, which is "
+                          f"described but not implemented yet; use w_int8_a_int8_per_tensor_sym or "
+                          f"w_int8_a_int8_per_token_dynamic")
     for lp in plan.values():
         spec = lp.spec
         if spec is None:
             continue
+        if spec.granularity == "token":
+            raise LowbitError(f"{lp.name}: per-token granularity is for activations; give weights tensor, channel "
+                              f"or group granularity")
         if spec.kind not in implemented_kinds or spec.scale_dtype != "float32":
             raise LowbitError(f"{lp.name}: the {spec.short_name} format is described but not implemented yet; "
                               f"use an integer scheme (w_uint4_per_group_asym, w_int8_per_channel_sym, ...)")
@@ -198,11 +203,19 @@ def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme, implemented_kinds=
                               f"'{lp.name}:group_size={lp.shape[1]}'")
 
 
+def has_static_inputs(plan: dict[str, LayerPlan]) -> bool:
+    """Whether some quantized linear's input activations need a calibrated (static) range."""
+    return any(lp.spec is not None and lp.input_spec is not None and not lp.input_spec.dynamic
+               for lp in plan.values())
+
+
 def format_plan(plan: dict[str, LayerPlan]) -> str:
     """A compact table of the plan: consecutive blocks with the same treatment are folded together."""
     rows: dict[tuple[str, str], list[str]] = {}
     for lp in plan.values():
         label = lp.spec.short_name if lp.spec else "float (not quantized)"
+        if lp.spec and lp.input_spec:
+            label += f", inputs {lp.input_spec.short_name}{'' if lp.input_spec.dynamic else ' static'}"
         key = (re.sub(r"\.\d+\.", ".*.", lp.name), label)
         rows.setdefault(key, []).append(lp.name)
     width = max((len(k[0]) for k in rows), default=10)

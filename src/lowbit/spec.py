@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .errors import LowbitError
 
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = ("tensor", "channel", "group", "token")  # token: activations only, one scale per row
 SCALE_DTYPES = ("float32", "e8m0", "fp8_e4m3")
 
 
@@ -24,7 +24,7 @@ class QuantSpec:
     kind "float": a minifloat element (exponent_bits + mantissa_bits + sign), as in FP8, FP6, FP4.
     kind "bfp": block floating point (sign-magnitude mantissas sharing one exponent per block).
     Granularity "tensor" shares one scale, "channel" one per output row, "group" one per
-    `group_size` consecutive input columns of a row. scale_dtype "e8m0" gives OCP MX formats,
+    `group_size` consecutive input columns of a row, "token" (activations) one per token. scale_dtype "e8m0" gives OCP MX formats,
     "fp8_e4m3" with tensor_scale gives NVFP4-style two-level scales.
     """
 
@@ -66,7 +66,7 @@ class QuantSpec:
         column block is partial when group_size does not divide cols."""
         if self.granularity == "tensor":
             return rows, cols
-        if self.granularity == "channel":
+        if self.granularity in ("channel", "token"):
             return 1, cols
         return 1, self.group_size
 
@@ -79,7 +79,8 @@ class QuantSpec:
             elem = f"fp{self.bits}_e{self.exponent_bits}m{self.mantissa_bits}"
         else:
             elem = f"bfp{self.bits}"
-        gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        gran = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token"}.get(
+            self.granularity, f"g{self.group_size}")
         parts = [elem, gran]
         if self.kind == "int":
             parts.append("sym" if self.symmetric else "asym")
@@ -162,28 +163,40 @@ _INT_RE = re.compile(
 
 DEFAULT_GROUP_SIZE = 128
 
+# Weights int8 per channel, activations int8 quantized per token at run time (no calibrated range).
+_INT8 = QuantSpec(kind="int", bits=8, signed=True, symmetric=True, granularity="channel", group_size=None)
+_DYNAMIC_NAMES = {
+    "w_int8_a_int8_per_token_dynamic": (_INT8, _INT8.with_changes(granularity="token", dynamic=True)),
+}
+
 
 def scheme_names() -> list[str]:
     """Every scheme name the parser accepts (integer names are generated from the grammar)."""
     names = []
     for signed in ("int", "uint"):
         for bits in range(2, 9):
-            for gran in GRANULARITIES:
+            for gran in ("tensor", "channel", "group"):
                 for sym in ("sym", "asym"):
                     names.append(f"w_{signed}{bits}_per_{gran}_{sym}")
-    names += ["w_int8_a_int8_per_tensor_sym", "w_int8_a_int8_per_channel_sym", "w_uint8_a_uint8_per_tensor_asym"]
+    names += ["w_int8_a_int8_per_tensor_sym", "w_int8_a_int8_per_channel_sym", "w_uint8_a_uint8_per_tensor_asym",
+              *_DYNAMIC_NAMES]
     return names + list(_FLOAT_NAMES)
 
 
 def scheme_grammar() -> str:
     """A one-line summary of valid names, for error messages."""
     return ("w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym}, "
-            "w_int8_a_int8_per_{tensor|channel}_sym, " + ", ".join(_FLOAT_NAMES))
+            "w_int8_a_int8_per_{tensor|channel}_sym (static activations), " + ", ".join(_DYNAMIC_NAMES) +
+            ", " + ", ".join(_FLOAT_NAMES))
 
 
 def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
     """Parse a Quark-style scheme name (plus an optional group size) into a Scheme."""
     key = name.strip().lower()
+    if key in _DYNAMIC_NAMES:
+        if group_size is not None:
+            raise LowbitError(f"--group-size {group_size} given with per-channel scheme {name!r}; drop --group-size")
+        return Scheme(key, *_DYNAMIC_NAMES[key])
     if key in _FLOAT_NAMES:
         w, a = _FLOAT_NAMES[key]
         wspec = _FLOAT_WEIGHTS[w]

@@ -1,6 +1,8 @@
-"""Quantization algorithms as small plug-ins over tensors (RTN, GPTQ; AWQ, SmoothQuant, rotation later)."""
+"""Quantization algorithms as small plug-ins over tensors: RTN, GPTQ (quantizers); AWQ, SmoothQuant (transforms)."""
 
-from . import gptq, rtn  # noqa: F401  (registers)
+from . import awq, gptq, rtn, smoothquant  # noqa: F401  (registers)
 from .base import REGISTRY, Algorithm, Quantizer, Transform, parse_algo_args, parse_chain, register
+from .stats import InputStats
 
-__all__ = ["REGISTRY", "Algorithm", "Quantizer", "Transform", "parse_algo_args", "parse_chain", "register"]
+__all__ = ["REGISTRY", "Algorithm", "InputStats", "Quantizer", "Transform", "parse_algo_args", "parse_chain",
+           "register"]

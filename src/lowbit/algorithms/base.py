@@ -7,6 +7,8 @@ work on tensors handed to them by the engine and return plain data; none reads o
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import LowbitError
 from ..recipe import split_assignments
 from ..formats import IntQuantized
@@ -30,11 +32,20 @@ class Algorithm:
 
 
 class Transform(Algorithm):
-    """Changes a block's weights before quantization (AWQ scaling, SmoothQuant, rotation), given the block's
-    calibration inputs; the function the block computes stays the same in float."""
+    """Changes weights before quantization without changing what the float model computes (AWQ, SmoothQuant).
+    For each group of linears that read one input it may return per-input-channel scales s (the engine
+    multiplies the linears' input columns by s and divides the op producing the input by s) and, once all
+    scales are folded, per-block clipping factors for the quantizer. Both from tensors: the weights, their
+    QuantSpecs and the input's InputStats."""
 
-    def apply_block(self, block, inputs) -> None:
-        raise NotImplementedError
+    needs_calibration = True
+    needs_gram = True  # whether the InputStats handed over need the Gram matrix
+
+    def channel_scales(self, names, weights, specs, stats) -> torch.Tensor | None:
+        return None
+
+    def clip_ratios(self, names, weights, specs, stats) -> list:
+        return [None] * len(names)
 
 
 class Quantizer(Algorithm):
@@ -47,12 +58,16 @@ class Quantizer(Algorithm):
         """Receive a chunk of the common input (tokens, in_features) of the linears `names`
         (calibrated quantizers only)."""
 
-    def quantize(self, name: str, weight, spec: QuantSpec) -> IntQuantized:
+    def quantize(self, name: str, weight, spec: QuantSpec, clip=None) -> IntQuantized:
+        """Codes and scales of one weight; `clip` (shaped like the scales, in (0, 1]) shrinks each block's
+        range, as chosen by a clipping search."""
         raise NotImplementedError
 
-    def quantize_group(self, names: tuple[str, ...], weights: list, specs: list[QuantSpec]) -> list[IntQuantized]:
+    def quantize_group(self, names: tuple[str, ...], weights: list, specs: list[QuantSpec],
+                       clips: list | None = None) -> list[IntQuantized]:
         """Quantize linears that share an input; by default one at a time."""
-        return [self.quantize(n, w, s) for n, w, s in zip(names, weights, specs)]
+        clips = clips or [None] * len(names)
+        return [self.quantize(n, w, s, c) for n, w, s, c in zip(names, weights, specs, clips)]
 
 
 REGISTRY: dict[str, type[Algorithm]] = {}
@@ -111,6 +126,11 @@ def parse_chain(text_or_steps, options: dict[str, dict] | None = None) -> list[A
         raise LowbitError(f"in chain {','.join(names)} the quantizer {chain[quantizers[0]].name!r} must come last")
     if len(set(names)) != len(names):
         raise LowbitError(f"chain {','.join(names)} names an algorithm twice")
+    scalers = [a.name for a in chain if a.role == "transform" and type(a).channel_scales is not Transform.channel_scales]
+    if len(scalers) > 1:
+        raise LowbitError(f"chain {','.join(names)} has two per-channel scaling steps ({', '.join(scalers)}) that would "
+                          f"choose scales for the same layers; keep one (awq for weight-only schemes, smoothquant "
+                          f"for schemes with quantized activations)")
     if not quantizers:
         chain.append(REGISTRY["rtn"]())
     return chain

@@ -17,24 +17,7 @@ import torch
 from ..formats import IntQuantized, compute_qparams, quantize
 from ..spec import QuantSpec
 from .base import Quantizer, register
-
-
-class HessianAccumulator:
-    """Running H = 2/n * sum_t x_t x_t^T over the rows x_t of the chunks it is given (float32)."""
-
-    def __init__(self, columns: int):
-        self.H = torch.zeros(columns, columns, dtype=torch.float32)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
-        if n == 0:
-            return
-        self.H.mul_(self.count / (self.count + n))
-        self.count += n
-        x = x * (2.0 / self.count) ** 0.5
-        self.H.addmm_(x.T, x)
+from .stats import HessianAccumulator
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -58,8 +41,10 @@ def _per_column(params: torch.Tensor, group_of_col: torch.Tensor, rows: int) -> 
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = True) -> tuple[IntQuantized, float]:
-    """GPTQ of weight (N, K) with input Hessian H (K, K). Returns the quantized weight and the damping used."""
+                  damp: float = 0.01, act_order: bool = True,
+                  clip: torch.Tensor | None = None) -> tuple[IntQuantized, float]:
+    """GPTQ of weight (N, K) with input Hessian H (K, K); `clip` shrinks each block's range (as RTN's).
+    Returns the quantized weight and the damping used."""
     W = weight.float().clone()
     N, K = W.shape
     H = H.float().clone()
@@ -71,7 +56,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
     n_groups = -(-K // group)
     static = act_order or spec.granularity != "group"
     if static:
-        scale, zero = compute_qparams(W, spec)
+        scale, zero = compute_qparams(W, spec, clip)
     else:
         scale = torch.ones(N, n_groups)
         zero = None if spec.symmetric and spec.signed else torch.zeros(N, n_groups, dtype=torch.int32)
@@ -92,7 +77,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
         if not static:  # groups start at block-aligned columns: parameters from the updated weights
             for start in range(0, i2 - i1, group):
                 g = (i1 + start) // group
-                s_new, z_new = compute_qparams(W1[:, start:start + group], column_spec)
+                s_new, z_new = compute_qparams(W1[:, start:start + group], column_spec,
+                                               None if clip is None else clip[:, g:g + 1])
                 scale[:, g] = s_new[:, 0]
                 if zero is not None:
                     zero[:, g] = z_new[:, 0]
@@ -141,35 +127,39 @@ class GPTQ(Quantizer):
             acc = self.hessians[names] = HessianAccumulator(inputs.shape[-1])
         acc.add(inputs)
 
-    def _run(self, names: tuple[str, ...], weight: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None):
+    def _run(self, names: tuple[str, ...], weight: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None, clip):
         if H is None:
             for n in names:
                 self.notes[n] = "no calibration inputs: RTN"
-            return quantize(weight, spec)
+            return quantize(weight, spec, clip)
         try:
-            qt, used = gptq_quantize(weight, H, spec, self.block_size, self.damp, self.act_order)
+            qt, used = gptq_quantize(weight, H, spec, self.block_size, self.damp, self.act_order, clip)
         except torch.linalg.LinAlgError as exc:
             for n in names:
                 self.notes[n] = f"{exc}: RTN"
-            return quantize(weight, spec)
+            return quantize(weight, spec, clip)
         if used != self.damp:
             for n in names:
                 self.notes[n] = f"damping raised to {used:g}"
         return qt
 
-    def quantize(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> IntQuantized:
-        return self.quantize_group((name,), [weight], [spec])[0]
+    def quantize(self, name: str, weight: torch.Tensor, spec: QuantSpec, clip=None) -> IntQuantized:
+        return self.quantize_group((name,), [weight], [spec], [clip])[0]
 
-    def quantize_group(self, names, weights, specs) -> list[IntQuantized]:
+    def quantize_group(self, names, weights, specs, clips=None) -> list[IntQuantized]:
         """Linears with one input share its Hessian; with the same spec (not per-tensor) their rows are
         quantized in one pass, which is the same maths (GPTQ treats rows independently) at a third of the
         Python overhead for q/k/v."""
         acc = self.hessians.pop(tuple(names), None)
         H = acc.H if acc is not None and acc.count > 0 else None
+        clips = clips or [None] * len(names)
         if len(set(specs)) == 1 and specs[0].granularity != "tensor" and len(names) > 1:
-            joint = self._run(tuple(names), torch.cat([w.float() for w in weights]), specs[0], H)
+            cols = specs[0].block_shape(*weights[0].shape)[1]
+            joint_clip = None if all(c is None for c in clips) else torch.cat(
+                [torch.ones(w.shape[0], -(-w.shape[1] // cols)) if c is None else c for c, w in zip(clips, weights)])
+            joint = self._run(tuple(names), torch.cat([w.float() for w in weights]), specs[0], H, joint_clip)
             rows = [w.shape[0] for w in weights]
             return [IntQuantized(c, s, z, specs[0]) for c, s, z in zip(
                 joint.codes.split(rows), joint.scale.split(rows),
                 joint.zero.split(rows) if joint.zero is not None else [None] * len(rows))]
-        return [self._run((n,), w, s, H) for n, w, s in zip(names, weights, specs)]
+        return [self._run((n,), w, s, H, c) for n, w, s, c in zip(names, weights, specs, clips)]

@@ -11,5 +11,5 @@ from .base import Quantizer, register
 class RTN(Quantizer):
     name = "rtn"
 
-    def quantize(self, name: str, weight, spec: QuantSpec) -> IntQuantized:
-        return quantize(weight, spec)
+    def quantize(self, name: str, weight, spec: QuantSpec, clip=None) -> IntQuantized:
+        return quantize(weight, spec, clip)

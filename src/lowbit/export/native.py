@@ -7,8 +7,10 @@ Per quantized linear `p` (weight of shape (N, K)):
   (1, 1) per tensor;
 - `p.qzeros`   uint8, same shape as the scales, zero point minus qmin: asymmetric specs only (a symmetric
   spec's zero point is implied: 0 signed, 2^(bits-1) unsigned);
-- `p.bias` unchanged when the layer has one.
-config.json carries quantization_config = {quant_method: "lowbit", format_version, modules: {p: QuantSpec}}.
+- `p.bias` unchanged when the layer has one;
+- `p.input_scale` float32, for a static input-activation spec: the scale (symmetric) or (scale, zero point).
+config.json carries quantization_config = {quant_method: "lowbit", format_version, modules: {p: QuantSpec},
+inputs: {p: QuantSpec of its input activations}}.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class NativeSink(Sink):
 
     def __init__(self, folder: Path, max_shard_bytes: int = 2 << 30):
         self.writer = ShardWriter(folder, max_shard_bytes, metadata={"lowbit_format_version": str(FORMAT_VERSION)})
+        self.input_specs: dict[str, QuantSpec] = {}
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.add(name, tensor)
@@ -46,6 +49,11 @@ class NativeSink(Sink):
             self.writer.add(f"{module_name}.{name}", tensor)
         if bias is not None:
             self.writer.add(f"{module_name}.bias", bias)
+
+    def add_input_quant(self, module_name: str, spec: QuantSpec, params: torch.Tensor | None) -> None:
+        self.input_specs[module_name] = spec
+        if params is not None:
+            self.writer.add(f"{module_name}.input_scale", params.float().reshape(-1))
 
     def close(self) -> list[str]:
         return self.writer.close()
@@ -76,7 +84,8 @@ def read_linear(ckpt, module_name: str, spec: QuantSpec, shape: tuple[int, int])
     return dequantize(qt.codes, qt.scale, qt.zero, spec)
 
 
-def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict, dtype: torch.dtype) -> dict:
+def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict, dtype: torch.dtype,
+                        input_specs: dict[str, QuantSpec] | None = None) -> dict:
     quantized = {n: lp for n, lp in plan.items() if lp.spec is not None}
     return {
         "quant_method": "lowbit",
@@ -89,14 +98,15 @@ def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict, dtype: to
         "ignore": sorted(n for n, lp in plan.items() if lp.spec is None),
         "modules": {n: lp.spec.to_dict() for n, lp in quantized.items()},
         "shapes": {n: list(lp.shape) for n, lp in quantized.items()},
+        "inputs": {n: spec.to_dict() for n, spec in (input_specs or {}).items()},
     }
 
 
 def write_metadata(folder: Path, source_folder: Path, plan: dict[str, LayerPlan], recipe_dict: dict,
-                   dtype: torch.dtype, untie: bool) -> None:
+                   dtype: torch.dtype, untie: bool, input_specs: dict[str, QuantSpec] | None = None) -> None:
     """config.json with the quantization_config, plus the source's tokenizer and generation files."""
     config = json.loads((Path(source_folder) / "config.json").read_text())
-    config["quantization_config"] = quantization_config(plan, recipe_dict, dtype)
+    config["quantization_config"] = quantization_config(plan, recipe_dict, dtype, input_specs)
     if untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):

@@ -101,6 +101,56 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return q * _expand(scale.float(), block, codes.shape)
 
 
+def block_amax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The largest magnitude of each element's quantization block, broadcast to w's shape."""
+    block = spec.block_shape(*w.shape)
+    amax = _block_view(w.float().abs(), block).amax(dim=(1, 3))
+    return _expand(amax, block, w.shape)
+
+
+def fake_quant(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Q(w) dequantized again, in float32: what a quantized weight computes with."""
+    scale, zero = compute_qparams(w, spec, clip)
+    return dequantize(quantize_codes(w, scale, zero, spec), scale, zero, spec)
+
+
+def fake_quant_activation(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer fake quantization of an activation x (..., K): with a static per-tensor `scale`, or dynamically
+    per token (each row's own range) when scale is None. Symmetric: s = amax / qmax of the signed range (an
+    activation has no fixed sign, so the signed-extreme weight rule does not apply); asymmetric: min/max range
+    holding 0. Keeps x's dtype."""
+    xf = x.float()
+    zero = None
+    if scale is None:
+        if spec.symmetric:
+            scale = xf.abs().amax(dim=-1, keepdim=True) / spec.qmax
+        else:
+            lo = xf.amin(dim=-1, keepdim=True).clamp(max=0)
+            hi = xf.amax(dim=-1, keepdim=True).clamp(min=0)
+            scale = (hi - lo) / (spec.qmax - spec.qmin)
+            zero = (spec.qmin - torch.round(lo / scale.clamp_min(1e-30))).clamp(spec.qmin, spec.qmax)
+        scale = scale.clamp_min(1e-30)
+    elif not spec.symmetric:
+        scale, zero = scale[0], scale[1]
+    q = torch.round(xf / scale)
+    if zero is not None:
+        q = (q + zero).clamp(spec.qmin, spec.qmax) - zero
+    else:
+        q = q.clamp(spec.qmin, spec.qmax)
+    return (q * scale).to(x.dtype)
+
+
+def activation_qparams(lo: float, hi: float, spec: QuantSpec) -> torch.Tensor:
+    """Static per-tensor activation parameters from a calibrated range [lo, hi]: the scale (symmetric), or
+    (scale, zero point) (asymmetric), as a float32 tensor."""
+    if spec.symmetric:
+        return torch.tensor(max(abs(lo), abs(hi), 1e-30) / spec.qmax, dtype=torch.float32)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / (spec.qmax - spec.qmin), 1e-30)
+    zero = min(max(spec.qmin - round(lo / scale), spec.qmin), spec.qmax)
+    return torch.tensor([scale, float(zero)], dtype=torch.float32)
+
+
 def quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> IntQuantized:
     """Round-to-nearest integer quantization of a 2-D weight (rows = output features)."""
     if w.dim() != 2:

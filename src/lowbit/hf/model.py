@@ -79,10 +79,21 @@ class LoadedModel:
                 set_module_tensor(self.model, name, torch.empty_like(param, device="meta"))
 
     def load_all(self) -> nn.Module:
-        """Materialize every weight and return the ready-to-run model (eval mode)."""
+        """Materialize every weight and return the ready-to-run model (eval mode), with the input activations
+        of W+A layers fake-quantized as stored."""
+        from .actquant import attach_input_quant
+
         self.materialize("")
+        for name, spec in self.input_specs.items():
+            params = None if spec.dynamic else self.ckpt.get(f"{name}.input_scale").float()
+            attach_input_quant(self.model.get_submodule(name), spec, params if params is None or params.numel() > 1
+                               else params.reshape(()))
         self.model.eval()
         return self.model
+
+    @property
+    def input_specs(self) -> dict[str, QuantSpec]:
+        return {n: QuantSpec.from_dict(d) for n, d in (self.quantization_config or {}).get("inputs", {}).items()}
 
     def tokenizer(self):
         from transformers import AutoTokenizer

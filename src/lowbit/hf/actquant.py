@@ -1,0 +1,31 @@
+"""Fake quantization of a linear layer's input activations in a torch model (W8A8 and similar schemes):
+a forward pre-hook that rounds the input to the activation spec, statically (a calibrated per-tensor scale)
+or dynamically per token, so perplexity measures what an integer kernel would compute."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import fake_quant_activation
+from ..spec import QuantSpec
+
+_HOOK_ATTR = "_lowbit_input_quant"
+
+
+def attach_input_quant(module: nn.Module, spec: QuantSpec, params: torch.Tensor | None) -> None:
+    """Quantize `module`'s input on every call (replacing an earlier hook); params: the static scale
+    (symmetric) or (scale, zero point) (asymmetric), None for dynamic per-token quantization."""
+    detach_input_quant(module)
+
+    def hook(mod, args):
+        return (fake_quant_activation(args[0], spec, params), *args[1:])
+
+    setattr(module, _HOOK_ATTR, module.register_forward_pre_hook(hook))
+
+
+def detach_input_quant(module: nn.Module) -> None:
+    handle = getattr(module, _HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        delattr(module, _HOOK_ATTR)

@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--schemes", default=None,
                     help="comma-separated NAME:GROUP (GROUP empty for per-channel/tensor) [default: the RTN set]")
     ap.add_argument("--num-calib-data", type=int, default=128, help="calibration windows (calibrated algorithms)")
+    ap.add_argument("--lowbit-args", default="", help="more `lowbit quantize` options, e.g. '--propagate float'")
     args = ap.parse_args()
     schemes = SCHEMES if args.schemes is None else [
         (name, int(gs) if gs else None) for name, _, gs in (item.partition(":") for item in args.schemes.split(","))]
@@ -71,7 +72,7 @@ def main() -> None:
             out = Path(tmp) / f"{scheme}-{gs}"
             argv = [*lowbit, "quantize", args.model, "-o", str(out), "--scheme", scheme, "--no-progress",
                     "--algo", args.algo, "--dataset", args.dataset, "--seq-len", str(args.seq_len),
-                    "--num-calib-data", str(args.num_calib_data)]
+                    "--num-calib-data", str(args.num_calib_data), *args.lowbit_args.split()]
             if gs:
                 argv += ["--group-size", str(gs)]
             wall, peak = peak_of(argv)

@@ -43,7 +43,8 @@ def peak_rss_bytes() -> int:
 
 def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None = None, algo: str = "rtn",
                 exclude_layers=None, overrides=(), dataset: str = "pydoc", num_calib_data: int = 128,
-                seq_len: int = 512, seed: int = 0, batch_size: int = 8, algo_args=None) -> Recipe:
+                seq_len: int = 512, seed: int = 0, batch_size: int = 8, algo_args=None,
+                propagate: str = "quantized") -> Recipe:
     """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head; algo_args a dict
     {algorithm: {option: value}} or 'NAME:KEY=VALUE' strings)."""
     options = algo_args if isinstance(algo_args, dict) else parse_algo_args(algo_args)
@@ -54,7 +55,7 @@ def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None =
         overrides=tuple(o if isinstance(o, Override) else Override.parse(o) for o in overrides),
         algorithms=tuple(AlgoStep(a.name, tuple(a.args().items())) for a in chain),
         calibration={"dataset": dataset, "num_samples": num_calib_data, "seq_len": seq_len, "seed": seed,
-                     "batch_size": batch_size},
+                     "batch_size": batch_size, "propagate": propagate},
     )
 
 
@@ -113,8 +114,8 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     staging = staged_output(Path(output), overwrite) if output is not None else contextlib.nullcontext(None)
     with staging as tmp:
         sink = NativeSink(tmp) if tmp is not None else None
-        report = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep,
-                        batch_size=cal.get("batch_size", 8), progress=progress).run()
+        report = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep, batch_size=cal.get("batch_size", 8),
+                        progress=progress, propagate=cal.get("propagate", "quantized")).run()
         t_quant = time.perf_counter()
         if tmp is not None:
             sink.close()

@@ -11,8 +11,9 @@ import sys
 from .errors import LowbitError
 
 EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym} (e.g. w_uint4_per_group_asym, "
-                  "w_int8_per_channel_sym); float and MX names (w_fp8_a_fp8, w_mxfp4, ...) are recognised but not "
-                  "implemented yet.")
+                  "w_int8_per_channel_sym); with int8 activations: w_int8_a_int8_per_tensor_sym (static, calibrated "
+                  "range), w_int8_a_int8_per_token_dynamic; float and MX names (w_fp8_a_fp8, w_mxfp4, ...) are "
+                  "recognised but not implemented yet.")
 
 
 def _add_data_args(p, purpose: str) -> None:
@@ -55,14 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="Hugging Face folder, .gguf file, or `demo` (SmolLM2-135M-Instruct)")
     q.add_argument("-o", "--output", "--output-dir", "--output_dir", default=None, help="output folder")
     _add_recipe_args(q, required=False)
-    q.add_argument("--algo", default="rtn", help="algorithm chain, comma-separated: rtn, gptq [default: rtn]")
+    q.add_argument("--algo", default="rtn",
+                   help="algorithm chain, comma-separated: at most one scaling step (awq or smoothquant) then at most "
+                        "one quantizer (rtn or gptq, rtn if none), e.g. awq, gptq, awq,gptq, smoothquant,gptq "
+                        "[default: rtn]")
     q.add_argument("--algo-arg", "--algo_arg", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                   help="an algorithm option, e.g. gptq:damp=0.05 or gptq:act_order=false; repeatable")
+                   help="an algorithm option, e.g. gptq:damp=0.05, gptq:act_order=false, awq:clip=false, "
+                        "smoothquant:alpha=0.6; repeatable (options are listed in the README)")
     q.add_argument("--recipe", default=None, help="a recipe.yaml/.json (replaces the scheme/layer/algo options)")
     q.add_argument("--num-calib-data", "--num_calib_data", type=int, default=128,
                    help="calibration windows, for calibrated algorithms [default: 128]")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration window sampling [default: 0]")
     q.add_argument("--batch-size", "--batch_size", type=int, default=8, help="calibration batch size [default: 8]")
+    q.add_argument("--propagate", choices=["quantized", "float"], default="quantized",
+                   help="next block's calibration inputs: outputs of the quantized block (one more forward per "
+                        "block) or of the float block, taken from the statistics pass [default: quantized]")
     _add_data_args(q, "quantize")
     q.add_argument("--eval", action="store_true", help="after quantizing, measure perplexity of the result")
     q.add_argument("--skip-quantization", "--skip_quantization", action="store_true",
@@ -107,7 +115,8 @@ def _recipe_from_args(args):
                        exclude_layers=args.exclude_layers, overrides=args.override,
                        dataset=getattr(args, "dataset", "pydoc"), num_calib_data=getattr(args, "num_calib_data", 128),
                        seq_len=getattr(args, "seq_len", 512), seed=getattr(args, "seed", 0),
-                       batch_size=getattr(args, "batch_size", 8), algo_args=getattr(args, "algo_arg", []))
+                       batch_size=getattr(args, "batch_size", 8), algo_args=getattr(args, "algo_arg", []),
+                       propagate=getattr(args, "propagate", "quantized"))
 
 
 def _fmt_size(n: int) -> str:

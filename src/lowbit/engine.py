@@ -36,6 +36,9 @@ class _StopForward(Exception):
     pass
 
 
+PROPAGATE = ("quantized", "float")
+
+
 def _libc():
     if sys.platform != "linux":
         return None
@@ -92,7 +95,8 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, plan: dict[str, LayerPlan], chain: list[Algorithm],
                  calibration: torch.Tensor | None = None, sink: Sink | None = None,
-                 keep_in_memory: bool = False, batch_size: int = 8, progress: bool = True):
+                 keep_in_memory: bool = False, batch_size: int = 8, progress: bool = True,
+                 propagate: str = "quantized"):
         self.loaded, self.plan, self.chain = loaded, plan, chain
         self.quantizer: Quantizer = chain[-1]
         self.transforms = chain[:-1]
@@ -104,12 +108,20 @@ class Engine:
         self.sink = sink or Sink()
         self.keep = keep_in_memory
         self.batch_size = batch_size
+        if propagate not in PROPAGATE:
+            raise LowbitError(f"unknown propagation {propagate!r}; use one of {', '.join(PROPAGATE)}")
+        # "float": the next block's inputs are this block's outputs before quantization, taken from the
+        # statistics pass (AutoAWQ's way: one forward per block); "quantized": from an extra pass with the
+        # quantized block (GPTQ's way: later blocks see upstream quantization error). Static activation
+        # ranges need the quantized pass.
+        self.float_next = propagate == "float" and not self.static_inputs
         self.progress = progress
         self.report = EngineReport()
         self.quantized: set[str] = set()  # linears already quantized
         self.clips: dict[str, torch.Tensor] = {}  # clipping factors chosen by a transform, per linear
         self.notes: dict[str, str] = {}  # per-linear remarks for the summary
         self._folds: dict[tuple, dict] = {}  # fold map per block structure (block-relative stage names)
+        self._outputs_ready = False  # whether a pass already replaced the block's inputs by its outputs
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> EngineReport:
@@ -126,12 +138,12 @@ class Engine:
             linears = self._planned(block, prefix)
             calibrated = self.transforms or self.quantizer.needs_calibration
             stages = self._stages(block, linears, inputs) if calibrated and linears and inputs is not None else []
-            if self.transforms and stages:
-                self._transform(block, prefix, linears, stages, inputs)
+            self._outputs_ready = False
+            stats = self._transform(block, prefix, linears, stages, inputs) if self.transforms and stages else None
             if self.quantizer.needs_calibration and stages:
-                self._calibrate_and_quantize(block, linears, stages, inputs)
+                self._calibrate_and_quantize(block, linears, stages, inputs, stats)
             self._quantize_modules(block, prefix)  # whatever calibration did not reach
-            if inputs is not None and (i + 1 < len(blocks) or self.static_inputs):
+            if inputs is not None and not self._outputs_ready and (i + 1 < len(blocks) or self.static_inputs):
                 inputs = self._run_block(block, inputs, self._input_range_hooks(linears))
             self._attach_input_quant(linears)
             self._emit_params(block, prefix)
@@ -247,11 +259,16 @@ class Engine:
                 raise _StopForward
 
             hooks.append(linears[stop_after].register_forward_hook(stop))
-        self._observe_pass(block, inputs, hooks)
+        self._observe_pass(block, inputs, hooks, keep_outputs=self.float_next and stop_after is None)
 
-    def _calibrate_and_quantize(self, block: nn.Module, linears, stages, inputs) -> None:
+    def _calibrate_and_quantize(self, block: nn.Module, linears, stages, inputs, stats_by_stage=None) -> None:
         """Calibrated quantization of a block. True-sequential (the default): stage by stage, each stage's
-        inputs computed with the earlier stages already quantized; otherwise one pass for all stages."""
+        inputs computed with the earlier stages already quantized; otherwise one pass for all stages, or
+        none when the quantizer can use the statistics a transform already gathered (`stats_by_stage`)."""
+        if stats_by_stage and all(self.quantizer.take_stats(tuple(st), stats_by_stage[tuple(st)]) for st in stages):
+            for stage in stages:  # one pass of the transforms' statistics serves the quantizer too
+                self._quantize_stage(stage, linears)
+            return
         sequential = getattr(self.quantizer, "true_sequential", True)
         for passes in ([[st] for st in stages] if sequential else [stages]):
             self._observe(block, passes, linears, inputs, stop_after=passes[-1][-1] if sequential else None)
@@ -279,15 +296,18 @@ class Engine:
                                   f"or unusual block); use --algo rtn or gptq for this model")
         return {st: self._folds[key][r] for st, r in zip(map(tuple, stages), rel)}
 
-    def _transform(self, block: nn.Module, prefix: str, linears, stages, inputs) -> None:
+    def _transform(self, block: nn.Module, prefix: str, linears, stages, inputs) -> dict[tuple, InputStats]:
         """Statistics of every stage's input in one pass of the float block, then each transform's scales
-        folded into the block (statistics divided alike, so no second pass), then its clipping factors."""
+        folded into the block (statistics divided alike, so no second pass), then its clipping factors.
+        Returns the statistics of the transformed block's stage inputs."""
         folds = self._fold_map(block, prefix, stages, inputs)
-        gram = any(t.needs_gram for t in self.transforms)
+        gram = any(t.needs_gram for t in self.transforms) or (
+            self.quantizer.needs_calibration and not getattr(self.quantizer, "true_sequential", True))
         stats = {tuple(st): InputStats(linears[st[0]].in_features, gram=gram) for st in stages}
         hooks = [linears[st[0]].register_forward_pre_hook(lambda m, a, key=tuple(st): stats[key].add(a[0]))
                  for st in stages]
-        self._observe_pass(block, inputs, hooks)
+        quantizer_passes = self.quantizer.needs_calibration and getattr(self.quantizer, "true_sequential", True)
+        self._observe_pass(block, inputs, hooks, keep_outputs=self.float_next and not quantizer_passes)
         for t in self.transforms:
             for st in map(tuple, stages):
                 fold = folds[st]
@@ -309,17 +329,22 @@ class Engine:
                 self.clips.update({n: c for n, c in zip(st, clips) if c is not None})
             for n, note in getattr(t, "notes", {}).items():
                 self.notes.setdefault(n, note)
+        return stats
 
-    def _observe_pass(self, block: nn.Module, inputs, hooks) -> None:
-        """Run the block over every calibration chunk for its hooks' sake, outputs discarded (a hook may stop
-        the forward early by raising _StopForward)."""
+    def _observe_pass(self, block: nn.Module, inputs, hooks, keep_outputs: bool = False) -> None:
+        """Run the block over every calibration chunk for its hooks' sake (a hook may stop the forward early
+        by raising _StopForward). With keep_outputs each chunk is replaced by the block's output, the next
+        block's inputs under float propagation."""
         try:
             with torch.no_grad():
-                for hidden, kwargs in inputs:
+                for k, (hidden, kwargs) in enumerate(inputs):
                     try:
-                        block(hidden, **kwargs)
+                        out = block(hidden, **kwargs)
                     except _StopForward:
-                        pass
+                        continue
+                    if keep_outputs:
+                        inputs[k] = (out[0] if isinstance(out, tuple) else out, kwargs)
+                        self._outputs_ready = True
         finally:
             for h in hooks:
                 h.remove()

@@ -23,7 +23,8 @@ from .errors import LowbitError
 from .spec import QuantSpec, Scheme, parse_scheme
 
 DEFAULT_EXCLUDE = ("lm_head",)
-DEFAULT_CALIBRATION = {"dataset": "pydoc", "num_samples": 128, "seq_len": 512, "seed": 0, "batch_size": 8}
+DEFAULT_CALIBRATION = {"dataset": "pydoc", "num_samples": 128, "seq_len": 512, "seed": 0, "batch_size": 8,
+                       "propagate": "quantized"}
 
 
 def matches(pattern: str, name: str) -> bool:

@@ -58,6 +58,11 @@ class Quantizer(Algorithm):
         """Receive a chunk of the common input (tokens, in_features) of the linears `names`
         (calibrated quantizers only)."""
 
+    def take_stats(self, names: tuple[str, ...], stats) -> bool:
+        """Accept statistics of the linears' whole input gathered by an earlier step (InputStats with its
+        Gram matrix), instead of observing the inputs again; False when this quantizer cannot use them."""
+        return False
+
     def quantize(self, name: str, weight, spec: QuantSpec, clip=None) -> IntQuantized:
         """Codes and scales of one weight; `clip` (shaped like the scales, in (0, 1]) shrinks each block's
         range, as chosen by a clipping search."""

@@ -127,6 +127,12 @@ class GPTQ(Quantizer):
             acc = self.hessians[names] = HessianAccumulator(inputs.shape[-1])
         acc.add(inputs)
 
+    def take_stats(self, names: tuple[str, ...], stats) -> bool:
+        if stats.gram is None or self.true_sequential:
+            return False
+        self.hessians[tuple(names)] = stats
+        return True
+
     def _run(self, names: tuple[str, ...], weight: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None, clip):
         if H is None:
             for n in names:

@@ -41,13 +41,6 @@ class IntQuantized:
         return dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype)
 
 
-def _expand(blockwise: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    """Broadcast a per-block tensor to the full (rows, cols) shape, cutting a partial last block."""
-    br, bc = block
-    full = blockwise.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
-    return full[: shape[0], : shape[1]]
-
-
 def _block_view(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Zero-pad w to whole blocks and view it as (n_row_blocks, br, n_col_blocks, bc)."""
     rows, cols = w.shape
@@ -56,6 +49,15 @@ def _block_view(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     if pr or pc:
         w = torch.nn.functional.pad(w, (0, pc, 0, pr))
     return w.reshape((rows + pr) // br, br, (cols + pc) // bc, bc)
+
+
+def _blockwise(fn, w: torch.Tensor, block: tuple[int, int], *per_block: torch.Tensor) -> torch.Tensor:
+    """fn(blocks, *params) on w's zero-padded block view, each per-block parameter (row blocks, column
+    blocks) broadcast over its block; the result is cut back to w's shape. No per-element parameter copies."""
+    rows, cols = w.shape
+    view = _block_view(w, block)
+    out = fn(view, *(p[:, None, :, None] for p in per_block))
+    return out.reshape(view.shape[0] * view.shape[1], -1)[:rows, :cols]
 
 
 def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None):
@@ -85,33 +87,36 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
     """Integer codes of w for the given per-block scale and zero point (int32, same shape as w)."""
     block = spec.block_shape(*w.shape)
-    s = _expand(scale, block, w.shape)
-    q = torch.round(w.float() / s)
-    if zero is not None:
-        q = q + _expand(zero, block, w.shape)
+    if zero is None:
+        q = _blockwise(lambda b, s: torch.round(b / s), w.float(), block, scale.float())
+    else:
+        q = _blockwise(lambda b, s, z: torch.round(b / s) + z, w.float(), block, scale.float(), zero.float())
     return q.clamp(spec.qmin, spec.qmax).to(torch.int32)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
     """(codes - zero) * scale in float32."""
     block = spec.block_shape(*codes.shape)
-    q = codes.float()
-    if zero is not None:
-        q = q - _expand(zero, block, codes.shape).float()
-    return q * _expand(scale.float(), block, codes.shape)
+    if zero is None:
+        return _blockwise(lambda q, s: q * s, codes.float(), block, scale.float())
+    return _blockwise(lambda q, s, z: (q - z) * s, codes.float(), block, scale.float(), zero.float())
 
 
 def block_amax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The largest magnitude of each element's quantization block, broadcast to w's shape."""
-    block = spec.block_shape(*w.shape)
-    amax = _block_view(w.float().abs(), block).amax(dim=(1, 3))
-    return _expand(amax, block, w.shape)
+    return _blockwise(lambda b: b.amax(dim=(1, 3), keepdim=True).expand_as(b), w.float().abs(),
+                      spec.block_shape(*w.shape))
 
 
 def fake_quant(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> torch.Tensor:
-    """Q(w) dequantized again, in float32: what a quantized weight computes with."""
+    """Q(w) dequantized again, in float32: what a quantized weight computes with (in one blockwise pass)."""
     scale, zero = compute_qparams(w, spec, clip)
-    return dequantize(quantize_codes(w, scale, zero, spec), scale, zero, spec)
+    lo, hi = spec.qmin, spec.qmax
+    if zero is None:
+        return _blockwise(lambda b, s: torch.round(b / s).clamp_(lo, hi).mul_(s), w.float(), spec.block_shape(*w.shape),
+                          scale.float())
+    return _blockwise(lambda b, s, z: (torch.round(b / s) + z).clamp_(lo, hi).sub_(z).mul_(s), w.float(),
+                      spec.block_shape(*w.shape), scale.float(), zero.float())
 
 
 def fake_quant_activation(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ quantized model computes, so no KV cache or stale activation leaks between sampl
 import pytest
 import torch
 
-from lowbit.algorithms import Quantizer, parse_algo_args, parse_chain
+from lowbit.algorithms import Quantizer, Transform, parse_algo_args, parse_chain
 from lowbit.arch import linear_modules
 from lowbit.data import calib_windows, load_text, tokenize
 from lowbit.engine import Engine
@@ -115,3 +115,49 @@ def test_chain_validation():
         parse_chain("gptq", parse_algo_args(["gptq:colour=red"]))
     with pytest.raises(LowbitError, match="takes no options"):
         parse_chain("rtn", parse_algo_args(["rtn:x=1"]))
+
+
+class StatsRecorder(Transform):
+    """A transform that changes nothing and keeps the input statistics it is handed."""
+
+    name = "test-stats"
+
+    def __init__(self):
+        self.seen = {}
+
+    def channel_scales(self, names, weights, specs, stats):
+        self.seen[names[0]] = stats.abs_max.clone()
+        return None
+
+
+@pytest.mark.parametrize("propagate", ["float", "quantized"])
+def test_propagation_modes(propagate, tiny_models, monkeypatch):
+    """float: every block's statistics come from the float model's activations, with one forward per block;
+    quantized: later blocks see the quantized earlier blocks."""
+    loaded = open_model(tiny_models["llama"])
+    recipe = Recipe(scheme=parse_scheme("w_uint3_per_group_asym", 16))
+    plan = resolve_plan(recipe, linear_modules(loaded.model))
+    calib = calib_windows(tokenize(loaded.tokenizer(), load_text("pydoc", "calib")), 4, 32, seed=0)
+    ref, _ = __import__("lowbit").load(tiny_models["llama"])
+    want = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: want.__setitem__(n, torch.maximum(
+        want.get(n, torch.zeros(a[0].shape[-1])), a[0].reshape(-1, a[0].shape[-1]).abs().amax(0))))
+             for n, m in ref.named_modules() if n.endswith("q_proj")]
+    with torch.no_grad():
+        for batch in calib.split(2):
+            ref(input_ids=batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    recorder = StatsRecorder()
+    runs = []
+    original = Engine._run_block
+    monkeypatch.setattr(Engine, "_run_block", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
+    Engine(loaded, plan, [recorder, parse_chain("rtn")[0]], calib, batch_size=2, progress=False,
+           propagate=propagate).run()
+    last = "model.layers.1.self_attn.q_proj"
+    assert torch.allclose(recorder.seen["model.layers.0.self_attn.q_proj"], want["model.layers.0.self_attn.q_proj"])
+    same = torch.allclose(recorder.seen[last], want[last], rtol=1e-5, atol=1e-6)
+    assert same == (propagate == "float")
+    # output passes: none under float propagation (probes of one window aside), one per block but the last otherwise
+    full_passes = len(runs) - 2  # the two stage probes (one per block)
+    assert full_passes == (0 if propagate == "float" else 1)

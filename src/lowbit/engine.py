@@ -131,6 +131,7 @@ class Engine:
         self.notes: dict[str, str] = {}  # per-linear remarks for the summary
         self._folds: dict[tuple, dict] = {}  # fold map per block structure (block-relative stage names)
         self._outputs_ready = False  # whether a pass already replaced the block's inputs by its outputs
+        self._ranges: dict[str, list[float]] = {}  # calibrated input range per linear (static activations)
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> EngineReport:
@@ -363,7 +364,7 @@ class Engine:
     def _input_range_hooks(self, linears: dict[str, nn.Module]) -> list:
         """Hooks recording the input range of each linear with static input quantization (in the pass that
         computes the block's outputs with its quantized weights)."""
-        self._ranges: dict[str, list[float]] = {}
+        self._ranges = {}
 
         def record(name, x):
             lo, hi = x.min().item(), x.max().item()

@@ -74,8 +74,36 @@ def test_stages_follow_shared_inputs(arch, stages, tiny_models):
     prefix = loaded.layout.block_prefix(0)
     loaded.materialize(prefix)
     block = loaded.layout.blocks[0]
-    found = engine._stages(block, engine._planned(block, prefix), inputs)
+    found = engine._stages(block, prefix, engine._planned(block, prefix), inputs)
     assert [[n.rsplit(".", 1)[1] for n in st] for st in found] == stages
+
+
+@pytest.mark.parametrize("arch,replayed", [("llama", "self_attn"), ("gemma3", "self_attn"), ("phi3", "self_attn"),
+                                             ("opt", "self_attn")])
+def test_stage_replay_skips_attention_and_changes_nothing(arch, replayed, tiny_models, monkeypatch):
+    """Once o_proj is quantized, later passes over the block replay the attention module as o_proj applied
+    to its cached inputs: the attention itself runs only in the probe and in o_proj's own stage pass, and
+    GPTQ's result is the same as without the replay."""
+    results, entered = [], []
+    calib = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    for shortcuts in (False, True):
+        loaded = open_model(tiny_models[arch])
+        plan = resolve_plan(Recipe(scheme=parse_scheme("w_uint4_per_group_asym", 16)), linear_modules(loaded.model))
+        attention = type(loaded.layout.blocks[0].get_submodule(replayed))
+        original = attention.forward
+        calls = []
+        monkeypatch.setattr(attention, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        engine = Engine(loaded, plan, parse_chain("gptq"), calib, batch_size=2, keep_in_memory=True,
+                        progress=False, shortcuts=shortcuts)
+        engine.run()
+        monkeypatch.setattr(attention, "forward", original)
+        results.append({n: p.detach().clone() for n, p in loaded.model.named_parameters()})
+        entered.append(len(calls))
+    for name, want in results[0].items():
+        assert torch.allclose(results[1][name], want, rtol=0, atol=1e-6), name
+    # entered per block: probe 1, q/k/v's stage 2 chunks (stopping at q_proj, inside the attention), o_proj's
+    # stage 2; then, without replay, gate/up's 2, down's 2 and the output pass's 2 (not after the last block)
+    assert entered == [2 * (1 + 2 + 2 + 2 + 2) + 2, 2 * (1 + 2 + 2)]
 
 
 def test_rtn_runs_no_forward_pass(tiny_models, monkeypatch):
@@ -108,7 +136,7 @@ def test_chain_validation():
     with pytest.raises(LowbitError, match="must come last|quantizers"):
         parse_chain("gptq,rtn")
     assert parse_chain("gptq", parse_algo_args(["gptq:damp=0.05,act_order=false"]))[0].args() == {
-        "block_size": 128, "damp": 0.05, "act_order": False, "true_sequential": True}
+        "block_size": 128, "damp": 0.05, "act_order": False, "true_sequential": True, "clip": True}
     with pytest.raises(LowbitError, match="not in the chain"):
         parse_chain("rtn", parse_algo_args(["gptq:damp=0.05"]))
     with pytest.raises(LowbitError, match="bad options"):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lowbit.algorithms.awq import search_clip
 from lowbit.algorithms.gptq import GPTQ, HessianAccumulator, gptq_quantize, inverse_cholesky
 from lowbit.formats import quantize
 from lowbit.spec import QuantSpec
@@ -77,13 +78,15 @@ def test_dead_inputs_and_damping_retry():
         inverse_cholesky(torch.tensor([[1.0, 3.0], [3.0, 1.0]]), 1e-6, tries=3)
 
 
-def test_joint_group_equals_separate_runs():
+@pytest.mark.parametrize("clip", [False, True])
+def test_joint_group_equals_separate_runs(clip):
     W, X, acc = problem()
     spec = QuantSpec(bits=4, signed=False, symmetric=False, granularity="group", group_size=32)
-    gptq = GPTQ()
+    gptq = GPTQ(clip=clip)
     gptq.observe(("a", "b"), X)
     a, b = gptq.quantize_group(("a", "b"), [W[:20], W[20:]], [spec, spec])
-    whole, _ = gptq_quantize(W, gptq_h(X), spec)
+    H = gptq_h(X)
+    whole, _ = gptq_quantize(W, H, spec, clip=search_clip(W, spec, H / 2) if clip else None)
     assert torch.equal(torch.cat([a.codes, b.codes]), whole.codes)
     assert torch.equal(torch.cat([a.scale, b.scale]), whole.scale)
 

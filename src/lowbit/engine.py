@@ -10,9 +10,11 @@ weight-only) runs no forward pass at all.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +107,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, plan: dict[str, LayerPlan], chain: list[Algorithm],
                  calibration: torch.Tensor | None = None, sink: Sink | None = None,
                  keep_in_memory: bool = False, batch_size: int = 8, progress: bool = True,
-                 propagate: str = "quantized"):
+                 propagate: str = "quantized", shortcuts: bool = True):
         self.loaded, self.plan, self.chain = loaded, plan, chain
         self.quantizer: Quantizer = chain[-1]
         self.transforms = chain[:-1]
@@ -132,6 +134,10 @@ class Engine:
         self._folds: dict[tuple, dict] = {}  # fold map per block structure (block-relative stage names)
         self._outputs_ready = False  # whether a pass already replaced the block's inputs by its outputs
         self._ranges: dict[str, list[float]] = {}  # calibrated input range per linear (static activations)
+        self.shortcuts = shortcuts
+        self._shortcut_of: dict[str, tuple] = {}  # this block's stage linear -> (module to replay, tuple length)
+        self._replays: dict[str, tuple] = {}  # module -> (its final linear, that linear's inputs per chunk, length)
+        self._chunk = 0  # the calibration chunk being run
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> EngineReport:
@@ -148,7 +154,8 @@ class Engine:
             block = blocks[i]
             linears = self._planned(block, prefix)
             calibrated = self.transforms or self.quantizer.needs_calibration
-            stages = self._stages(block, linears, inputs) if calibrated and linears and inputs is not None else []
+            self._shortcut_of, self._replays = {}, {}
+            stages = self._stages(block, prefix, linears, inputs) if calibrated and linears and inputs is not None else []
             self._outputs_ready = False
             stats = self._transform(block, prefix, linears, stages, inputs) if self.transforms and stages else None
             if self.quantizer.needs_calibration and stages:
@@ -156,6 +163,7 @@ class Engine:
             self._quantize_modules(block, prefix)  # whatever calibration did not reach
             if inputs is not None and not self._outputs_ready and (i + 1 < len(blocks) or self.static_inputs):
                 inputs = self._run_block(block, inputs, self._input_range_hooks(linears))
+            self._replays = {}  # the cached stage inputs are no longer needed
             self._attach_input_quant(linears)
             self._emit_params(block, prefix)
             if not self.keep:
@@ -210,8 +218,9 @@ class Engine:
         the list as soon as its output exists, so one copy of the activations is held, not two. `hooks`
         (handles) are removed afterwards."""
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._replaying(block):
                 for k, (hidden, kwargs) in enumerate(inputs):
+                    self._chunk = k
                     out = block(hidden, **kwargs)
                     inputs[k] = (out[0] if isinstance(out, tuple) else out, kwargs)
         finally:
@@ -239,12 +248,16 @@ class Engine:
         return {prefix + rel: m for rel, m in block.named_modules()
                 if prefix + rel in self.plan and self.plan[prefix + rel].spec is not None}
 
-    def _stages(self, block: nn.Module, linears: dict[str, nn.Module], first_chunk) -> list[list[str]]:
+    def _stages(self, block: nn.Module, prefix: str, linears: dict[str, nn.Module], first_chunk) -> list[list[str]]:
         """The block's planned linears in execution order, grouped into stages of linears that read the same
-        input tensor (q/k/v, then o, then gate/up, then down for a Llama block): found by one probe forward."""
+        input tensor (q/k/v, then o, then gate/up, then down for a Llama block): found by one probe forward,
+        which also finds the shortcuts (see _find_shortcuts)."""
         calls: list[tuple[str, torch.Tensor]] = []  # tensors kept alive, so identity comparisons hold
+        outputs: dict[str, object] = {}
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0])))
                  for n, m in linears.items()]
+        hooks += [m.register_forward_hook(lambda m, a, out, n=prefix + rel: outputs.setdefault(n, out))
+                  for rel, m in block.named_modules() if rel]
         self._run_block(block, self._first_window(first_chunk), hooks)
         stages: list[list[str]] = []
         last_input = None
@@ -256,35 +269,100 @@ class Engine:
             else:
                 stages.append([name])
             last_input = tensor
+        self._shortcut_of = self._find_shortcuts(block, prefix, linears, stages, outputs,
+                                                 first_chunk[0][0].shape[-1])
         return stages
 
+    def _find_shortcuts(self, block: nn.Module, prefix: str, linears, stages, outputs, width: int) -> dict[str, tuple]:
+        """For a stage of one linear L: the outermost submodule M whose whole result is L's output (Llama's
+        self_attn for o_proj, its mlp for down_proj), so that once L is quantized, later passes over the
+        block can replace M by L applied to L's cached inputs instead of recomputing M (attention, for
+        o_proj). Accepted only when M holds no linear of a later stage, its other results are None, and L
+        is no wider than the block's hidden states (the cache then costs at most one more copy of the
+        block's activations). Returns {L: (M's name, M's tuple length or None)}."""
+        if self.static_inputs or not self.shortcuts:
+            return {}  # static activation ranges are recorded in the output pass, which must call every linear
+        found = {}
+        for k, st in enumerate(stages):
+            if len(st) != 1 or st[0] not in outputs:
+                continue
+            out = outputs[st[0]]
+            later = {n for s in stages[k + 1:] for n in s}
+            best = None
+            for name, res in outputs.items():
+                if name == st[0] or not name.startswith(prefix):
+                    continue
+                first, length = (res[0], len(res)) if isinstance(res, tuple) else (res, None)
+                if first is not out or (length and any(r is not None for r in res[1:])):
+                    continue
+                inside = {prefix + r for r, _ in block.get_submodule(name[len(prefix):]).named_modules()}
+                if (inside & later) or (best is not None and len(name) >= len(best[0])):
+                    continue
+                best = (name[len(prefix):], length)
+            if best is not None and linears[st[0]].in_features <= width:
+                found[st[0]] = best
+        return found
+
     def _observe(self, block: nn.Module, stages: list[list[str]], linears: dict[str, nn.Module], inputs,
-                 stop_after: str | None) -> None:
+                 stop_at: str | None = None, cache: list | None = None) -> None:
         """Show the quantizer each stage's common input over every calibration chunk (hooked on the stage's
-        first linear), stopping each forward after `stop_after` has run (nothing later is needed yet)."""
-        hooks = [linears[st[0]].register_forward_pre_hook(
-            lambda m, args, names=tuple(st): self.quantizer.observe(names, args[0].reshape(-1, args[0].shape[-1])))
-            for st in stages]
-        if stop_after is not None:
-            def stop(module, args, output):
+        first linear). With `stop_at` (a stage's first linear), each forward stops right there, since nothing
+        later is needed yet, and the input is also appended to `cache` when one is given."""
+        def seen(m, args, names):
+            x = args[0]
+            self.quantizer.observe(names, x.reshape(-1, x.shape[-1]))
+            if names[0] == stop_at:
+                if cache is not None:
+                    cache.append(x if x._base is None else x.clone())
                 raise _StopForward
 
-            hooks.append(linears[stop_after].register_forward_hook(stop))
-        self._observe_pass(block, inputs, hooks, keep_outputs=self.float_next and stop_after is None)
+        hooks = [linears[st[0]].register_forward_pre_hook(lambda m, a, names=tuple(st): seen(m, a, names))
+                 for st in stages]
+        self._observe_pass(block, inputs, hooks, keep_outputs=self.float_next and stop_at is None)
 
     def _calibrate_and_quantize(self, block: nn.Module, linears, stages, inputs, stats_by_stage=None) -> None:
         """Calibrated quantization of a block. True-sequential (the default): stage by stage, each stage's
         inputs computed with the earlier stages already quantized; otherwise one pass for all stages, or
-        none when the quantizer can use the statistics a transform already gathered (`stats_by_stage`)."""
+        none when the quantizer can use the statistics a transform already gathered (`stats_by_stage`).
+        A stage with a shortcut keeps its inputs, and later passes replay its module from them."""
         if stats_by_stage and all(self.quantizer.take_stats(tuple(st), stats_by_stage[tuple(st)]) for st in stages):
             for stage in stages:  # one pass of the transforms' statistics serves the quantizer too
                 self._quantize_stage(stage, linears)
             return
-        sequential = getattr(self.quantizer, "true_sequential", True)
-        for passes in ([[st] for st in stages] if sequential else [stages]):
-            self._observe(block, passes, linears, inputs, stop_after=passes[-1][-1] if sequential else None)
-            for stage in passes:
+        if not getattr(self.quantizer, "true_sequential", True):
+            self._observe(block, stages, linears, inputs)
+            for stage in stages:
                 self._quantize_stage(stage, linears)
+            return
+        for stage in stages:
+            shortcut = self._shortcut_of.get(stage[0])
+            cache = [] if shortcut else None
+            self._observe(block, [stage], linears, inputs, stop_at=stage[0], cache=cache)
+            self._quantize_stage(stage, linears)
+            if shortcut and len(cache) == len(inputs):
+                self._replays[shortcut[0]] = (linears[stage[0]], cache, shortcut[1])
+
+    @contextmanager
+    def _replaying(self, block: nn.Module):
+        """While active, each module with a replay returns its final linear applied to that linear's cached
+        input of the current chunk (self._chunk) instead of running its own forward."""
+        patched = []
+        for name, (linear, cache, length) in self._replays.items():
+            module = block.get_submodule(name)
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = functools.partial(self._replay, linear, cache, length)
+        try:
+            yield
+        finally:
+            for module, original in patched:
+                if original is None:
+                    del module.forward
+                else:
+                    module.forward = original
+
+    def _replay(self, linear: nn.Module, cache: list, length: int | None, *args, **kwargs):
+        y = linear(cache[self._chunk])
+        return y if length is None else (y,) + (None,) * (length - 1)
 
     # -- transforms (AWQ, SmoothQuant) ---------------------------------------------------------------
     def _fold_map(self, block: nn.Module, prefix: str, stages, inputs) -> dict[tuple, Fold | None]:
@@ -347,8 +425,9 @@ class Engine:
         by raising _StopForward). With keep_outputs each chunk is replaced by the block's output, the next
         block's inputs under float propagation."""
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._replaying(block):
                 for k, (hidden, kwargs) in enumerate(inputs):
+                    self._chunk = k
                     try:
                         out = block(hidden, **kwargs)
                     except _StopForward:

@@ -16,6 +16,7 @@ import torch
 
 from ..formats import IntQuantized, compute_qparams, quantize
 from ..spec import QuantSpec
+from .awq import search_clip
 from .base import Quantizer, register
 from .stats import HessianAccumulator
 
@@ -111,15 +112,15 @@ class GPTQ(Quantizer):
     needs_calibration = True
 
     def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True,
-                 true_sequential: bool = True):
+                 true_sequential: bool = True, clip: bool = True):
         self.block_size, self.damp, self.act_order = int(block_size), float(damp), bool(act_order)
-        self.true_sequential = bool(true_sequential)
+        self.true_sequential, self.clip = bool(true_sequential), bool(clip)
         self.hessians: dict[str, HessianAccumulator] = {}
         self.notes: dict[str, str] = {}
 
     def args(self) -> dict:
         return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order,
-                "true_sequential": self.true_sequential}
+                "true_sequential": self.true_sequential, "clip": self.clip}
 
     def observe(self, names: tuple[str, ...], inputs: torch.Tensor) -> None:
         acc = self.hessians.get(names)
@@ -138,6 +139,8 @@ class GPTQ(Quantizer):
             for n in names:
                 self.notes[n] = "no calibration inputs: RTN"
             return quantize(weight, spec, clip)
+        if clip is None and self.clip and (self.act_order or spec.granularity != "group"):
+            clip = search_clip(weight, spec, H / 2)  # static groups: ranges chosen for the output error
         try:
             qt, used = gptq_quantize(weight, H, spec, self.block_size, self.damp, self.act_order, clip)
         except torch.linalg.LinAlgError as exc:

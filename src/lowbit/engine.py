@@ -107,7 +107,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, plan: dict[str, LayerPlan], chain: list[Algorithm],
                  calibration: torch.Tensor | None = None, sink: Sink | None = None,
                  keep_in_memory: bool = False, batch_size: int = 8, progress: bool = True,
-                 propagate: str = "quantized", shortcuts: bool = True):
+                 propagate: str = "quantized", replay: bool = True):
         self.loaded, self.plan, self.chain = loaded, plan, chain
         self.quantizer: Quantizer = chain[-1]
         self.transforms = chain[:-1]
@@ -134,8 +134,8 @@ class Engine:
         self._folds: dict[tuple, dict] = {}  # fold map per block structure (block-relative stage names)
         self._outputs_ready = False  # whether a pass already replaced the block's inputs by its outputs
         self._ranges: dict[str, list[float]] = {}  # calibrated input range per linear (static activations)
-        self.shortcuts = shortcuts
-        self._shortcut_of: dict[str, tuple] = {}  # this block's stage linear -> (module to replay, tuple length)
+        self.replay = replay  # whether finished stages may be replayed from cached inputs (see _find_replays)
+        self._replay_of: dict[str, tuple] = {}  # this block's stage linear -> (module to replay, tuple length)
         self._replays: dict[str, tuple] = {}  # module -> (its final linear, that linear's inputs per chunk, length)
         self._chunk = 0  # the calibration chunk being run
 
@@ -154,7 +154,7 @@ class Engine:
             block = blocks[i]
             linears = self._planned(block, prefix)
             calibrated = self.transforms or self.quantizer.needs_calibration
-            self._shortcut_of, self._replays = {}, {}
+            self._replay_of, self._replays = {}, {}
             stages = self._stages(block, prefix, linears, inputs) if calibrated and linears and inputs is not None else []
             self._outputs_ready = False
             stats = self._transform(block, prefix, linears, stages, inputs) if self.transforms and stages else None
@@ -251,7 +251,7 @@ class Engine:
     def _stages(self, block: nn.Module, prefix: str, linears: dict[str, nn.Module], first_chunk) -> list[list[str]]:
         """The block's planned linears in execution order, grouped into stages of linears that read the same
         input tensor (q/k/v, then o, then gate/up, then down for a Llama block): found by one probe forward,
-        which also finds the shortcuts (see _find_shortcuts)."""
+        which also finds the modules that can be replayed (see _find_replays)."""
         calls: list[tuple[str, torch.Tensor]] = []  # tensors kept alive, so identity comparisons hold
         outputs: dict[str, object] = {}
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0])))
@@ -269,18 +269,18 @@ class Engine:
             else:
                 stages.append([name])
             last_input = tensor
-        self._shortcut_of = self._find_shortcuts(block, prefix, linears, stages, outputs,
+        self._replay_of = self._find_replays(block, prefix, linears, stages, outputs,
                                                  first_chunk[0][0].shape[-1])
         return stages
 
-    def _find_shortcuts(self, block: nn.Module, prefix: str, linears, stages, outputs, width: int) -> dict[str, tuple]:
+    def _find_replays(self, block: nn.Module, prefix: str, linears, stages, outputs, width: int) -> dict[str, tuple]:
         """For a stage of one linear L: the outermost submodule M whose whole result is L's output (Llama's
         self_attn for o_proj, its mlp for down_proj), so that once L is quantized, later passes over the
         block can replace M by L applied to L's cached inputs instead of recomputing M (attention, for
         o_proj). Accepted only when M holds no linear of a later stage, its other results are None, and L
         is no wider than the block's hidden states (the cache then costs at most one more copy of the
         block's activations). Returns {L: (M's name, M's tuple length or None)}."""
-        if self.static_inputs or not self.shortcuts:
+        if self.static_inputs or not self.replay:
             return {}  # static activation ranges are recorded in the output pass, which must call every linear
         found = {}
         for k, st in enumerate(stages):
@@ -324,7 +324,7 @@ class Engine:
         """Calibrated quantization of a block. True-sequential (the default): stage by stage, each stage's
         inputs computed with the earlier stages already quantized; otherwise one pass for all stages, or
         none when the quantizer can use the statistics a transform already gathered (`stats_by_stage`).
-        A stage with a shortcut keeps its inputs, and later passes replay its module from them."""
+        A stage whose module can be replayed keeps its inputs, and later passes replay its module from them."""
         if stats_by_stage and all(self.quantizer.take_stats(tuple(st), stats_by_stage[tuple(st)]) for st in stages):
             for stage in stages:  # one pass of the transforms' statistics serves the quantizer too
                 self._quantize_stage(stage, linears)
@@ -335,12 +335,12 @@ class Engine:
                 self._quantize_stage(stage, linears)
             return
         for stage in stages:
-            shortcut = self._shortcut_of.get(stage[0])
-            cache = [] if shortcut else None
+            target = self._replay_of.get(stage[0])
+            cache = [] if target else None
             self._observe(block, [stage], linears, inputs, stop_at=stage[0], cache=cache)
             self._quantize_stage(stage, linears)
-            if shortcut and len(cache) == len(inputs):
-                self._replays[shortcut[0]] = (linears[stage[0]], cache, shortcut[1])
+            if target and len(cache) == len(inputs):
+                self._replays[target[0]] = (linears[stage[0]], cache, target[1])
 
     @contextmanager
     def _replaying(self, block: nn.Module):

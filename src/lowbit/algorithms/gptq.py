@@ -6,7 +6,8 @@ Works on tensors only: a weight (N, K) and the Hessian 2/n * sum x x^T of its in
   two blocks);
 - damping `damp` x mean(diag H), multiplied by 10 and retried while the Cholesky factorisation fails;
 - act-order (columns by decreasing Hessian diagonal) with *static groups*: every group's scale and zero
-  point come from the original weights in the original column order, so the result needs no g_idx;
+  point come from the original weights in the original column order, so the result needs no g_idx; the
+  quantizer (clip=True) shrinks each static group's range by AWQ's clip search on the Hessian;
 - without act-order, a group's parameters come from the already-updated weights when the group starts.
 """
 

@@ -12,6 +12,10 @@ fails is a row with its one-line error, never a crash.
         [--schemes w_uint4_per_group_asym:64,w_uint4_per_group_asym:128,w_int4_per_group_sym:64]
         [--num-calib-data 128] [--seq-len 512] [--max-chunks N] [--venvs /work/peer-venvs]
         [--json-out rows.json] [--logs DIR] [--timeout 3600]
+        [--lowbit-variant "gptq:fast=--algo-arg gptq:true_sequential=false --propagate float"]
+
+A --lowbit-variant ALGO:LABEL=ARGS adds a lowbit row, after the others of ALGO, with ARGS appended to its
+`lowbit quantize` command line (an option of that algorithm, say); its algo column reads "ALGO LABEL".
 
 This process never imports torch: a forked child's peak RSS would include the parent's pages, so even the
 data and lowbit's evaluation run as children (benchmarks/peers/lowbit_tasks.py).
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -102,15 +107,15 @@ def error_line(code: int, log: Path) -> str:
     return (errors or lines or [f"exit code {code}"])[-1][:300]
 
 
-def run_lowbit(args, algo, scheme, group, tmp, logs) -> dict:
-    """`lowbit quantize` then lowbit's evaluate, each its own measured process; wall is their sum, peak
-    RSS the larger (a peer runner does load, quantize and evaluate in one process)."""
-    row = {"tool": "lowbit", "algo": algo, "scheme": scheme, "group": group,
+def run_lowbit(args, algo, scheme, group, tmp, logs, label: str = "", extra: tuple[str, ...] = ()) -> dict:
+    """`lowbit quantize` (with `extra` arguments) then lowbit's evaluate, each its own measured process; wall
+    is their sum, peak RSS the larger (a peer runner does load, quantize and evaluate in one process)."""
+    row = {"tool": "lowbit", "algo": f"{algo} {label}".strip(), "scheme": scheme, "group": group,
            "perplexity": None, "quantize_seconds": None, "error": None}
-    out = Path(tmp) / f"lowbit-{algo}-{scheme}-{group}"
+    out = Path(tmp) / f"lowbit-{algo}{'-' + label if label else ''}-{scheme}-{group}"
     argv = [sys.executable, "-m", "lowbit", "quantize", "demo", "-o", str(out), "--scheme", scheme,
             "--group-size", str(group), "--algo", algo, "--dataset", "pydoc", "--num-calib-data",
-            str(args.num_calib_data), "--seq-len", str(args.seq_len), "--no-progress", "--overwrite"]
+            str(args.num_calib_data), "--seq-len", str(args.seq_len), "--no-progress", "--overwrite", *extra]
     log = logs / f"{out.name}.quantize.log"
     code, wall, peak, _ = measured(argv, log, args.timeout)
     row.update(wall_seconds=wall, peak_rss=peak, quantize_wall_seconds=wall, quantize_peak_rss=peak)
@@ -173,6 +178,8 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path, default=None, help="all rows as JSON (rewritten after each run)")
     ap.add_argument("--logs", type=Path, default=None, help="stderr of every run [default: a temp folder]")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
+    ap.add_argument("--lowbit-variant", action="append", default=[], metavar="ALGO:LABEL=ARGS",
+                    help="one more lowbit row for ALGO with ARGS appended to its command line; repeatable")
     args = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
     tools = args.tools.split(",")
@@ -181,6 +188,13 @@ def main() -> None:
         raise SystemExit(f"unknown tool(s) {unknown}; known: lowbit, {', '.join(PEERS)}")
     schemes = [(name, int(gs)) for name, _, gs in (s.partition(":") for s in args.schemes.split(","))]
     pythons = {t: ensure_venv(args.venvs, t) for t in tools if t in PEERS}
+    variants = []  # (algo, label, extra arguments)
+    for text in args.lowbit_variant:
+        head, eq, extra = text.partition("=")
+        algo, colon, label = head.partition(":")
+        if not (eq and colon and label):
+            raise SystemExit(f"--lowbit-variant {text!r}: write ALGO:LABEL=ARGS, e.g. 'gptq:fast=--propagate float'")
+        variants.append((algo, label, tuple(shlex.split(extra))))
 
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp) / "logs"
@@ -200,19 +214,25 @@ def main() -> None:
         print(f"float perplexity {float_ppl:.4f}", flush=True)
 
         rows = []
+
+        def record(row: dict) -> None:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json_out:
+                args.json_out.write_text(json.dumps(
+                    {"float_perplexity": float_ppl, "calib": shapes["calib"], "eval": shapes["eval"],
+                     "rows": rows}, indent=1))
+
         for algo in args.algos.split(","):  # algorithm-major: each combination's tools side by side
             for scheme, group in schemes:
                 for tool in tools:
                     if tool == "lowbit":
-                        row = run_lowbit(args, algo, scheme, group, tmp, logs)
+                        record(run_lowbit(args, algo, scheme, group, tmp, logs))
                     else:
-                        row = run_peer(args, tool, pythons[tool], algo, scheme, group, model, data, logs)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if args.json_out:
-                        args.json_out.write_text(json.dumps(
-                            {"float_perplexity": float_ppl, "calib": shapes["calib"], "eval": shapes["eval"],
-                             "rows": rows}, indent=1))
+                        record(run_peer(args, tool, pythons[tool], algo, scheme, group, model, data, logs))
+                for v_algo, label, extra in variants:
+                    if v_algo == algo:
+                        record(run_lowbit(args, algo, scheme, group, tmp, logs, label, extra))
         if not args.logs:
             print(f"(logs of every run were in {logs}, removed; give --logs DIR to keep them)")
 

@@ -172,6 +172,18 @@ def test_unmappable_block_is_refused_before_quantizing(tmp_path, tokenizer_dir, 
     assert quantized == []
 
 
+def test_excluded_first_stage_is_not_taken_for_an_unmappable_block(tiny_models):
+    """With q/k/v excluded by the user, a block's first planned stage is o_proj, whose input no norm makes:
+    that is no reason to refuse the model (the post-norm check above is about the block's entry)."""
+    import lowbit
+
+    res = lowbit.quantize(str(tiny_models["llama"]), None, scheme="w_int8_a_int8_per_tensor_sym",
+                          algo="smoothquant", exclude_layers=["lm_head", "*q_proj", "*k_proj", "*v_proj"],
+                          keep_in_memory=True, num_calib_data=4, seq_len=32, progress=False, quiet=True)
+    assert "model.layers.0.mlp.gate_proj" in res.summary["layer_errors"]
+    assert "model.layers.0.self_attn.q_proj" not in res.summary["layer_errors"]
+
+
 def model_error(tiny, scheme, group, algo, monkeypatch=None, **kw):
     import lowbit
 
@@ -236,3 +248,20 @@ def test_dynamic_per_token_needs_no_calibration(tiny_models, tmp_path, monkeypat
     assert all(d["dynamic"] and d["granularity"] == "token" for d in qc["inputs"].values())
     model, _ = lowbit.load(out)
     assert any(hasattr(m, "_lowbit_input_quant") for m in model.modules())
+
+
+@pytest.mark.parametrize("columns", [7, 64])
+def test_input_stats_gram_is_the_mean_outer_product_across_adds(columns):
+    """The Gram matrix is accumulated on and above the diagonal only; what callers read is the full mean."""
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(n, columns, generator=g) for n in (5, 11, 3)]
+    stats = InputStats(columns)
+    stats.add(chunks[0])
+    torch.testing.assert_close(stats.gram, chunks[0].T @ chunks[0] / 5)  # read between adds
+    stats.add(chunks[1])
+    s = torch.rand(columns, generator=g) + 0.5
+    stats.divide_channels(s)  # with blocks still to be mirrored
+    stats.add(chunks[2] / s)
+    X = torch.cat([chunks[0] / s, chunks[1] / s, chunks[2] / s])
+    torch.testing.assert_close(stats.gram, X.T @ X / X.shape[0])
+    torch.testing.assert_close(stats.H, stats.H.T)

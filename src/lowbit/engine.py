@@ -138,6 +138,7 @@ class Engine:
         self._replay_of: dict[str, tuple] = {}  # this block's stage linear -> (module to replay, tuple length)
         self._replays: dict[str, tuple] = {}  # module -> (its final linear, that linear's inputs per chunk, length)
         self._chunk = 0  # the calibration chunk being run
+        self._first_stage_at_entry = True  # see _stages
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> EngineReport:
@@ -254,8 +255,16 @@ class Engine:
         which also finds the modules that can be replayed (see _find_replays)."""
         calls: list[tuple[str, torch.Tensor]] = []  # tensors kept alive, so identity comparisons hold
         outputs: dict[str, object] = {}
+        first_linear_input: list[torch.Tensor] = []  # of the block's first linear, planned or excluded
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0])))
                  for n, m in linears.items()]
+
+        def first_linear(module, args):
+            if not first_linear_input:
+                first_linear_input.append(args[0])
+
+        hooks += [m.register_forward_pre_hook(first_linear)
+                  for m in block.modules() if isinstance(m, nn.Linear) or m in linears.values()]
         hooks += [m.register_forward_hook(lambda m, a, out, n=prefix + rel: outputs.setdefault(n, out))
                   for rel, m in block.named_modules() if rel]
         self._run_block(block, self._first_window(first_chunk), hooks)
@@ -269,6 +278,9 @@ class Engine:
             else:
                 stages.append([name])
             last_input = tensor
+        # whether the first stage reads what the block's first linear reads (its normalised input), or
+        # starts later because the user excluded the linears before it
+        self._first_stage_at_entry = bool(calls and first_linear_input) and calls[0][1] is first_linear_input[0]
         self._replay_of = self._find_replays(block, prefix, linears, stages, outputs,
                                                  first_chunk[0][0].shape[-1])
         return stages
@@ -378,7 +390,7 @@ class Engine:
                 return out[0] if isinstance(out, tuple) else out
 
             self._folds[key] = find_folds(block, rel, run)
-            if self._folds[key][rel[0]] is None:
+            if self._folds[key][rel[0]] is None and self._first_stage_at_entry:
                 names = ", ".join(prefix + n for n in rel[0])
                 raise LowbitError(f"{', '.join(t.name for t in self.transforms)} cannot scale {names}: no norm or "
                                   f"linear produces their input in a way scales can be folded into (a post-norm "

@@ -8,26 +8,46 @@ import torch
 
 class InputStats:
     """Running statistics of the rows x_t (tokens) of an input with `columns` channels:
-    gram = mean_t x_t x_t^T (float32; only when `gram=True`), abs_mean = mean_t |x_t|, abs_max = max_t |x_t|."""
+    gram = mean_t x_t x_t^T (float32; only when `gram=True`), abs_mean = mean_t |x_t|, abs_max = max_t |x_t|
+    (only when `channel_stats=True`: GPTQ needs the Gram alone, and skipping them saves ~1 s per demo block)."""
 
-    def __init__(self, columns: int, gram: bool = True):
-        self.gram = torch.zeros(columns, columns, dtype=torch.float32) if gram else None
-        self.abs_sum = torch.zeros(columns, dtype=torch.float64)
-        self.abs_max = torch.zeros(columns, dtype=torch.float32)
+    def __init__(self, columns: int, gram: bool = True, channel_stats: bool = True):
+        self._gram = torch.zeros(columns, columns, dtype=torch.float32) if gram else None
+        self._upper_only = False  # whether _gram's blocks below the diagonal are still to be mirrored
+        self.abs_sum = torch.zeros(columns, dtype=torch.float64) if channel_stats else None
+        self.abs_max = torch.zeros(columns, dtype=torch.float32) if channel_stats else None
         self.count = 0
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        if self._upper_only:
+            self._gram = torch.triu(self._gram) + torch.triu(self._gram, 1).T
+            self._upper_only = False
+        return self._gram
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         if n == 0:
             return
-        a = x.abs()
-        self.abs_sum += a.sum(0, dtype=torch.float64)
-        torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
-        if self.gram is not None:
-            self.gram.mul_(self.count / (self.count + n))
-            self.gram.addmm_(x.T, x, alpha=1.0 / (self.count + n))
+        if self.abs_sum is not None:
+            a = x.abs()
+            self.abs_sum += a.sum(0, dtype=torch.float64)
+            torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
+        if self._gram is not None:
+            self._add_upper_gram(x, n)
         self.count += n
+
+    def _add_upper_gram(self, x: torch.Tensor, n: int, panels: int = 4) -> None:
+        """Fold x^T x into the running mean, computing only the blocks on and above the diagonal (a symmetric
+        product; measured 2.34 -> 1.33 s for 65536 tokens x 1536 channels on 2 cores). `gram` mirrors them."""
+        g = self._gram  # its lower blocks may be stale: `gram` rewrites them from the upper ones
+        g.mul_(self.count / (self.count + n))
+        columns = x.shape[1]
+        width = -(-columns // panels)
+        for i in range(0, columns, width):
+            g[i:i + width, i:].addmm_(x[:, i:i + width].T, x[:, i:], alpha=1.0 / (self.count + n))
+        self._upper_only = True
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -41,13 +61,18 @@ class InputStats:
     def divide_channels(self, s: torch.Tensor) -> None:
         """The statistics of x / s (per channel), after a scale s was folded into the op producing x."""
         s = s.float()
-        self.abs_sum /= s.double()
-        self.abs_max /= s
-        if self.gram is not None:
-            self.gram /= s[:, None] * s[None, :]
+        if self.abs_sum is not None:
+            self.abs_sum /= s.double()
+            self.abs_max /= s
+        if self._gram is not None:
+            self._gram /= s[:, None] * s[None, :]  # the mirrored and the pending blocks alike
 
 
-HessianAccumulator = InputStats  # GPTQ's name for it
+class HessianAccumulator(InputStats):
+    """GPTQ's statistics: the Gram matrix alone."""
+
+    def __init__(self, columns: int):
+        super().__init__(columns, gram=True, channel_stats=False)
 
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

@@ -92,8 +92,8 @@ def test_stage_replay_skips_attention_and_changes_nothing(arch, tiny_models, mon
         original = attention.forward
         calls = []
         monkeypatch.setattr(attention, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-        engine = Engine(loaded, plan, parse_chain("gptq"), calib, batch_size=2, keep_in_memory=True,
-                        progress=False, replay=replay)
+        engine = Engine(loaded, plan, parse_chain("gptq", parse_algo_args(["gptq:true_sequential=true"])), calib,
+                        batch_size=2, keep_in_memory=True, progress=False, replay=replay)
         engine.run()
         monkeypatch.setattr(attention, "forward", original)
         results.append({n: p.detach().clone() for n, p in loaded.model.named_parameters()})
@@ -135,7 +135,7 @@ def test_chain_validation():
     with pytest.raises(LowbitError, match="must come last|quantizers"):
         parse_chain("gptq,rtn")
     assert parse_chain("gptq", parse_algo_args(["gptq:damp=0.05,act_order=false"]))[0].args() == {
-        "block_size": 128, "damp": 0.05, "act_order": False, "true_sequential": True, "clip": True}
+        "block_size": 128, "damp": 0.05, "act_order": False, "true_sequential": False, "clip": True}
     with pytest.raises(LowbitError, match="not in the chain"):
         parse_chain("rtn", parse_algo_args(["gptq:damp=0.05"]))
     with pytest.raises(LowbitError, match="bad options"):

@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration windows, for calibrated algorithms [default: 128]")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration window sampling [default: 0]")
     q.add_argument("--batch-size", "--batch_size", type=int, default=8, help="calibration batch size [default: 8]")
-    q.add_argument("--propagate", choices=["quantized", "float"], default="quantized",
-                   help="next block's calibration inputs: outputs of the quantized block (one more forward per "
-                        "block) or of the float block, taken from the statistics pass [default: quantized]")
+    q.add_argument("--propagate", choices=["quantized", "float"], default="float",
+                   help="next block's calibration inputs: outputs of the float block, taken from the statistics "
+                        "pass, or of the quantized block (one more forward per block; always so for "
+                        "true-sequential GPTQ and static activation ranges) [default: float]")
     _add_data_args(q, "quantize")
     q.add_argument("--eval", action="store_true", help="after quantizing, measure perplexity of the result")
     q.add_argument("--skip-quantization", "--skip_quantization", action="store_true",
@@ -116,7 +117,7 @@ def _recipe_from_args(args):
                        dataset=getattr(args, "dataset", "pydoc"), num_calib_data=getattr(args, "num_calib_data", 128),
                        seq_len=getattr(args, "seq_len", 512), seed=getattr(args, "seed", 0),
                        batch_size=getattr(args, "batch_size", 8), algo_args=getattr(args, "algo_arg", []),
-                       propagate=getattr(args, "propagate", "quantized"))
+                       propagate=getattr(args, "propagate", "float"))
 
 
 def _fmt_size(n: int) -> str:

@@ -107,7 +107,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, plan: dict[str, LayerPlan], chain: list[Algorithm],
                  calibration: torch.Tensor | None = None, sink: Sink | None = None,
                  keep_in_memory: bool = False, batch_size: int = 8, progress: bool = True,
-                 propagate: str = "quantized", replay: bool = True):
+                 propagate: str = "float", replay: bool = True):
         self.loaded, self.plan, self.chain = loaded, plan, chain
         self.quantizer: Quantizer = chain[-1]
         self.transforms = chain[:-1]
@@ -124,8 +124,9 @@ class Engine:
         # "float": the next block's inputs are this block's outputs before quantization, taken from the
         # statistics pass (AutoAWQ's way: one forward per block); "quantized": from an extra pass with the
         # quantized block (GPTQ's way: later blocks see upstream quantization error). Static activation
-        # ranges need the quantized pass.
-        self.float_next = propagate == "float" and not self.static_inputs
+        # ranges need the quantized pass, and so does true-sequential calibration (its passes stop early).
+        stage_passes = self.quantizer.needs_calibration and getattr(self.quantizer, "true_sequential", True)
+        self.float_next = propagate == "float" and not self.static_inputs and not stage_passes
         self.progress = progress
         self.report = EngineReport()
         self.quantized: set[str] = set()  # linears already quantized

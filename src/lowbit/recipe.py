@@ -24,7 +24,7 @@ from .spec import QuantSpec, Scheme, parse_scheme
 
 DEFAULT_EXCLUDE = ("lm_head",)
 DEFAULT_CALIBRATION = {"dataset": "pydoc", "num_samples": 128, "seq_len": 512, "seed": 0, "batch_size": 8,
-                       "propagate": "quantized"}
+                       "propagate": "float"}
 
 
 def matches(pattern: str, name: str) -> bool:

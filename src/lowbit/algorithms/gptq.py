@@ -113,7 +113,7 @@ class GPTQ(Quantizer):
     needs_calibration = True
 
     def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True,
-                 true_sequential: bool = True, clip: bool = True):
+                 true_sequential: bool = False, clip: bool = True):
         self.block_size, self.damp, self.act_order = int(block_size), float(damp), bool(act_order)
         self.true_sequential, self.clip = bool(true_sequential), bool(clip)
         self.hessians: dict[str, HessianAccumulator] = {}

@@ -24,7 +24,7 @@ from .eval import perplexity
 from .export.native import NativeSink, write_metadata
 from .export.output import check_output, staged_output
 from .hf.model import LoadedModel, open_model
-from .recipe import (DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
+from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
                      validate_plan)
 from .spec import parse_scheme
 
@@ -44,7 +44,7 @@ def peak_rss_bytes() -> int:
 def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None = None, algo: str = "rtn",
                 exclude_layers=None, overrides=(), dataset: str = "pydoc", num_calib_data: int = 128,
                 seq_len: int = 512, seed: int = 0, batch_size: int = 8, algo_args=None,
-                propagate: str = "float") -> Recipe:
+                propagate: str = DEFAULT_CALIBRATION["propagate"]) -> Recipe:
     """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head; algo_args a dict
     {algorithm: {option: value}} or 'NAME:KEY=VALUE' strings)."""
     options = algo_args if isinstance(algo_args, dict) else parse_algo_args(algo_args)
@@ -115,7 +115,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     with staging as tmp:
         sink = NativeSink(tmp) if tmp is not None else None
         report = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep, batch_size=cal.get("batch_size", 8),
-                        progress=progress, propagate=cal.get("propagate", "float")).run()
+                        progress=progress, propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"])).run()
         t_quant = time.perf_counter()
         if tmp is not None:
             sink.close()

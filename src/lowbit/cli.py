@@ -9,6 +9,7 @@ import re
 import sys
 
 from .errors import LowbitError
+from .recipe import DEFAULT_CALIBRATION
 
 EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym} (e.g. w_uint4_per_group_asym, "
                   "w_int8_per_channel_sym); with int8 activations: w_int8_a_int8_per_tensor_sym (static, calibrated "
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration windows, for calibrated algorithms [default: 128]")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration window sampling [default: 0]")
     q.add_argument("--batch-size", "--batch_size", type=int, default=8, help="calibration batch size [default: 8]")
-    q.add_argument("--propagate", choices=["quantized", "float"], default="float",
+    q.add_argument("--propagate", choices=["quantized", "float"], default=DEFAULT_CALIBRATION["propagate"],
                    help="next block's calibration inputs: outputs of the float block, taken from the statistics "
                         "pass, or of the quantized block (one more forward per block; always so for "
                         "true-sequential GPTQ and static activation ranges) [default: float]")
@@ -117,7 +118,7 @@ def _recipe_from_args(args):
                        dataset=getattr(args, "dataset", "pydoc"), num_calib_data=getattr(args, "num_calib_data", 128),
                        seq_len=getattr(args, "seq_len", 512), seed=getattr(args, "seed", 0),
                        batch_size=getattr(args, "batch_size", 8), algo_args=getattr(args, "algo_arg", []),
-                       propagate=getattr(args, "propagate", "float"))
+                       propagate=getattr(args, "propagate", DEFAULT_CALIBRATION["propagate"]))
 
 
 def _fmt_size(n: int) -> str:

@@ -20,6 +20,8 @@ class InputStats:
 
     @property
     def gram(self) -> torch.Tensor | None:
+        """The full symmetric mean outer product (its lower blocks rewritten from the upper ones once per read
+        after an add)."""
         if self._upper_only:
             self._gram = torch.triu(self._gram) + torch.triu(self._gram, 1).T
             self._upper_only = False

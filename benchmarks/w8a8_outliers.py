@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lowbit.api import load, make_recipe, quantize  # noqa: E402
+from lowbit.api import evaluate, load, make_recipe, quantize  # noqa: E402
 from lowbit.data import calib_windows, load_text, tokenize  # noqa: E402
 
 SCHEME = "w_int8_a_int8_per_tensor_sym"
@@ -69,9 +69,8 @@ def main() -> None:
     del model
 
     common = dict(scheme=SCHEME, num_calib_data=args.num_calib_data, seq_len=args.seq_len)
-    base = quantize(args.model, recipe=make_recipe(algo="rtn", exclude_layers=["*"], **common),
-                    evaluate_after=True, max_chunks=args.max_chunks, progress=False, quiet=True)
-    float_ppl = base.summary["perplexity"]["perplexity"]
+    float_ppl = evaluate(args.model, dataset="pydoc", seq_len=args.seq_len, max_chunks=args.max_chunks,
+                         progress=False)["perplexity"]
     print(f"\n{SCHEME}, smoothquant,rtn; perplexity on {args.max_chunks} evaluation windows: float {float_ppl:.3f}")
     for alpha in (float(a) for a in args.alphas.split(",")):
         for kept in ((), *kept_sets):

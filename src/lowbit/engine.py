@@ -125,8 +125,9 @@ class Engine:
         # statistics pass (AutoAWQ's way: one forward per block); "quantized": from an extra pass with the
         # quantized block (GPTQ's way: later blocks see upstream quantization error). Static activation
         # ranges need the quantized pass, and so does true-sequential calibration (its passes stop early).
-        stage_passes = self.quantizer.needs_calibration and getattr(self.quantizer, "true_sequential", True)
-        self.float_next = propagate == "float" and not self.static_inputs and not stage_passes
+        # whether the quantizer calibrates stage by stage (true-sequential GPTQ) rather than on one pass
+        self.stage_passes = self.quantizer.needs_calibration and getattr(self.quantizer, "true_sequential", True)
+        self.float_next = propagate == "float" and not self.static_inputs and not self.stage_passes
         self.progress = progress
         self.report = EngineReport()
         self.quantized: set[str] = set()  # linears already quantized
@@ -334,15 +335,15 @@ class Engine:
         self._observe_pass(block, inputs, hooks, keep_outputs=self.float_next and stop_at is None)
 
     def _calibrate_and_quantize(self, block: nn.Module, linears, stages, inputs, stats_by_stage=None) -> None:
-        """Calibrated quantization of a block. True-sequential (the default): stage by stage, each stage's
-        inputs computed with the earlier stages already quantized; otherwise one pass for all stages, or
-        none when the quantizer can use the statistics a transform already gathered (`stats_by_stage`).
+        """Calibrated quantization of a block: one pass for all stages (the default), or none when the
+        quantizer can use the statistics a transform already gathered (`stats_by_stage`); true-sequential:
+        stage by stage, each stage's inputs computed with the earlier stages already quantized.
         A stage whose module can be replayed keeps its inputs, and later passes replay its module from them."""
         if stats_by_stage and all(self.quantizer.take_stats(tuple(st), stats_by_stage[tuple(st)]) for st in stages):
             for stage in stages:  # one pass of the transforms' statistics serves the quantizer too
                 self._quantize_stage(stage, linears)
             return
-        if not getattr(self.quantizer, "true_sequential", True):
+        if not self.stage_passes:
             self._observe(block, stages, linears, inputs)
             for stage in stages:
                 self._quantize_stage(stage, linears)
@@ -403,13 +404,12 @@ class Engine:
         folded into the block (statistics divided alike, so no second pass), then its clipping factors.
         Returns the statistics of the transformed block's stage inputs."""
         folds = self._fold_map(block, prefix, stages, inputs)
-        gram = any(t.needs_gram for t in self.transforms) or (
-            self.quantizer.needs_calibration and not getattr(self.quantizer, "true_sequential", True))
+        one_pass_quantizer = self.quantizer.needs_calibration and not self.stage_passes  # may take these stats
+        gram = one_pass_quantizer or any(t.needs_gram for t in self.transforms)
         stats = {tuple(st): InputStats(linears[st[0]].in_features, gram=gram) for st in stages}
         hooks = [linears[st[0]].register_forward_pre_hook(lambda m, a, key=tuple(st): stats[key].add(a[0]))
                  for st in stages]
-        quantizer_passes = self.quantizer.needs_calibration and getattr(self.quantizer, "true_sequential", True)
-        self._observe_pass(block, inputs, hooks, keep_outputs=self.float_next and not quantizer_passes)
+        self._observe_pass(block, inputs, hooks, keep_outputs=self.float_next)  # never with stage passes
         for t in self.transforms:
             for st in map(tuple, stages):
                 fold = folds[st]

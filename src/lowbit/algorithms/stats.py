@@ -9,7 +9,7 @@ import torch
 class InputStats:
     """Running statistics of the rows x_t (tokens) of an input with `columns` channels:
     gram = mean_t x_t x_t^T (float32; only when `gram=True`), abs_mean = mean_t |x_t|, abs_max = max_t |x_t|
-    (only when `channel_stats=True`: GPTQ needs the Gram alone, and skipping them saves ~1 s per demo block)."""
+    (only when `channel_stats=True`: GPTQ needs the Gram alone, and they cost passes over every token)."""
 
     def __init__(self, columns: int, gram: bool = True, channel_stats: bool = True):
         self._gram = torch.zeros(columns, columns, dtype=torch.float32) if gram else None
@@ -42,7 +42,7 @@ class InputStats:
 
     def _add_upper_gram(self, x: torch.Tensor, n: int, panels: int = 4) -> None:
         """Fold x^T x into the running mean, computing only the blocks on and above the diagonal (a symmetric
-        product; measured 2.34 -> 1.33 s for 65536 tokens x 1536 channels on 2 cores). `gram` mirrors them."""
+        product: ~0.6x the time of the full one; benchmarks/gptq_lower_bound.py). `gram` mirrors them."""
         g = self._gram  # its lower blocks may be stale: `gram` rewrites them from the upper ones
         g.mul_(self.count / (self.count + n))
         columns = x.shape[1]

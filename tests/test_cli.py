@@ -125,8 +125,9 @@ def test_bad_models(case, capsys, tiny_models, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,message", [
     (["--scheme", "w_uint4_per_grp_asym"], "unknown scheme"),
     (["--scheme", "w_uint4_per_group_asym", "--group-size", "256"], "larger than"),
-    (["--scheme", "w_mxfp4"], "not implemented"),
-    (["--scheme", "w_mxfp4_a_mxfp4"], "not implemented"),
+    (["--scheme", "w_mxfp4", "--override", "*:scale_rule=round"], "unknown scale rule"),
+    (["--scheme", "w_mxfp4", "--override", "*:symmetric=false"], "symmetric"),
+    (["--scheme", "w_fp8_a_fp8", "--kv-cache-dtype", "fp8", "--exclude-layers", "*k_proj"], "is excluded"),
     (["--scheme", "w_uint4_per_group_asym", "--algo", "awk"], "unknown algorithm"),
     (["--scheme", "w_uint4_per_group_asym", "--algo", "awq,smoothquant"], "two per-channel scaling"),
     (["--scheme", "w_uint4_per_group_asym", "--algo", "gptq,awq"], "must come last"),

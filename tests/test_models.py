@@ -99,7 +99,10 @@ def test_overrides_are_applied(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("scheme,gs", [("w_int4_per_group_sym", 16), ("w_int8_per_tensor_sym", None),
                                        ("w_uint3_per_group_asym", 48), ("w_uint2_per_group_asym", 32),
-                                       ("w_int6_per_channel_sym", None)])
+                                       ("w_int6_per_channel_sym", None), ("w_fp8", None), ("w_mxfp4", None),
+                                       ("w_mxfp6_e2m3", None), ("w_mxint8", None), ("w_mx6", None),
+                                       ("w_bfp16", None), ("w_nvfp4", None), ("w_mxfp4_a_mxfp4", None),
+                                       ("w_fp4_a_fp4_scale_fp8", None), ("w_mx9_a_mx9", None)])
 def test_schemes_round_trip(scheme, gs, tiny_models, ids, tmp_path):
     out = tmp_path / "q"
     result = quantize(tiny_models["mistral"], out, scheme=scheme, group_size=gs, keep_in_memory=True,
@@ -167,3 +170,29 @@ def test_gptq_end_to_end(arch, tiny_models, ids, tmp_path, text_file):
     assert summary["algorithms"] == ["gptq"] and len(summary["calibration_sha256"]) == 64
     recipe = (out / "recipe.yaml").read_text()
     assert "gptq" in recipe and "act_order: true" in recipe
+
+
+@pytest.mark.parametrize("algo", ["rtn", "smoothquant,gptq"])
+def test_fp8_activations_and_kv_cache_round_trip(algo, tiny_models, ids, tmp_path):
+    """w_fp8_a_fp8 with an FP8 KV cache: static input and K / V output scales are calibrated, stored and
+    applied again on reload; the K / V projections' outputs are FP8 values times their scale."""
+    out = tmp_path / "q"
+    result = quantize(tiny_models["llama"], out, scheme="w_fp8_a_fp8", algo=algo, kv_cache_dtype="fp8",
+                      num_calib_data=4, seq_len=64, keep_in_memory=True, progress=False, quiet=True)
+    reloaded, _ = load(out)
+    assert torch.equal(logits(result.model, ids), logits(reloaded, ids))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert sorted(qc["outputs"]) == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"]
+    assert len(qc["inputs"]) == len(qc["modules"])
+    from safetensors.torch import load_file
+
+    tensors = load_file(next(out.glob("*.safetensors")))
+    k_scale = tensors["model.layers.0.self_attn.k_proj.output_scale"]
+    seen = {}
+    k_proj = reloaded.model.layers[0].self_attn.k_proj
+    handle = k_proj.register_forward_hook(lambda m, a, o: seen.setdefault("k", o))
+    reloaded(input_ids=ids)
+    handle.remove()
+    k = seen["k"] / k_scale  # on the FP8 grid, up to the float32 rounding of (v * scale) / scale
+    assert torch.allclose(k, k.to(torch.float8_e4m3fn).float(), rtol=1e-6, atol=0)
+    assert not torch.allclose(k, k.round(), rtol=1e-3)  # FP8, not integers

@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 
 from lowbit.errors import LowbitError
-from lowbit.recipe import Override, Recipe, format_plan, matches, resolve_plan, validate_plan
-from lowbit.spec import parse_scheme
+from lowbit.recipe import Override, Recipe, format_plan, has_static_inputs, matches, resolve_plan, validate_plan
+from lowbit.spec import parse_scheme, parse_kv_cache_dtype
 
 LINEARS = {
     "model.layers.0.self_attn.q_proj": (64, 64),
@@ -83,13 +83,24 @@ def test_validation_group_larger_than_layer():
         validate_plan(resolve_plan(r, LINEARS), r.scheme)
 
 
-def test_validation_refuses_unimplemented_formats():
-    r = recipe("w_mxfp4", None)
-    with pytest.raises(LowbitError, match="not implemented"):
-        validate_plan(resolve_plan(r, LINEARS), r.scheme)
+def test_float_formats_plan_and_kv_cache():
     r = recipe("w_mxfp4_a_mxfp4", None)
-    with pytest.raises(LowbitError, match="activations|not implemented"):
-        validate_plan(resolve_plan(r, LINEARS), r.scheme)
+    plan = resolve_plan(r, LINEARS)
+    validate_plan(plan, r.scheme)
+    assert plan["model.layers.0.mlp.down_proj"].input_spec.dynamic
+    kv = {**LINEARS, "model.layers.0.self_attn.k_proj": (32, 64), "model.layers.0.self_attn.v_proj": (32, 64)}
+    r = recipe("w_fp8_a_fp8", None, kv_cache=parse_kv_cache_dtype("fp8"))
+    plan = resolve_plan(r, kv)
+    assert [n for n, lp in plan.items() if lp.output_spec is not None] == [
+        "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    assert has_static_inputs(plan) and Recipe.from_dict(r.to_dict()).kv_cache == r.kv_cache
+    with pytest.raises(LowbitError, match="separate k_proj and v_proj"):
+        resolve_plan(r, LINEARS)
+    with pytest.raises(LowbitError, match="unknown KV-cache dtype"):
+        parse_kv_cache_dtype("int3")
+
+
+def test_validation_of_activation_specs():
     r = recipe("w_int8_a_int8_per_tensor_sym", None)  # integer activations are implemented
     plan = resolve_plan(r, LINEARS)
     validate_plan(plan, r.scheme)

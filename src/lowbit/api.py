@@ -26,7 +26,7 @@ from .export.output import check_output, staged_output
 from .hf.model import LoadedModel, open_model
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
                      validate_plan)
-from .spec import parse_scheme
+from .spec import parse_kv_cache_dtype, parse_scheme
 
 EVAL_DTYPE = torch.float32  # perplexity is computed in float32 unless asked otherwise
 
@@ -44,7 +44,7 @@ def peak_rss_bytes() -> int:
 def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None = None, algo: str = "rtn",
                 exclude_layers=None, overrides=(), dataset: str = "pydoc", num_calib_data: int = 128,
                 seq_len: int = 512, seed: int = 0, batch_size: int = 8, algo_args=None,
-                propagate: str = DEFAULT_CALIBRATION["propagate"]) -> Recipe:
+                propagate: str = DEFAULT_CALIBRATION["propagate"], kv_cache_dtype: str | None = None) -> Recipe:
     """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head; algo_args a dict
     {algorithm: {option: value}} or 'NAME:KEY=VALUE' strings)."""
     options = algo_args if isinstance(algo_args, dict) else parse_algo_args(algo_args)
@@ -56,6 +56,7 @@ def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None =
         algorithms=tuple(AlgoStep(a.name, tuple(a.args().items())) for a in chain),
         calibration={"dataset": dataset, "num_samples": num_calib_data, "seq_len": seq_len, "seed": seed,
                      "batch_size": batch_size, "propagate": propagate},
+        kv_cache=parse_kv_cache_dtype(kv_cache_dtype),
     )
 
 
@@ -120,7 +121,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
         if tmp is not None:
             sink.close()
             write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.source_dtype, untie=tied_lm_head,
-                           input_specs=sink.input_specs)
+                           input_specs=sink.input_specs, output_specs=sink.output_specs)
             recipe.save(tmp / "recipe.yaml")
         summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
         if evaluate_after:

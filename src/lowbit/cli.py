@@ -13,8 +13,9 @@ from .recipe import DEFAULT_CALIBRATION
 
 EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym} (e.g. w_uint4_per_group_asym, "
                   "w_int8_per_channel_sym); with int8 activations: w_int8_a_int8_per_tensor_sym (static, calibrated "
-                  "range), w_int8_a_int8_per_token_dynamic; float and MX names (w_fp8_a_fp8, w_mxfp4, ...) are "
-                  "recognised but not implemented yet.")
+                  "range), w_int8_a_int8_per_token_dynamic; FP8: w_fp8, w_fp8_a_fp8 (static per-tensor); OCP MX: "
+                  "w_mxfp8, w_mxfp6_e3m2, w_mxfp6_e2m3, w_mxfp4, w_mxint8 (and _a_ variants); block floating point: "
+                  "w_bfp16, w_mx6, w_mx9; FP4 with FP8 scales: w_nvfp4, w_fp4_scale_fp8 (and _a_ variants).")
 
 
 def _add_data_args(p, purpose: str) -> None:
@@ -39,7 +40,10 @@ def _add_recipe_args(p, required: bool) -> None:
                         "give the flag with no pattern to quantize every linear, lm_head included")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN:KEY=VALUE[,KEY=VALUE]",
                    help="per-layer change to the scheme, e.g. 'down_proj:bits=8' or 'lm_head:group_size=32' or "
-                        "'lm_head:scheme=w_int8_per_channel_sym'; repeatable, later ones win")
+                        "'lm_head:scheme=w_int8_per_channel_sym' or '*:scale_rule=floor'; repeatable, later ones win")
+    p.add_argument("--kv-cache-dtype", "--kv_cache_dtype", default=None, choices=["fp8", "auto"],
+                   help="quantize the KV cache: fp8 = the K and V projections' outputs in FP8 E4M3 with static "
+                        "per-tensor scales from calibration [default: not quantized]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +122,8 @@ def _recipe_from_args(args):
                        dataset=getattr(args, "dataset", "pydoc"), num_calib_data=getattr(args, "num_calib_data", 128),
                        seq_len=getattr(args, "seq_len", 512), seed=getattr(args, "seed", 0),
                        batch_size=getattr(args, "batch_size", 8), algo_args=getattr(args, "algo_arg", []),
-                       propagate=getattr(args, "propagate", DEFAULT_CALIBRATION["propagate"]))
+                       propagate=getattr(args, "propagate", DEFAULT_CALIBRATION["propagate"]),
+                       kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _fmt_size(n: int) -> str:

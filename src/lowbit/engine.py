@@ -25,8 +25,8 @@ from .algorithms import Algorithm, InputStats, Quantizer
 from .arch import block_of, set_module_tensor
 from .arch.folding import Fold, divide_output, find_folds, multiply_inputs
 from .errors import LowbitError
-from .formats import IntQuantized, activation_qparams
-from .hf.actquant import attach_input_quant
+from .formats import Quantized, activation_qparams
+from .hf.actquant import attach_input_quant, attach_output_quant
 from .hf.model import LoadedModel
 from .recipe import LayerPlan, has_static_inputs
 
@@ -94,11 +94,14 @@ class Sink:
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         pass
 
-    def add_quantized(self, module_name: str, qt: IntQuantized, bias: torch.Tensor | None) -> None:
+    def add_quantized(self, module_name: str, qt: Quantized, bias: torch.Tensor | None) -> None:
         pass
 
     def add_input_quant(self, module_name: str, spec, params: torch.Tensor | None) -> None:
         """A linear's input quantization: its spec and, when static, its calibrated parameters."""
+
+    def add_output_quant(self, module_name: str, spec, params: torch.Tensor) -> None:
+        """A linear's output quantization (KV cache): its spec and calibrated parameters."""
 
 
 class Engine:
@@ -136,6 +139,7 @@ class Engine:
         self._folds: dict[tuple, dict] = {}  # fold map per block structure (block-relative stage names)
         self._outputs_ready = False  # whether a pass already replaced the block's inputs by its outputs
         self._ranges: dict[str, list[float]] = {}  # calibrated input range per linear (static activations)
+        self._out_ranges: dict[str, list[float]] = {}  # calibrated output range per K / V projection (KV cache)
         self.replay = replay  # whether finished stages may be replayed from cached inputs (see _find_replays)
         self._replay_of: dict[str, tuple] = {}  # this block's stage linear -> (module to replay, tuple length)
         self._replays: dict[str, tuple] = {}  # module -> (its final linear, that linear's inputs per chunk, length)
@@ -454,18 +458,21 @@ class Engine:
 
     # -- activation quantization ----------------------------------------------------------------------
     def _input_range_hooks(self, linears: dict[str, nn.Module]) -> list:
-        """Hooks recording the input range of each linear with static input quantization (in the pass that
-        computes the block's outputs with its quantized weights)."""
-        self._ranges = {}
+        """Hooks recording the input range of each linear with static input quantization, and the output range
+        of each K / V projection under a KV-cache dtype (in the pass that computes the block's outputs with
+        its quantized weights)."""
+        self._ranges, self._out_ranges = {}, {}
 
-        def record(name, x):
+        def record(ranges, name, x):
             lo, hi = x.min().item(), x.max().item()
-            r = self._ranges.setdefault(name, [lo, hi])
+            r = ranges.setdefault(name, [lo, hi])
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
 
-        return [m.register_forward_pre_hook(lambda m, a, n=n: record(n, a[0]))
-                for n, m in linears.items()
-                if self.plan[n].input_spec is not None and not self.plan[n].input_spec.dynamic]
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: record(self._ranges, n, a[0]))
+                 for n, m in linears.items()
+                 if self.plan[n].input_spec is not None and not self.plan[n].input_spec.dynamic]
+        return hooks + [m.register_forward_hook(lambda m, a, out, n=n: record(self._out_ranges, n, out))
+                        for n, m in linears.items() if self.plan[n].output_spec is not None]
 
     def _attach_input_quant(self, linears: dict[str, nn.Module]) -> None:
         """Fake-quantize the inputs of the block's linears from now on and tell the sink."""
@@ -479,6 +486,12 @@ class Engine:
                 params = activation_qparams(lo, hi, spec)
             attach_input_quant(module, spec, params)
             self.sink.add_input_quant(name, spec, params)
+        for name, module in linears.items():
+            spec = self.plan[name].output_spec
+            if spec is not None:
+                params = activation_qparams(*self._out_ranges.get(name, (0.0, 0.0)), spec)
+                attach_output_quant(module, spec, params)
+                self.sink.add_output_quant(name, spec, params)
 
     # -- quantization and output --------------------------------------------------------------------
     def _quantize_stage(self, names: list[str], linears: dict[str, nn.Module]) -> None:
@@ -492,7 +505,7 @@ class Engine:
         self._record(name, module, self.quantizer.quantize(name, module.weight.detach(), self.plan[name].spec,
                                                            self.clips.get(name)))
 
-    def _record(self, name: str, module: nn.Linear, qt: IntQuantized) -> None:
+    def _record(self, name: str, module: nn.Linear, qt: Quantized) -> None:
         """Put a quantized weight into the model (fake-quant), report its error and send it to the sink."""
         lp = self.plan[name]
         weight = module.weight.detach()

@@ -23,6 +23,7 @@ from .errors import LowbitError
 from .spec import QuantSpec, Scheme, parse_scheme
 
 DEFAULT_EXCLUDE = ("lm_head",)
+KV_PROJECTIONS = ("k_proj", "v_proj")  # linears whose outputs are the KV cache
 DEFAULT_CALIBRATION = {"dataset": "pydoc", "num_samples": 128, "seq_len": 512, "seed": 0, "batch_size": 8,
                        "propagate": "float"}
 
@@ -121,6 +122,7 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     algorithms: tuple[AlgoStep, ...] = (AlgoStep("rtn"),)
     calibration: dict = field(default_factory=lambda: dict(DEFAULT_CALIBRATION))
+    kv_cache: QuantSpec | None = None  # the K / V projections' outputs (--kv-cache-dtype)
 
     def to_dict(self) -> dict:
         return {
@@ -129,6 +131,7 @@ class Recipe:
             "overrides": [o.to_text() for o in self.overrides],
             "algorithms": [{"name": a.name, **a.kwargs()} for a in self.algorithms],
             "calibration": dict(self.calibration),
+            "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
         }
 
     @classmethod
@@ -139,7 +142,8 @@ class Recipe:
                    exclude=tuple(data.get("exclude", DEFAULT_EXCLUDE)),
                    overrides=tuple(Override.parse(t) for t in data.get("overrides", [])),
                    algorithms=algos,
-                   calibration={**DEFAULT_CALIBRATION, **data.get("calibration", {})})
+                   calibration={**DEFAULT_CALIBRATION, **data.get("calibration", {})},
+                   kv_cache=QuantSpec.from_dict(data["kv_cache"]) if data.get("kv_cache") else None)
 
     def save(self, path: Path) -> None:
         path = Path(path)
@@ -161,6 +165,7 @@ class LayerPlan:
     spec: QuantSpec | None
     reason: str
     input_spec: QuantSpec | None = None  # the input activations' quantization (W+A schemes)
+    output_spec: QuantSpec | None = None  # the outputs' quantization (K and V projections under a KV-cache dtype)
 
 
 def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[str, LayerPlan]:
@@ -178,16 +183,22 @@ def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[st
         exact = [o for o in recipe.overrides if o.pattern == name]
         for o in [o for o in recipe.overrides if o.pattern != name and matches(o.pattern, name)] + exact:
             spec, reason = o.apply(spec), f"override {o.pattern}"
-        plan[name] = LayerPlan(name, shape, spec, reason, recipe.scheme.input)
+        kv = recipe.kv_cache if name.endswith(KV_PROJECTIONS) else None
+        plan[name] = LayerPlan(name, shape, spec, reason, recipe.scheme.input, kv)
+    if recipe.kv_cache is not None:
+        kv_names = [n for n in linears if n.endswith(KV_PROJECTIONS)]
+        if not kv_names:
+            raise LowbitError("--kv-cache-dtype needs separate k_proj and v_proj linears, and this model has none "
+                              "(a fused qkv projection is not supported yet); drop --kv-cache-dtype")
+        excluded = [n for n in kv_names if plan[n].spec is None]
+        if excluded:
+            raise LowbitError(f"--kv-cache-dtype quantizes the outputs of k_proj / v_proj, but {excluded[0]} is "
+                              f"excluded; quantize it (drop it from --exclude-layers) or drop --kv-cache-dtype")
     return plan
 
 
-def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme, implemented_kinds=("int",)) -> None:
-    """Refuse, before any work, what this plan cannot do: formats not implemented, groups larger than a layer."""
-    if scheme.input is not None and (scheme.input.kind not in implemented_kinds or scheme.input.scale_dtype != "float32"):
-        raise LowbitError(f"scheme {scheme.name!r} quantizes activations to {scheme.input.short_name}, which is "
-                          f"described but not implemented yet; use w_int8_a_int8_per_tensor_sym or "
-                          f"w_int8_a_int8_per_token_dynamic")
+def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme) -> None:
+    """Refuse, before any work, what this plan cannot do: per-token weights, groups larger than a layer."""
     for lp in plan.values():
         spec = lp.spec
         if spec is None:
@@ -195,9 +206,6 @@ def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme, implemented_kinds=
         if spec.granularity == "token":
             raise LowbitError(f"{lp.name}: per-token granularity is for activations; give weights tensor, channel "
                               f"or group granularity")
-        if spec.kind not in implemented_kinds or spec.scale_dtype != "float32":
-            raise LowbitError(f"{lp.name}: the {spec.short_name} format is described but not implemented yet; "
-                              f"use an integer scheme (w_uint4_per_group_asym, w_int8_per_channel_sym, ...)")
         if spec.granularity == "group" and spec.group_size > lp.shape[1]:
             raise LowbitError(f"group size {spec.group_size} is larger than {lp.name}'s {lp.shape[1]} input features; "
                               f"use --group-size <= {lp.shape[1]} or an override such as "
@@ -205,8 +213,8 @@ def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme, implemented_kinds=
 
 
 def has_static_inputs(plan: dict[str, LayerPlan]) -> bool:
-    """Whether some quantized linear's input activations need a calibrated (static) range."""
-    return any(lp.spec is not None and lp.input_spec is not None and not lp.input_spec.dynamic
+    """Whether some quantized linear's input activations, or its outputs (KV cache), need a calibrated range."""
+    return any(lp.spec is not None and any(a is not None and not a.dynamic for a in (lp.input_spec, lp.output_spec))
                for lp in plan.values())
 
 
@@ -217,6 +225,8 @@ def format_plan(plan: dict[str, LayerPlan]) -> str:
         label = lp.spec.short_name if lp.spec else "float (not quantized)"
         if lp.spec and lp.input_spec:
             label += f", inputs {lp.input_spec.short_name}{'' if lp.input_spec.dynamic else ' static'}"
+        if lp.spec and lp.output_spec:
+            label += f", outputs (KV cache) {lp.output_spec.short_name} static"
         key = (re.sub(r"\.\d+\.", ".*.", lp.name), label)
         rows.setdefault(key, []).append(lp.name)
     width = max((len(k[0]) for k in rows), default=10)

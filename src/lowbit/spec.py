@@ -14,6 +14,7 @@ from .errors import LowbitError
 
 GRANULARITIES = ("tensor", "channel", "group", "token")  # token: activations only, one scale per row
 SCALE_DTYPES = ("float32", "e8m0", "fp8_e4m3")
+SCALE_RULES = ("floor", "even", "ceil")  # how an E8M0 shared exponent is chosen (formats.scaled)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class QuantSpec:
     scale_dtype: str = "float32"
     tensor_scale: bool = False
     dynamic: bool = False
+    fnuz: bool = False  # FP8 elements in the FNUZ variant (E4M3FNUZ / E5M2FNUZ, as MI300 computes)
+    # E8M0 scales: even (Quark's default; the best of the three on the demo model), floor (OCP MX v1.0's
+    # example rule) or ceil (never saturates); every rule gives valid MX data, decoders do not care
+    scale_rule: str = "even"
+    subblock_size: int = 0  # block floating point with shared microexponents (MX6/MX9): 1-bit shift per sub-block
 
     def __post_init__(self):
         if self.kind not in ("int", "float", "bfp"):
@@ -51,10 +57,31 @@ class QuantSpec:
             raise LowbitError(f"per-group quantization needs a positive group size, got {self.group_size}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise LowbitError(f"unknown scale dtype {self.scale_dtype!r}; use one of {', '.join(SCALE_DTYPES)}")
+        if self.scale_rule not in SCALE_RULES:
+            raise LowbitError(f"unknown scale rule {self.scale_rule!r}; use one of {', '.join(SCALE_RULES)}")
+        if self.kind == "float" and (self.exponent_bits is None or self.mantissa_bits is None
+                                     or 1 + self.exponent_bits + self.mantissa_bits != self.bits):
+            raise LowbitError(f"a float spec needs exponent_bits + mantissa_bits + 1 = bits, got "
+                              f"{self.exponent_bits} + {self.mantissa_bits} + 1 vs {self.bits}")
+        if self.kind != "int" and not self.symmetric:
+            raise LowbitError(f"{self.kind} quantization is symmetric (no zero point); drop the asym setting")
+        if self.subblock_size and (self.kind != "bfp" or self.granularity != "group"
+                                   or self.group_size % self.subblock_size):
+            raise LowbitError(f"sub-blocks (shared microexponents) need a bfp spec whose group size is a multiple "
+                              f"of {self.subblock_size}")
+        if self.tensor_scale and self.scale_dtype != "fp8_e4m3":
+            raise LowbitError("a per-tensor second-level scale goes with fp8_e4m3 block scales (NVFP4-style)")
 
     # -- integer ranges -------------------------------------------------------------------------
     @property
+    def plain_int(self) -> bool:
+        """Integer codes with float32 scales (and zero points): formats.integer's domain."""
+        return self.kind == "int" and self.scale_dtype == "float32"
+
+    @property
     def qmin(self) -> int:
+        if self.kind == "bfp" or (self.kind == "int" and self.scale_dtype != "float32"):
+            return -self.qmax  # sign-magnitude style: symmetric range (MXINT8, block floating point)
         return -(1 << (self.bits - 1)) if self.signed else 0
 
     @property
@@ -68,7 +95,7 @@ class QuantSpec:
             return rows, cols
         if self.granularity in ("channel", "token"):
             return 1, cols
-        return 1, self.group_size
+        return 1, self.subblock_size or self.group_size  # MX6/MX9: each sub-block has its own (shifted) step
 
     @property
     def short_name(self) -> str:
@@ -82,10 +109,14 @@ class QuantSpec:
         gran = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token"}.get(
             self.granularity, f"g{self.group_size}")
         parts = [elem, gran]
-        if self.kind == "int":
+        if self.kind == "int" and self.scale_dtype == "float32":
             parts.append("sym" if self.symmetric else "asym")
+        if self.fnuz:
+            parts.append("fnuz")
         if self.scale_dtype != "float32":
-            parts.append(f"scale {self.scale_dtype}")
+            parts.append(f"scale {self.scale_dtype}" + (f" ({self.scale_rule})" if self.scale_dtype == "e8m0" else ""))
+        if self.tensor_scale:
+            parts.append("+ tensor scale")
         if self.dynamic:
             parts.append("dynamic")
         return " ".join(parts)
@@ -131,7 +162,7 @@ def _mx(bits, e, m):
 
 
 _FP8 = dict(granularity="tensor", group_size=None)
-# Non-integer weight formats by their Quark names (implemented in a later release; described here).
+# Non-integer weight formats by their Quark names (formats.minifloat and formats.scaled implement them).
 _FLOAT_WEIGHTS = {
     "fp8": _fp(8, 4, 3, **_FP8),
     "mxfp8": _mx(8, 4, 3),
@@ -140,20 +171,25 @@ _FLOAT_WEIGHTS = {
     "mxfp4": _mx(4, 2, 1),
     "mxint8": QuantSpec(kind="int", bits=8, signed=True, symmetric=True, granularity="group", group_size=32,
                         scale_dtype="e8m0"),
-    "mx6": QuantSpec(kind="bfp", bits=6, signed=True, symmetric=True, granularity="group", group_size=16,
-                     scale_dtype="e8m0"),
-    "mx9": QuantSpec(kind="bfp", bits=9, signed=True, symmetric=True, granularity="group", group_size=16,
-                     scale_dtype="e8m0"),
+    # AMD's shared-microexponent formats as Quark 0.13 computes them: sign + 4 (MX6) or 7 (MX9) magnitude
+    # bits, one 8-bit exponent per 16, a 1-bit shift per pair
+    "mx6": QuantSpec(kind="bfp", bits=5, signed=True, symmetric=True, granularity="group", group_size=16,
+                     scale_dtype="e8m0", subblock_size=2),
+    "mx9": QuantSpec(kind="bfp", bits=8, signed=True, symmetric=True, granularity="group", group_size=16,
+                     scale_dtype="e8m0", subblock_size=2),
     "bfp16": QuantSpec(kind="bfp", bits=8, signed=True, symmetric=True, granularity="group", group_size=8,
                        scale_dtype="e8m0"),
     "fp4_scale_fp8": _fp(4, 2, 1, granularity="group", group_size=16, scale_dtype="fp8_e4m3", tensor_scale=True),
 }
+_FLOAT_WEIGHTS["nvfp4"] = _FLOAT_WEIGHTS["fp4_scale_fp8"]
 _FLOAT_NAMES = {
     "w_fp8_a_fp8": ("fp8", "fp8"), "w_mxfp8": ("mxfp8", None), "w_mxfp8_a_mxfp8": ("mxfp8", "mxfp8"),
     "w_mxfp4": ("mxfp4", None), "w_mxfp4_a_mxfp4": ("mxfp4", "mxfp4"), "w_mxfp6_e3m2": ("mxfp6_e3m2", None),
     "w_mxfp6_e2m3": ("mxfp6_e2m3", None), "w_mxint8": ("mxint8", None), "w_mx6": ("mx6", None),
     "w_mx6_a_mx6": ("mx6", "mx6"), "w_bfp16": ("bfp16", None), "w_bfp16_a_bfp16": ("bfp16", "bfp16"),
     "w_fp4_scale_fp8": ("fp4_scale_fp8", None), "w_fp4_a_fp4_scale_fp8": ("fp4_scale_fp8", "fp4_scale_fp8"),
+    "w_fp8": ("fp8", None), "w_mx9": ("mx9", None), "w_mx9_a_mx9": ("mx9", "mx9"),
+    "w_nvfp4": ("nvfp4", None), "w_nvfp4_a_nvfp4": ("nvfp4", "nvfp4"),
 }
 
 _INT_RE = re.compile(
@@ -168,6 +204,20 @@ _INT8 = QuantSpec(kind="int", bits=8, signed=True, symmetric=True, granularity="
 _DYNAMIC_NAMES = {
     "w_int8_a_int8_per_token_dynamic": (_INT8, _INT8.with_changes(granularity="token", dynamic=True)),
 }
+
+
+KV_CACHE_DTYPES = {"fp8": _fp(8, 4, 3, **_FP8), "fp8_e4m3": _fp(8, 4, 3, **_FP8)}
+
+
+def parse_kv_cache_dtype(name: str | None) -> QuantSpec | None:
+    """The spec of the K and V projections' outputs for --kv-cache-dtype (static per-tensor FP8 E4M3, as
+    Quark's --kv_cache_dtype fp8); None for no KV-cache quantization."""
+    if name is None or str(name).lower() in ("", "none", "auto"):
+        return None
+    spec = KV_CACHE_DTYPES.get(str(name).lower())
+    if spec is None:
+        raise LowbitError(f"unknown KV-cache dtype {name!r}; use fp8 (E4M3, static per-tensor scales)")
+    return spec
 
 
 def scheme_names() -> list[str]:
@@ -202,7 +252,9 @@ def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
         wspec = _FLOAT_WEIGHTS[w]
         if group_size is not None and wspec.granularity == "group":
             wspec = wspec.with_changes(group_size=group_size)
-        aspec = _FLOAT_WEIGHTS[a].with_changes(dynamic=True) if a else None
+        # FP8 activations are static per tensor (a calibrated scale, as Quark's w_fp8_a_fp8); block formats
+        # compute their block scales from the activations themselves at run time
+        aspec = _FLOAT_WEIGHTS[a].with_changes(dynamic=_FLOAT_WEIGHTS[a].granularity != "tensor") if a else None
         return Scheme(key, wspec, aspec)
     m = _INT_RE.match(key)
     if not m:

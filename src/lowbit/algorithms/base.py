@@ -11,7 +11,7 @@ import torch
 
 from ..errors import LowbitError
 from ..recipe import split_assignments
-from ..formats import IntQuantized
+from ..formats import Quantized
 from ..spec import QuantSpec
 
 
@@ -63,13 +63,13 @@ class Quantizer(Algorithm):
         Gram matrix), instead of observing the inputs again; False when this quantizer cannot use them."""
         return False
 
-    def quantize(self, name: str, weight, spec: QuantSpec, clip=None) -> IntQuantized:
+    def quantize(self, name: str, weight, spec: QuantSpec, clip=None) -> Quantized:
         """Codes and scales of one weight; `clip` (shaped like the scales, in (0, 1]) shrinks each block's
         range, as chosen by a clipping search."""
         raise NotImplementedError
 
     def quantize_group(self, names: tuple[str, ...], weights: list, specs: list[QuantSpec],
-                       clips: list | None = None) -> list[IntQuantized]:
+                       clips: list | None = None) -> list[Quantized]:
         """Quantize linears that share an input; by default one at a time."""
         clips = clips or [None] * len(names)
         return [self.quantize(n, w, s, c) for n, w, s, c in zip(names, weights, specs, clips)]

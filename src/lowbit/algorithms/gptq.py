@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import IntQuantized, compute_qparams, quantize
+from ..formats import Quantized, compute_qparams, grid_round, quantize, tensor_scale, values_to_codes
 from ..spec import QuantSpec
 from .awq import search_clip
 from .base import Quantizer, register
@@ -44,7 +44,7 @@ def _per_column(params: torch.Tensor, group_of_col: torch.Tensor, rows: int) -> 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = True,
-                  clip: torch.Tensor | None = None) -> tuple[IntQuantized, float]:
+                  clip: torch.Tensor | None = None) -> tuple[Quantized, float]:
     """GPTQ of weight (N, K) with input Hessian H (K, K); `clip` shrinks each block's range (as RTN's).
     Returns the quantized weight and the damping used."""
     W = weight.float().clone()
@@ -54,23 +54,25 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    group = spec.group_size if spec.granularity == "group" else K
+    group = spec.block_shape(N, K)[1]  # columns sharing one scale (MX6/MX9: a sub-block)
     n_groups = -(-K // group)
-    static = act_order or spec.granularity != "group"
+    static = act_order or spec.granularity != "group" or spec.subblock_size > 0
+    t = tensor_scale(W, spec)  # two-level specs: one tensor scale for every group, however they are made
     if static:
-        scale, zero = compute_qparams(W, spec, clip)
+        scale, zero = compute_qparams(W, spec, clip, t)
     else:
         scale = torch.ones(N, n_groups)
-        zero = None if spec.symmetric and spec.signed else torch.zeros(N, n_groups, dtype=torch.int32)
+        zero = None if not spec.plain_int or (spec.symmetric and spec.signed) else \
+            torch.zeros(N, n_groups, dtype=torch.int32)
         block_size = group * max(1, block_size // group)
-    column_spec = spec.with_changes(granularity="channel", group_size=None)
+    column_spec = None if static else spec.with_changes(granularity="channel", group_size=None)
 
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, used = inverse_cholesky(H, damp)
     group_of_col = perm // group  # the (original-order) group of each processed column
 
-    codes = torch.zeros(N, K, dtype=torch.int32)
+    values = torch.zeros(N, K)  # element values relative to the zero point: dequantized = values * scale
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].clone()
@@ -80,29 +82,27 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
             for start in range(0, i2 - i1, group):
                 g = (i1 + start) // group
                 s_new, z_new = compute_qparams(W1[:, start:start + group], column_spec,
-                                               None if clip is None else clip[:, g:g + 1])
+                                               None if clip is None else clip[:, g:g + 1], t)
                 scale[:, g] = s_new[:, 0]
                 if zero is not None:
                     zero[:, g] = z_new[:, 0]
         S1 = _per_column(scale, group_of_col[i1:i2], N)
         Z1 = None if zero is None else _per_column(zero, group_of_col[i1:i2], N)
-        Q1 = torch.zeros_like(W1)
+        V1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             w = W1[:, i]
-            q = torch.round(w / S1[:, i])
-            if Z1 is not None:
-                q += Z1[:, i]
-            q.clamp_(spec.qmin, spec.qmax)
-            Q1[:, i] = q
-            err = (w - (q - Z1[:, i] if Z1 is not None else q) * S1[:, i]) / Hinv1[i, i]
+            v = grid_round(w / S1[:, i], spec, None if Z1 is None else Z1[:, i])
+            V1[:, i] = v
+            err = (w - v * S1[:, i]) / Hinv1[i, i]
             W1[:, i:].sub_(err[:, None] * Hinv1[i, i:][None, :])
             Err1[:, i] = err
-        codes[:, i1:i2] = Q1.to(torch.int32)
+        values[:, i1:i2] = V1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    codes = values_to_codes(values, None if zero is None else _per_column(zero, group_of_col, N), spec)
     out = torch.empty_like(codes)
     out[:, perm] = codes
-    return IntQuantized(out, scale, zero, spec), used
+    return Quantized(out, scale, zero, spec, t), used
 
 
 @register
@@ -153,23 +153,24 @@ class GPTQ(Quantizer):
                 self.notes[n] = f"damping raised to {used:g}"
         return qt
 
-    def quantize(self, name: str, weight: torch.Tensor, spec: QuantSpec, clip=None) -> IntQuantized:
+    def quantize(self, name: str, weight: torch.Tensor, spec: QuantSpec, clip=None) -> Quantized:
         return self.quantize_group((name,), [weight], [spec], [clip])[0]
 
-    def quantize_group(self, names, weights, specs, clips=None) -> list[IntQuantized]:
+    def quantize_group(self, names, weights, specs, clips=None) -> list[Quantized]:
         """Linears with one input share its Hessian; with the same spec (not per-tensor) their rows are
         quantized in one pass, which is the same maths (GPTQ treats rows independently) at a third of the
         Python overhead for q/k/v."""
         acc = self.hessians.pop(tuple(names), None)
         H = acc.H if acc is not None and acc.count > 0 else None
         clips = clips or [None] * len(names)
-        if len(set(specs)) == 1 and specs[0].granularity != "tensor" and len(names) > 1:
+        if len(set(specs)) == 1 and specs[0].granularity != "tensor" and not specs[0].tensor_scale \
+                and len(names) > 1:
             cols = specs[0].block_shape(*weights[0].shape)[1]
             joint_clip = None if all(c is None for c in clips) else torch.cat(
                 [torch.ones(w.shape[0], -(-w.shape[1] // cols)) if c is None else c for c, w in zip(clips, weights)])
             joint = self._run(tuple(names), torch.cat([w.float() for w in weights]), specs[0], H, joint_clip)
             rows = [w.shape[0] for w in weights]
-            return [IntQuantized(c, s, z, specs[0]) for c, s, z in zip(
+            return [Quantized(c, s, z, specs[0]) for c, s, z in zip(
                 joint.codes.split(rows), joint.scale.split(rows),
                 joint.zero.split(rows) if joint.zero is not None else [None] * len(rows))]
         return [self._run((n,), w, s, H, c) for n, w, s, c in zip(names, weights, specs, clips)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..formats import IntQuantized, quantize
+from ..formats import Quantized, quantize
 from ..spec import QuantSpec
 from .base import Quantizer, register
 
@@ -11,5 +11,5 @@ from .base import Quantizer, register
 class RTN(Quantizer):
     name = "rtn"
 
-    def quantize(self, name: str, weight, spec: QuantSpec, clip=None) -> IntQuantized:
+    def quantize(self, name: str, weight, spec: QuantSpec, clip=None) -> Quantized:
         return quantize(weight, spec, clip)

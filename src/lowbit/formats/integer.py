@@ -16,29 +16,9 @@ Rules (FORMATS.md 6.1):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..spec import QuantSpec
-
-
-@dataclass
-class IntQuantized:
-    """A quantized 2-D weight: integer codes (rows, cols), and per-block scales / zero points of shape
-    (ceil(rows / block_rows), ceil(cols / block_cols))."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    spec: QuantSpec
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype)
 
 
 def _block_view(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -154,11 +134,3 @@ def activation_qparams(lo: float, hi: float, spec: QuantSpec) -> torch.Tensor:
     scale = max((hi - lo) / (spec.qmax - spec.qmin), 1e-30)
     zero = min(max(spec.qmin - round(lo / scale), spec.qmin), spec.qmax)
     return torch.tensor([scale, float(zero)], dtype=torch.float32)
-
-
-def quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> IntQuantized:
-    """Round-to-nearest integer quantization of a 2-D weight (rows = output features)."""
-    if w.dim() != 2:
-        raise ValueError(f"integer quantization works on 2-D weights, got shape {tuple(w.shape)}")
-    scale, zero = compute_qparams(w, spec, clip)
-    return IntQuantized(quantize_codes(w, scale, zero, spec), scale, zero, spec)

@@ -1,6 +1,7 @@
 """Fake quantization of a linear layer's input activations in a torch model (W8A8 and similar schemes):
 a forward pre-hook that rounds the input to the activation spec, statically (a calibrated per-tensor scale)
-or dynamically per token, so perplexity measures what an integer kernel would compute."""
+or dynamically, so perplexity measures what a low-precision kernel would compute. The same for a linear's
+output (a forward hook): the K and V projections under an FP8 KV cache."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..formats import fake_quant_activation
 from ..spec import QuantSpec
 
 _HOOK_ATTR = "_lowbit_input_quant"
+_OUT_HOOK_ATTR = "_lowbit_output_quant"
 
 
 def attach_input_quant(module: nn.Module, spec: QuantSpec, params: torch.Tensor | None) -> None:
@@ -29,3 +31,20 @@ def detach_input_quant(module: nn.Module) -> None:
     if handle is not None:
         handle.remove()
         delattr(module, _HOOK_ATTR)
+
+
+def attach_output_quant(module: nn.Module, spec: QuantSpec, params: torch.Tensor | None) -> None:
+    """Quantize `module`'s output on every call (KV cache: the K / V projections), replacing an earlier hook."""
+    detach_output_quant(module)
+
+    def hook(mod, args, output):
+        return fake_quant_activation(output, spec, params)
+
+    setattr(module, _OUT_HOOK_ATTR, module.register_forward_hook(hook))
+
+
+def detach_output_quant(module: nn.Module) -> None:
+    handle = getattr(module, _OUT_HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        delattr(module, _OUT_HOOK_ATTR)

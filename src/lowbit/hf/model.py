@@ -81,13 +81,18 @@ class LoadedModel:
     def load_all(self) -> nn.Module:
         """Materialize every weight and return the ready-to-run model (eval mode), with the input activations
         of W+A layers fake-quantized as stored."""
-        from .actquant import attach_input_quant
+        from .actquant import attach_input_quant, attach_output_quant
 
         self.materialize("")
         for name, spec in self.input_specs.items():
             params = None if spec.dynamic else self.ckpt.get(f"{name}.input_scale").float()
             attach_input_quant(self.model.get_submodule(name), spec, params if params is None or params.numel() > 1
                                else params.reshape(()))
+        outputs = (self.quantization_config or {}).get("outputs", {})
+        for name, spec in outputs.items():
+            params = self.ckpt.get(f"{name}.output_scale").float()
+            attach_output_quant(self.model.get_submodule(name), QuantSpec.from_dict(spec),
+                                params if params.numel() > 1 else params.reshape(()))
         self.model.eval()
         return self.model
 

@@ -31,6 +31,11 @@ def _configs(vocab: int) -> dict:
                                 head_dim=20),
         "gemma3": tf.Gemma3TextConfig(**common, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
                                       head_dim=20, sliding_window=64),
+        "mixtral": tf.MixtralConfig(**common, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                    num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": tf.Qwen2MoeConfig(**common, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
+                                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                       shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[]),
         "opt": tf.OPTConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=2, ffn_dim=112,
                             num_attention_heads=4, word_embed_proj_dim=HIDDEN, max_position_embeddings=256,
                             pad_token_id=1, bos_token_id=0, eos_token_id=2),
@@ -71,7 +76,7 @@ def make_tiny(arch: str, folder, tokenizer_dir, dtype=torch.float32, seed: int =
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():  # random weights with a little structure: wider spread than the init default
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3-D: fused MoE experts
                 p.normal_(0, 0.08)
     model.save_pretrained(folder)
     for f in tokenizer_dir.iterdir():
@@ -83,6 +88,12 @@ def make_tiny(arch: str, folder, tokenizer_dir, dtype=torch.float32, seed: int =
 def tiny_models(tmp_path_factory, tokenizer_dir):
     """arch -> folder of a saved tiny float32 model."""
     return {a: make_tiny(a, tmp_path_factory.mktemp(f"tiny-{a}"), tokenizer_dir) for a in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory, tokenizer_dir):
+    """arch -> folder of a saved tiny float32 mixture-of-experts model (Mixtral, Qwen2-MoE)."""
+    return {a: make_tiny(a, tmp_path_factory.mktemp(f"tiny-{a}"), tokenizer_dir) for a in ("mixtral", "qwen2_moe")}
 
 
 @pytest.fixture

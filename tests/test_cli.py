@@ -128,6 +128,8 @@ def test_bad_models(case, capsys, tiny_models, tmp_path, monkeypatch):
     (["--scheme", "w_mxfp4", "--override", "*:scale_rule=round"], "unknown scale rule"),
     (["--scheme", "w_mxfp4", "--override", "*:symmetric=false"], "symmetric"),
     (["--scheme", "w_fp8_a_fp8", "--kv-cache-dtype", "fp8", "--exclude-layers", "*k_proj"], "is excluded"),
+    (["--scheme", "w_fp8", "--moe-experts-second-step-config", "w_int4_per_channel_sym"], "has no experts"),
+    (["--scheme", "w_fp8", "--moe-experts-second-step-config", "w_int4_per_chanel_sym"], "unknown scheme"),
     (["--scheme", "w_uint4_per_group_asym", "--algo", "awk"], "unknown algorithm"),
     (["--scheme", "w_uint4_per_group_asym", "--algo", "awq,smoothquant"], "two per-channel scaling"),
     (["--scheme", "w_uint4_per_group_asym", "--algo", "gptq,awq"], "must come last"),

@@ -26,6 +26,7 @@ from .export.output import check_output, staged_output
 from .hf.model import LoadedModel, open_model
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
                      validate_plan)
+from .arch.moe import EXPERT_PATTERN
 from .spec import parse_kv_cache_dtype, parse_scheme
 
 EVAL_DTYPE = torch.float32  # perplexity is computed in float32 unless asked otherwise
@@ -44,15 +45,19 @@ def peak_rss_bytes() -> int:
 def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None = None, algo: str = "rtn",
                 exclude_layers=None, overrides=(), dataset: str = "pydoc", num_calib_data: int = 128,
                 seq_len: int = 512, seed: int = 0, batch_size: int = 8, algo_args=None,
-                propagate: str = DEFAULT_CALIBRATION["propagate"], kv_cache_dtype: str | None = None) -> Recipe:
+                propagate: str = DEFAULT_CALIBRATION["propagate"], kv_cache_dtype: str | None = None,
+                moe_experts_scheme: str | None = None) -> Recipe:
     """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head; algo_args a dict
-    {algorithm: {option: value}} or 'NAME:KEY=VALUE' strings)."""
+    {algorithm: {option: value}} or 'NAME:KEY=VALUE' strings; moe_experts_scheme: the weight scheme of every
+    MoE expert linear, Quark's --moe_experts_second_step_config, as an override)."""
     options = algo_args if isinstance(algo_args, dict) else parse_algo_args(algo_args)
     chain = parse_chain(algo, options)
     return Recipe(
         scheme=parse_scheme(scheme, group_size),
         exclude=tuple(DEFAULT_EXCLUDE if exclude_layers is None else exclude_layers),
-        overrides=tuple(o if isinstance(o, Override) else Override.parse(o) for o in overrides),
+        overrides=tuple(o if isinstance(o, Override) else Override.parse(o) for o in overrides) + (
+            (Override(EXPERT_PATTERN, (("scheme", parse_scheme(moe_experts_scheme).name),)),)
+            if moe_experts_scheme else ()),
         algorithms=tuple(AlgoStep(a.name, tuple(a.args().items())) for a in chain),
         calibration={"dataset": dataset, "num_samples": num_calib_data, "seq_len": seq_len, "seed": seed,
                      "batch_size": batch_size, "propagate": propagate},

@@ -41,6 +41,9 @@ def _add_recipe_args(p, required: bool) -> None:
     p.add_argument("--override", action="append", default=[], metavar="PATTERN:KEY=VALUE[,KEY=VALUE]",
                    help="per-layer change to the scheme, e.g. 'down_proj:bits=8' or 'lm_head:group_size=32' or "
                         "'lm_head:scheme=w_int8_per_channel_sym' or '*:scale_rule=floor'; repeatable, later ones win")
+    p.add_argument("--moe-experts-second-step-config", "--moe_experts_second_step_config", default=None,
+                   metavar="SCHEME", help="weight scheme of every MoE expert linear (e.g. w_int4_per_channel_sym "
+                                          "while the rest follows --scheme); routers are never quantized")
     p.add_argument("--kv-cache-dtype", "--kv_cache_dtype", default=None, choices=["fp8", "auto"],
                    help="quantize the KV cache: fp8 = the K and V projections' outputs in FP8 E4M3 with static "
                         "per-tensor scales from calibration [default: not quantized]")
@@ -123,7 +126,7 @@ def _recipe_from_args(args):
                        seq_len=getattr(args, "seq_len", 512), seed=getattr(args, "seed", 0),
                        batch_size=getattr(args, "batch_size", 8), algo_args=getattr(args, "algo_arg", []),
                        propagate=getattr(args, "propagate", DEFAULT_CALIBRATION["propagate"]),
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       kv_cache_dtype=args.kv_cache_dtype, moe_experts_scheme=args.moe_experts_second_step_config)
 
 
 def _fmt_size(n: int) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .algorithms import Algorithm, InputStats, Quantizer
+from .algorithms.stats import MIN_CALIBRATION_TOKENS
 from .arch import block_of, set_module_tensor
 from .arch.folding import Fold, divide_output, find_folds, multiply_inputs
 from .errors import LowbitError
@@ -271,7 +272,10 @@ class Engine:
 
         hooks += [m.register_forward_pre_hook(first_linear)
                   for m in block.modules() if isinstance(m, nn.Linear) or m in linears.values()]
-        hooks += [m.register_forward_hook(lambda m, a, out, n=prefix + rel: outputs.setdefault(n, out))
+        def keep_first_output(name, out):  # returns None: a hook's return value would replace the output
+            outputs.setdefault(name, out)
+
+        hooks += [m.register_forward_hook(lambda m, a, out, n=prefix + rel: keep_first_output(n, out))
                   for rel, m in block.named_modules() if rel]
         self._run_block(block, self._first_window(first_chunk), hooks)
         stages: list[list[str]] = []
@@ -417,9 +421,10 @@ class Engine:
         for t in self.transforms:
             for st in map(tuple, stages):
                 fold = folds[st]
-                if fold is None:
+                if fold is None or stats[st].count < MIN_CALIBRATION_TOKENS:
+                    why = "no op to fold scales into" if fold is None else f"only {stats[st].count} calibration tokens"
                     for n in st:
-                        self.notes[n] = f"{t.name}: no op to fold scales into, not scaled"
+                        self.notes[n] = f"{t.name}: {why}, not scaled"
                     continue
                 s = t.channel_scales(st, [linears[n].weight.detach() for n in st], [self.plan[n].spec for n in st],
                                      stats[st])
@@ -430,6 +435,8 @@ class Engine:
                     multiply_inputs(linears[n], s)
                 stats[st].divide_channels(s)
             for st in map(tuple, stages):
+                if stats[st].count < MIN_CALIBRATION_TOKENS:
+                    continue
                 clips = t.clip_ratios(st, [linears[n].weight.detach() for n in st], [self.plan[n].spec for n in st],
                                       stats[st])
                 self.clips.update({n: c for n, c in zip(st, clips) if c is not None})

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from .errors import LowbitError
+from .arch.moe import EXPERT_PATTERN, is_router
 from .spec import QuantSpec, Scheme, parse_scheme
 
 DEFAULT_EXCLUDE = ("lm_head",)
@@ -172,12 +173,18 @@ def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[st
     """Resolve the recipe against the model's linear modules (name -> (out, in)) into a per-module plan."""
     for pattern in [*recipe.exclude, *(o.pattern for o in recipe.overrides)]:
         if not any(matches(pattern, n) for n in linears):
+            if pattern == EXPERT_PATTERN:
+                raise LowbitError("--moe-experts-second-step-config names a scheme for MoE experts, but this model "
+                                  "has no experts; drop the option")
             raise LowbitError(f"layer pattern {pattern!r} matches no linear module of this model; "
                               f"run `lowbit inspect MODEL` to see the module names")
     plan = {}
     for name, shape in linears.items():
         if any(matches(p, name) for p in recipe.exclude):
             plan[name] = LayerPlan(name, shape, None, "excluded")
+            continue
+        if is_router(name):
+            plan[name] = LayerPlan(name, shape, None, "router (never quantized)")
             continue
         spec, reason = recipe.scheme.weight, "scheme"
         exact = [o for o in recipe.overrides if o.pattern == name]

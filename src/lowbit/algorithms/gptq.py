@@ -19,7 +19,7 @@ from ..formats import Quantized, compute_qparams, grid_round, quantize, tensor_s
 from ..spec import QuantSpec
 from .awq import search_clip
 from .base import Quantizer, register
-from .stats import HessianAccumulator
+from .stats import MIN_CALIBRATION_TOKENS, HessianAccumulator
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -138,7 +138,7 @@ class GPTQ(Quantizer):
     def _run(self, names: tuple[str, ...], weight: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None, clip):
         if H is None:
             for n in names:
-                self.notes[n] = "no calibration inputs: RTN"
+                self.notes[n] = f"{self.notes.get(n, 'no calibration inputs')}: RTN"
             return quantize(weight, spec, clip)
         if clip is None and self.clip and (self.act_order or spec.granularity != "group"):
             clip = search_clip(weight, spec, H / 2)  # static groups: ranges chosen for the output error
@@ -161,7 +161,11 @@ class GPTQ(Quantizer):
         quantized in one pass, which is the same maths (GPTQ treats rows independently) at a third of the
         Python overhead for q/k/v."""
         acc = self.hessians.pop(tuple(names), None)
-        H = acc.H if acc is not None and acc.count > 0 else None
+        count = acc.count if acc is not None else 0
+        H = acc.H if count >= MIN_CALIBRATION_TOKENS else None
+        if 0 < count < MIN_CALIBRATION_TOKENS:  # a rarely routed MoE expert: a Hessian of a few tokens misleads
+            for n in names:
+                self.notes[n] = f"only {count} calibration tokens"
         clips = clips or [None] * len(names)
         if len(set(specs)) == 1 and specs[0].granularity != "tensor" and not specs[0].tensor_scale \
                 and len(names) > 1:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import torch
 
+# Fewer calibration tokens than this (a rarely routed MoE expert) and a linear is not calibrated: its
+# transforms leave it unscaled and GPTQ falls back to RTN, each with a note in the summary.
+MIN_CALIBRATION_TOKENS = 16
+
 
 class InputStats:
     """Running statistics of the rows x_t (tokens) of an input with `columns` channels:

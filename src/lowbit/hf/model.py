@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..arch import Layout, find_layout, set_module_tensor
+from ..arch.moe import read_aliased, unfuse_experts
 from ..errors import LowbitError
 from ..spec import QuantSpec
 from .checkpoint import LazyCheckpoint
@@ -52,6 +53,10 @@ class LoadedModel:
             return read_linear(self.ckpt, module_name, self.quantized[module_name], shape).to(self.source_dtype)
         if name not in self.ckpt and name in self.layout.tied:
             return self.read(self.layout.tied[name])
+        if name not in self.ckpt:
+            aliased = read_aliased(name, self.ckpt)
+            if aliased is not None:
+                return aliased
         return self.ckpt.get(name)
 
     def materialize(self, prefix: str = "") -> None:
@@ -155,4 +160,5 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     except ValueError as exc:
         raise LowbitError(f"unsupported architecture {getattr(config, 'model_type', '?')!r} in {folder}: "
                           f"transformers has no causal LM for it ({str(exc).splitlines()[0]})") from None
+    unfuse_experts(model)  # MoE: one nn.Linear per expert projection (arch.moe)
     return model.eval()  # no dropout in calibration forwards

@@ -78,6 +78,11 @@ def test_e8m0_scale_rules():
     assert e("even", 6.0, 6.99, 7.0, 0.0) == [0, 0, 1, -127]
     # ceil: the smallest power of two with amax / 2^e <= 6
     assert e("ceil", 6.0, 6.01, 3.0, 3.01) == [0, 1, -1, 0]
+    # mse: per block the lower-error one of floor's exponent and the next
+    rows = torch.tensor([[7.9] + [1.5] * 31, [7.9] + [0.1] * 31])
+    mse = fake_quant(rows, spec.with_changes(scale_rule="mse"))
+    assert mse[0, 0] == 6 and mse[0, 1] == 1.5  # saturating 7.9 costs less than 31 x (1.5 -> 2)
+    assert mse[1, 0] == 8  # 0.1 rounds to 0 under both, so the top decides
     w = torch.tensor([[7.9] + [0.1] * 31])
     assert fake_quant(w, spec.with_changes(scale_rule="floor"))[0, 0] == 6  # floor: the top of the block clips
     assert fake_quant(w, spec)[0, 0] == 8  # even (the default): 7.9 rounds up to 8 = 2^1 * 4

@@ -8,7 +8,7 @@ from .spec import QuantSpec, Scheme, parse_scheme  # noqa: E402
 
 def __getattr__(name):
     """The API functions, imported on first use so that `import lowbit` stays light."""
-    if name in ("quantize", "load", "evaluate", "inspect", "make_recipe"):
+    if name in ("quantize", "load", "evaluate", "inspect", "make_recipe", "export"):
         from . import api
 
         return getattr(api, name)
@@ -16,4 +16,4 @@ def __getattr__(name):
 
 
 __all__ = ["LowbitError", "QuantSpec", "Scheme", "parse_scheme", "quantize", "load", "evaluate", "inspect",
-           "make_recipe", "__version__"]
+           "make_recipe", "export", "__version__"]

@@ -222,3 +222,17 @@ def inspect(model, recipe: Recipe | None = None) -> dict:
         info["plan"] = {n: (lp.spec.short_name if lp.spec else "float") for n, lp in plan.items()}
         info["plan_table"] = format_plan(plan)
     return info
+
+
+EXPORT_FORMATS = ("compressed-tensors",)
+
+
+def export(model, output, fmt: str = "compressed-tensors", overwrite: bool = False) -> Path:
+    """Re-export a lowbit output folder in another layout without re-quantizing (the stored codes and scales
+    move as they are). Formats: compressed-tensors (vLLM / transformers); AutoAWQ, GPTQ, GGUF and ONNX next."""
+    if fmt not in EXPORT_FORMATS:
+        raise LowbitError(f"unknown export format {fmt!r}; this version writes {', '.join(EXPORT_FORMATS)} "
+                          f"(AutoAWQ, GPTQ, GGUF and ONNX exports are planned)")
+    from .export.compressed_tensors import export_compressed_tensors
+
+    return export_compressed_tensors(Path(model), Path(output), overwrite)

@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    x = sub.add_parser("export", help="re-export a lowbit folder in another layout (no re-quantization)",
+                       description="Write the quantized weights of a lowbit output folder in a layout other "
+                                   "runtimes load, moving the stored codes and scales as they are. A scheme "
+                                   "the layout cannot hold is refused before anything is written.")
+    x.add_argument("model", help="a lowbit output folder")
+    x.add_argument("-f", "--format", required=True, choices=["compressed-tensors"],
+                   help="compressed-tensors: vLLM / transformers + compressed-tensors (int pack-quantized, FP8 "
+                        "float-quantized, NVFP4, MXFP4/6/8, FP8 KV cache)")
+    x.add_argument("-o", "--output", required=True, help="output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
     i = sub.add_parser("inspect", help="architecture, layers, shapes and what a scheme would do",
                        description="Show MODEL's architecture and linear layers; with --scheme, the per-module "
                                    "plan (which layers are quantized, and how) without quantizing.",
@@ -177,6 +188,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import api
+
+    out = api.export(args.model, args.output, args.format, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from . import api
 
@@ -209,7 +228,8 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect,
+                "export": cmd_export}[args.command](args)
     except LowbitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from .errors import LowbitError
 
 GRANULARITIES = ("tensor", "channel", "group", "token")  # token: activations only, one scale per row
 SCALE_DTYPES = ("float32", "e8m0", "fp8_e4m3")
-SCALE_RULES = ("floor", "even", "ceil")  # how an E8M0 shared exponent is chosen (formats.scaled)
+SCALE_RULES = ("floor", "even", "ceil", "mse")  # how an E8M0 shared exponent is chosen (formats.scaled)
 
 
 @dataclass(frozen=True)

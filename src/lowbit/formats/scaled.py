@@ -11,7 +11,8 @@ one kind of parameter whatever the storage. Rules:
   element max and saturates (FP4: amax / 2^e in [4, 8) against a max of 6);
   "even" (AMD Quark's default): amax's mantissa first rounded to the element's mantissa width (FP4: 1.75
   and up round to the next power of two), then as floor;
-  "ceil": the smallest e with amax / 2^e <= element max (nothing saturates).
+  "ceil": the smallest e with amax / 2^e <= element max (nothing saturates);
+  "mse": per block, floor's e or e + 1, whichever gives the block the smaller squared rounding error.
   e is clamped to [-127, 127]; an all-zero block gets -127. Integer elements (MXINT8, BFP16) are
   b-bit sign-magnitude style values k / 2^(b-2), |k| <= 2^(b-1) - 1 (emax_elem 0).
 - block floating point (BFP16, MX6, MX9): see bfp_scales.
@@ -71,7 +72,7 @@ def shared_exponent(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         m = element(spec).mantissa_bits if spec.kind == "float" else spec.bits
         bits = torch.where(a > 0, a, torch.full_like(a, 2.0 ** -126)).view(torch.int32)
         e = (((bits + (1 << (22 - m))) >> 23) & 0xFF) - 127 - _emax(spec)
-    else:
+    else:  # floor, and the first candidate of mse
         _, exp = torch.frexp(a)
         e = exp - 1 - _emax(spec)  # floor(log2 a) - emax
     e = torch.where(a > 0, e, torch.full_like(e, -127))
@@ -141,7 +142,24 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None 
         amax = amax * clip
     if spec.tensor_scale and t is None:
         t = tensor_scale(w, spec)
-    return scales_from_amax(amax, spec, t), None
+    scale = scales_from_amax(amax, spec, t)
+    if spec.scale_dtype == "e8m0" and spec.scale_rule == "mse":
+        scale = _lower_error_scale(w, spec, scale)
+    return scale, None
+
+
+def _lower_error_scale(w: torch.Tensor, spec: QuantSpec, floor_scale: torch.Tensor) -> torch.Tensor:
+    """Per block, the floor rule's power of two or the next one up, whichever rounds the block with the
+    smaller squared error (the block's top saturates under the first, loses a step of resolution under
+    the second)."""
+    view = _block_view(w.float(), spec.block_shape(*w.shape))
+
+    def error(s):
+        s = s[:, None, :, None]
+        return (grid_round(view / s, spec).mul_(s) - view).pow_(2).sum(dim=(1, 3))
+
+    up = (floor_scale * 2).clamp(max=2.0 ** (127 - _fraction_bits(spec)))
+    return torch.where(error(up) < error(floor_scale), up, floor_scale)
 
 
 def to_codes(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -1,0 +1,318 @@
+"""Export a lowbit folder to the compressed-tensors layout (quant_method "compressed-tensors").
+
+Why: vLLM, SGLang and transformers (with the `compressed-tensors` package) load this layout directly, so a
+model quantized by lowbit runs there without re-quantization. The export moves the stored codes and scales
+as they are; nothing is re-rounded, so the consumer dequantizes to lowbit's weights (exactly, or to within
+the float rounding noted below). Checked against compressed-tensors 0.20.0.
+
+Per quantized linear `p` (weight (N, K)), by lowbit spec:
+- integers with float32 scales, symmetric or not, per tensor / channel / group -> "pack-quantized":
+  `p.weight_packed` int32 (N, ceil(K * b / 32)): the values in the signed range plus 2^(b-1), as one
+  LSB-first bit stream per row cut into little-endian 32-bit words (lowbit's qweight bit stream is the same
+  stream); `p.weight_scale` float32 ((1,), (N, 1) or (N, K / g)); `p.weight_shape` int64 [N, K];
+  asymmetric: `p.weight_zero_point`, the zero point in the signed range, packed the same way along N
+  (int32 (ceil(N * b / 32), groups)), or int8 (1,) per tensor. W = (q - zp) * scale, as in lowbit.
+- FP8 E4M3FN with float32 scales -> "float-quantized": `p.weight` float8_e4m3fn (N, K), `p.weight_scale`
+  float32; static per-tensor FP8 input activations add `p.input_scale` float32 (1,) (x ~ fp8(x / s) * s).
+- NVFP4 (E2M1, group 16, FP8 block scales, tensor scale t) -> "nvfp4-pack-quantized": `p.weight_packed`
+  uint8 (N, K / 2) (element 2i in the low nibble), `p.weight_scale` float8_e4m3fn (N, K / 16), and
+  `p.weight_global_scale` float32 (1,) = 1 / t, because the decoder divides by it. The decoder works in
+  bfloat16, so its weights equal lowbit's rounded to bfloat16 (scale / (1 / t) vs scale * t differs by one
+  float32 rounding at most).
+- MXFP4 (E2M1), MXFP6 (E2M3) and MXFP8 (E4M3), group 32, E8M0 scales -> "mxfp4-pack-quantized",
+  "mxfp6-pack-quantized" (4 codes in 3 bytes, LSB-first) and "mxfp8-quantized" (`p.weight` float8): scale
+  bytes stored as lowbit's (the decoder computes 2^(byte - 127)); exact.
+- a static per-tensor FP8 KV cache (the k_proj / v_proj outputs) -> `kv_cache_scheme` with `k_scale` and
+  `v_scale` on the attention module. compressed-tensors and vLLM quantize the keys after RoPE, lowbit before
+  it, so the keys round slightly differently (values are the same).
+Refused with a LowbitError before anything is written: block floating point (MX6, MX9, BFP16), MXINT8,
+E5M2 / FNUZ / E3M2 elements, a group size that does not divide in_features (compressed-tensors has no
+partial last group), other input-activation schemes (integer, dynamic, MX, NVFP4) and other scale layouts.
+
+Loading with transformers on CPU (compressed-tensors 0.20): the NVFP4 and MX decoders return bfloat16
+weights, so a float32 model needs CompressedTensorsConfig(dequantize=True) or dtype=torch.bfloat16; packed
+asymmetric zero points (per group / channel) load only with dequantize=True, because the default path sizes
+them unpacked. Both layouts are what compressed-tensors' own compressors write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+from ..formats import pack_rows
+from ..hf.checkpoint import LazyCheckpoint
+from ..spec import QuantSpec
+from .native import FORMAT_VERSION, TOKENIZER_FILES, stored_names, unpack_linear
+from .output import ShardWriter, staged_output
+
+PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
+NVFP4 = "nvfp4-pack-quantized"
+MXFP4 = "mxfp4-pack-quantized"
+MXFP6 = "mxfp6-pack-quantized"
+MXFP8 = "mxfp8-quantized"
+MX_FORMATS = {4: MXFP4, 6: MXFP6, 8: MXFP8}  # E8M0-scaled float elements by width
+MX_ELEMENTS = {4: (2, 1), 6: (2, 3), 8: (4, 3)}  # the only (exponent, mantissa) bits compressed-tensors has
+
+FP8_STATIC = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+
+
+@dataclass
+class LinearExport:
+    """How one quantized linear is exported: its compressed-tensors format and QuantizationArgs."""
+
+    name: str
+    spec: QuantSpec
+    shape: tuple[int, int]
+    format: str
+    weights: dict
+    inputs: dict | None = None
+
+    def scheme_key(self) -> str:
+        return json.dumps([self.format, self.weights, self.inputs], sort_keys=True)
+
+
+def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the lowbit folder `src` as a compressed-tensors folder `out`; every check runs before writing."""
+    src, out = Path(src), Path(out)
+    config = _read_lowbit_config(src)
+    qconfig = config["quantization_config"]
+    if out.resolve() == src.resolve():
+        raise LowbitError(f"the output {out} is the lowbit folder itself; choose another output path")
+    linears = _plan_linears(qconfig)
+    kv_scales = _plan_kv_cache(qconfig.get("outputs") or {})
+    ckpt = LazyCheckpoint(src)
+    with staged_output(out, overwrite) as tmp:
+        writer = ShardWriter(tmp)
+        _write_tensors(writer, ckpt, linears, kv_scales)
+        writer.close()
+        config["quantization_config"] = _quantization_config(linears, qconfig, bool(kv_scales))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    return out
+
+
+# -- reading and validating ---------------------------------------------------------------------------
+
+def _read_lowbit_config(src: Path) -> dict:
+    """config.json of a lowbit output folder, refusing anything else."""
+    path = src / "config.json"
+    if not path.is_file():
+        raise LowbitError(f"{src} has no config.json; give a folder written by lowbit quantize")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LowbitError(f"{path} is not valid JSON ({exc.msg}); restore the file") from None
+    qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") != "lowbit":
+        raise LowbitError(f"{src} is not a lowbit output (quant_method {qconfig.get('quant_method')!r}); "
+                          f"give a folder written by lowbit quantize")
+    if qconfig.get("format_version", 0) > FORMAT_VERSION:
+        raise LowbitError(f"{src} uses lowbit format version {qconfig['format_version']}, newer than this lowbit "
+                          f"reads ({FORMAT_VERSION}); upgrade lowbit")
+    return config
+
+
+def _plan_linears(qconfig: dict) -> list[LinearExport]:
+    """The export of every quantized linear, refusing the first one compressed-tensors cannot hold."""
+    inputs = qconfig.get("inputs") or {}
+    plans = []
+    for name, spec_dict in qconfig.get("modules", {}).items():
+        spec = QuantSpec.from_dict(spec_dict)
+        shape = tuple(qconfig["shapes"][name])
+        plan = _plan_weight(name, spec, shape)
+        if name in inputs:
+            plan.inputs = _plan_inputs(name, QuantSpec.from_dict(inputs[name]), plan)
+        plans.append(plan)
+    return plans
+
+
+def _plan_weight(name: str, spec: QuantSpec, shape: tuple[int, int]) -> LinearExport:
+    """The format and QuantizationArgs of one linear's weight."""
+    if spec.kind == "bfp":
+        _refuse(name, spec, "compressed-tensors has no block-floating-point format (MX6, MX9, BFP16)")
+    if spec.fnuz:
+        _refuse(name, spec, "compressed-tensors stores FP8 as E4M3FN only (no FNUZ variant)")
+    if spec.granularity == "group" and shape[1] % spec.group_size:
+        raise LowbitError(f"{name} has {shape[1]} input features, not a multiple of its group size "
+                          f"{spec.group_size}, and compressed-tensors has no partial last group; requantize with "
+                          f"a group size that divides every in_features (e.g. --group-size 16)")
+    if spec.kind == "int":
+        return _plan_int(name, spec, shape)
+    if spec.scale_dtype == "e8m0":
+        return _plan_mx(name, spec, shape)
+    if spec.scale_dtype == "fp8_e4m3":
+        return _plan_nvfp4(name, spec, shape)
+    if spec.bits != 8 or spec.exponent_bits != 4:
+        _refuse(name, spec, "compressed-tensors has float32-scaled floats only as FP8 E4M3")
+    return LinearExport(name, spec, shape, FLOAT_QUANTIZED, _float_args(spec, 8))
+
+
+def _plan_int(name: str, spec: QuantSpec, shape) -> LinearExport:
+    if not spec.plain_int:
+        _refuse(name, spec, "compressed-tensors has no integer format with E8M0 scales (MXINT8)")
+    args = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, **_strategy(spec), "dynamic": False}
+    return LinearExport(name, spec, shape, PACK_QUANTIZED, args)
+
+
+def _plan_mx(name: str, spec: QuantSpec, shape) -> LinearExport:
+    if spec.kind != "float" or spec.group_size != 32 or \
+            MX_ELEMENTS.get(spec.bits) != (spec.exponent_bits, spec.mantissa_bits):
+        _refuse(name, spec, "compressed-tensors' MX formats are MXFP4 (E2M1), MXFP6 (E2M3) and MXFP8 (E4M3) "
+                            "with groups of 32")
+    args = {**_float_args(spec, spec.bits), "scale_dtype": "torch.uint8"}
+    return LinearExport(name, spec, shape, MX_FORMATS[spec.bits], args)
+
+
+def _plan_nvfp4(name: str, spec: QuantSpec, shape) -> LinearExport:
+    if (spec.bits, spec.exponent_bits, spec.group_size, spec.tensor_scale) != (4, 2, 16, True):
+        _refuse(name, spec, "compressed-tensors holds FP8 block scales only as NVFP4 (E2M1, groups of 16, "
+                            "with a tensor scale)")
+    args = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+            "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
+    return LinearExport(name, spec, shape, NVFP4, args)
+
+
+def _plan_inputs(name: str, spec: QuantSpec, weight: LinearExport) -> dict:
+    """QuantizationArgs of a linear's input activations: static per-tensor FP8 with FP8 weights only."""
+    fp8 = (spec.kind == "float" and spec.bits == 8 and spec.exponent_bits == 4 and not spec.fnuz
+           and spec.granularity == "tensor" and not spec.dynamic and spec.scale_dtype == "float32")
+    if not fp8 or weight.format != FLOAT_QUANTIZED:
+        raise LowbitError(f"cannot export the {spec.short_name} input activations of {name}: this export supports "
+                          f"only static per-tensor FP8 inputs with FP8 weights (w_fp8_a_fp8); requantize with a "
+                          f"weight-only scheme")
+    return dict(FP8_STATIC)
+
+
+def _plan_kv_cache(outputs: dict) -> dict[str, tuple[str, str]]:
+    """{attention module: (k_proj, v_proj)} for a static per-tensor FP8 KV cache; {} when there is none."""
+    attention = {}
+    for name, spec_dict in outputs.items():
+        spec = QuantSpec.from_dict(spec_dict)
+        parent, _, leaf = name.rpartition(".")
+        if leaf not in ("k_proj", "v_proj") or spec.kind != "float" or spec.bits != 8 or spec.exponent_bits != 4 \
+                or spec.fnuz or spec.granularity != "tensor" or spec.dynamic:
+            raise LowbitError(f"{name} has quantized outputs ({spec.short_name}) that compressed-tensors cannot "
+                              f"express; only a static per-tensor FP8 KV cache exports, so requantize without it")
+        attention.setdefault(parent, {})[leaf] = name
+    for parent, projections in attention.items():
+        if set(projections) != {"k_proj", "v_proj"}:
+            raise LowbitError(f"{parent} has a quantized KV cache on only one of k_proj / v_proj; compressed-tensors "
+                              f"needs both, so requantize with --kv-cache-dtype on both")
+    return {parent: (p["k_proj"], p["v_proj"]) for parent, p in attention.items()}
+
+
+def _refuse(name: str, spec: QuantSpec, why: str) -> None:
+    raise LowbitError(f"cannot export {name} ({spec.short_name}) to compressed-tensors: {why}; "
+                      f"requantize with a supported scheme (integer, FP8, NVFP4, MXFP4/6/8)")
+
+
+def _strategy(spec: QuantSpec) -> dict:
+    if spec.granularity == "group":
+        return {"strategy": "group", "group_size": spec.group_size}
+    return {"strategy": spec.granularity, "group_size": None}
+
+
+def _float_args(spec: QuantSpec, bits: int) -> dict:
+    return {"num_bits": bits, "type": "float", "symmetric": True, **_strategy(spec), "dynamic": False}
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+def _write_tensors(writer: ShardWriter, ckpt: LazyCheckpoint, linears: list[LinearExport],
+                   kv_scales: dict[str, tuple[str, str]]) -> None:
+    """Every float tensor as stored, each quantized linear converted, and the KV-cache scales."""
+    replaced = {f"{lin.name}.{n}" for lin in linears for n in [*stored_names(lin.spec), "input_scale"]}
+    replaced |= {f"{p}.output_scale" for pair in kv_scales.values() for p in pair}
+    for name in ckpt.keys():
+        if name not in replaced:
+            writer.add(name, ckpt.get(name))
+    for lin in linears:
+        stored = {n: ckpt.get(f"{lin.name}.{n}") for n in stored_names(lin.spec)}
+        for suffix, tensor in convert_linear(lin, stored).items():
+            writer.add(f"{lin.name}.{suffix}", tensor)
+        if lin.inputs is not None:
+            writer.add(f"{lin.name}.input_scale", ckpt.get(f"{lin.name}.input_scale").float().reshape(1))
+    for attention, (k_proj, v_proj) in kv_scales.items():
+        writer.add(f"{attention}.k_scale", ckpt.get(f"{k_proj}.output_scale").float().reshape(1))
+        writer.add(f"{attention}.v_scale", ckpt.get(f"{v_proj}.output_scale").float().reshape(1))
+
+
+def convert_linear(lin: LinearExport, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """compressed-tensors tensors (names without the module prefix) of one lowbit packed linear."""
+    qt = unpack_linear(stored, lin.spec, lin.shape)
+    if lin.format == PACK_QUANTIZED:
+        return _pack_quantized(qt, lin.shape)
+    if lin.format == NVFP4:
+        return {"weight_packed": pack_rows(qt.codes, 4), "weight_scale": stored["scales"],
+                "weight_global_scale": (1.0 / stored["tensor_scale"].float()).reshape(1)}
+    if lin.format in (MXFP4, MXFP6):
+        return {"weight_packed": pack_rows(qt.codes, lin.spec.bits), "weight_scale": stored["scales"]}
+    weight = qt.codes.to(torch.uint8).view(torch.float8_e4m3fn)
+    if lin.format == MXFP8:
+        return {"weight": weight, "weight_scale": stored["scales"]}
+    return {"weight": weight, "weight_scale": _scale_shape(qt.scale.float(), lin.spec)}
+
+
+def _pack_quantized(qt, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """pack-quantized tensors: values and zero points in the signed range, offset by 2^(b-1) and packed."""
+    spec = qt.spec
+    bits = spec.bits
+    offset = 1 << (bits - 1)
+    unsigned_shift = 0 if spec.signed else offset  # lowbit's unsigned codes are the signed values + 2^(b-1)
+    out = {"weight_packed": pack_int32_rows(qt.codes - unsigned_shift + offset, bits),
+           "weight_scale": _scale_shape(qt.scale.float(), spec),
+           "weight_shape": torch.tensor(shape, dtype=torch.int64)}
+    if not spec.symmetric:
+        zero = qt.zero.to(torch.int32) - unsigned_shift
+        if spec.granularity == "tensor":
+            out["weight_zero_point"] = zero.reshape(1).to(torch.int8)
+        else:
+            out["weight_zero_point"] = pack_int32_rows((zero + offset).T, bits).T.contiguous()
+    return out
+
+
+def _scale_shape(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """compressed-tensors' scale shape: (1,) per tensor, (N, 1) per channel, (N, groups) per group."""
+    return scale.reshape(1) if spec.granularity == "tensor" else scale.contiguous()
+
+
+def pack_int32_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (rows, cols) as one LSB-first bit stream per row in ceil(cols * bits / 32) int32 words
+    (bit i of a word is bit 32w + i of the stream), as compressed-tensors' pack_to_int32 lays them out."""
+    words = math.ceil(codes.shape[1] * bits / 32)
+    stream = pack_rows(codes, bits)[:, :4 * words]  # pack_rows pads each row with zero bits only
+    stream = torch.nn.functional.pad(stream, (0, 4 * words - stream.shape[1])).to(torch.int64)
+    weights = torch.tensor([1 << 0, 1 << 8, 1 << 16, 1 << 24], dtype=torch.int64)
+    unsigned = (stream.reshape(codes.shape[0], words, 4) * weights).sum(dim=-1)
+    return torch.where(unsigned >= 1 << 31, unsigned - (1 << 32), unsigned).to(torch.int32)
+
+
+def _quantization_config(linears: list[LinearExport], qconfig: dict, kv_cache: bool) -> dict:
+    """config.json's quantization_config: one config group per distinct scheme, targeting modules by name."""
+    groups: dict[str, dict] = {}
+    for lin in linears:
+        key = lin.scheme_key()
+        if key not in groups:
+            groups[key] = {"targets": [], "weights": lin.weights, "input_activations": lin.inputs,
+                           "output_activations": None, "format": lin.format}
+        groups[key]["targets"].append(lin.name)
+    formats = {g["format"] for g in groups.values()}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+        "ignore": list(qconfig.get("ignore", [])),
+        "kv_cache_scheme": dict(FP8_STATIC) if kv_cache else None,
+    }

@@ -272,6 +272,7 @@ class Engine:
 
         hooks += [m.register_forward_pre_hook(first_linear)
                   for m in block.modules() if isinstance(m, nn.Linear) or m in linears.values()]
+
         def keep_first_output(name, out):  # returns None: a hook's return value would replace the output
             outputs.setdefault(name, out)
 

@@ -29,6 +29,7 @@ from .. import __version__
 from ..engine import Sink
 from ..formats import Quantized, dequantize, pack_rows, unpack_rows
 from ..formats.minifloat import E4M3FN
+from ..formats.scaled import fraction_bits
 from ..recipe import LayerPlan
 from ..spec import QuantSpec
 from .output import ShardWriter
@@ -76,7 +77,7 @@ def _code_offset(spec: QuantSpec) -> int:
 def _exponents(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Shared exponents (int32) of power-of-two effective scales."""
     _, exp = torch.frexp(scale.float())
-    return exp - 1 + (0 if spec.kind == "float" else spec.bits - 2)
+    return exp - 1 + fraction_bits(spec)
 
 
 def pack_linear(qt: Quantized) -> dict[str, torch.Tensor]:
@@ -105,14 +106,13 @@ def unpack_linear(tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tupl
     codes = unpack_rows(tensors["qweight"], spec.bits, shape[1]) + _code_offset(spec)
     stored = tensors["scales"]
     t = None
-    frac = 0 if spec.kind == "float" else spec.bits - 2
     if spec.scale_dtype == "float32":
         scale = stored.float()
     elif spec.scale_dtype == "fp8_e4m3":
         t = tensors["tensor_scale"].float().reshape(())
         scale = stored.float() * t
     else:
-        exps = stored.to(torch.int32) - 127 - frac
+        exps = stored.to(torch.int32) - 127 - fraction_bits(spec)
         if spec.subblock_size:
             n_sub = -(-shape[1] // spec.subblock_size)
             per = spec.group_size // spec.subblock_size

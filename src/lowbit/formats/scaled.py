@@ -44,7 +44,7 @@ def element_max(spec: QuantSpec) -> float:
     return elem.max if elem is not None else float(spec.qmax)
 
 
-def _fraction_bits(spec: QuantSpec) -> int:
+def fraction_bits(spec: QuantSpec) -> int:
     """Integer elements under an E8M0 scale are k / 2^(bits-2): the scale carries that factor."""
     return 0 if spec.kind == "float" else spec.bits - 2
 
@@ -66,7 +66,7 @@ def shared_exponent(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The E8M0 exponent (int32, in [-127, 127]) of blocks with largest magnitude amax, by spec.scale_rule."""
     a = amax.float()
     if spec.scale_rule == "ceil":  # element max in units of the shared scale X (k / 2^(b-2) for integers)
-        f, exp = torch.frexp(a / (element_max(spec) / 2 ** _fraction_bits(spec)))
+        f, exp = torch.frexp(a / (element_max(spec) / 2 ** fraction_bits(spec)))
         e = torch.where(f == 0.5, exp - 1, exp)  # ratio = f * 2^exp, f in [0.5, 1): its ceil(log2)
     elif spec.scale_rule == "even":  # Quark's even_round: amax's mantissa rounded to the element's width
         m = element(spec).mantissa_bits if spec.kind == "float" else spec.bits
@@ -91,7 +91,7 @@ def bfp_scales(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = Non
     range. With sub-blocks (MX6, MX9) a sub-block whose elements all lie below 2^E gets a one-bit shift
     (step halved); the result then has one step per sub-block. `clip` shrinks each scale block's amax."""
     a = w.float().abs()
-    frac = spec.bits - 2
+    frac = fraction_bits(spec)
     if not spec.subblock_size:
         amax = _block_view(a, (1, spec.group_size)).amax(dim=(1, 3))
         if clip is not None:
@@ -122,7 +122,7 @@ def scales_from_amax(amax: torch.Tensor, spec: QuantSpec, t: torch.Tensor | None
     """Effective float32 scales from each block's (possibly clipped) largest magnitude."""
     if spec.scale_dtype == "e8m0":
         return torch.ldexp(torch.ones_like(amax, dtype=torch.float32),
-                           shared_exponent(amax, spec) - _fraction_bits(spec))
+                           shared_exponent(amax, spec) - fraction_bits(spec))
     raw = amax.float() / element_max(spec)
     if spec.scale_dtype == "fp8_e4m3":
         t = torch.ones(()) if t is None else t
@@ -158,7 +158,7 @@ def _lower_error_scale(w: torch.Tensor, spec: QuantSpec, floor_scale: torch.Tens
         s = s[:, None, :, None]
         return (grid_round(view / s, spec).mul_(s) - view).pow_(2).sum(dim=(1, 3))
 
-    up = (floor_scale * 2).clamp(max=2.0 ** (127 - _fraction_bits(spec)))
+    up = (floor_scale * 2).clamp(max=2.0 ** (127 - fraction_bits(spec)))
     return torch.where(error(up) < error(floor_scale), up, floor_scale)
 
 

@@ -41,8 +41,9 @@ class QuantSpec:
     tensor_scale: bool = False
     dynamic: bool = False
     fnuz: bool = False  # FP8 elements in the FNUZ variant (E4M3FNUZ / E5M2FNUZ, as MI300 computes)
-    # E8M0 scales: even (Quark's default; the best of the three on the demo model), floor (OCP MX v1.0's
-    # example rule) or ceil (never saturates); every rule gives valid MX data, decoders do not care
+    # E8M0 scales: even (Quark's default; the best of the four on the demo's MXFP4, docs/BENCHMARKS.md),
+    # floor (OCP MX v1.0's example rule), ceil (never saturates) or mse (per block, the lower-error of floor
+    # and floor + 1); every rule gives valid MX data, decoders do not care
     scale_rule: str = "even"
     subblock_size: int = 0  # block floating point with shared microexponents (MX6/MX9): 1-bit shift per sub-block
 
@@ -80,7 +81,7 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        if self.kind == "bfp" or (self.kind == "int" and self.scale_dtype != "float32"):
+        if self.kind == "bfp" or (self.kind == "int" and not self.plain_int):
             return -self.qmax  # sign-magnitude style: symmetric range (MXINT8, block floating point)
         return -(1 << (self.bits - 1)) if self.signed else 0
 
@@ -109,7 +110,7 @@ class QuantSpec:
         gran = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token"}.get(
             self.granularity, f"g{self.group_size}")
         parts = [elem, gran]
-        if self.kind == "int" and self.scale_dtype == "float32":
+        if self.plain_int:
             parts.append("sym" if self.symmetric else "asym")
         if self.fnuz:
             parts.append("fnuz")

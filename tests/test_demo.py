@@ -94,3 +94,23 @@ def test_rtn_end_to_end(demo_folder, text, tmp_path):
     assert in_memory == pytest.approx(ref, rel=1e-2)
     float_ppl = evaluate("demo", dataset=str(text), seq_len=SEQ, max_chunks=CHUNKS, progress=False)["perplexity"]
     assert float_ppl < in_memory < 2 * float_ppl
+
+
+@pytest.mark.parametrize("options", [{}, {"r2": True, "r4": True}])
+def test_rotated_demo_model_computes_the_same(demo_folder, text, options):
+    """Hidden size 576 = 36 x 16 (Paley II x Sylvester): the rotated float model's logits on a real window
+    equal the original's within 1e-4 relative."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.algorithms.rotation import Rotate
+    from lowbit.hf.model import open_model
+    from lowbit.hf.rotate import Rotator
+
+    ids = AutoTokenizer.from_pretrained(demo_folder)(text.read_text()[:4000], return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()(ids).logits
+        loaded = open_model(demo_folder)
+        summary = Rotator(loaded, Rotate(**options), ids).prepare()
+        logits = loaded.load_all()(ids).logits
+    assert summary["matrix"] == "36x16 Hadamard"
+    assert ((logits - reference).abs().max() / reference.abs().max()).item() < 1e-4

@@ -120,13 +120,18 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     staging = staged_output(Path(output), overwrite) if output is not None else contextlib.nullcontext(None)
     with staging as tmp:
         sink = NativeSink(tmp) if tmp is not None else None
-        report = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep, batch_size=cal.get("batch_size", 8),
-                        progress=progress, propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"])).run()
+        engine = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep, batch_size=cal.get("batch_size", 8),
+                        progress=progress, propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"]))
+        report = engine.run()
         t_quant = time.perf_counter()
+        online = engine.rotator.online if engine.rotator is not None else {}
+        if report.rotation is not None:
+            summary["rotation"] = report.rotation
         if tmp is not None:
             sink.close()
-            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.source_dtype, untie=tied_lm_head,
-                           input_specs=sink.input_specs, output_specs=sink.output_specs)
+            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.source_dtype,
+                           untie=tied_lm_head or bool(loaded.untied), input_specs=sink.input_specs,
+                           output_specs=sink.output_specs, online_rotations=online)
             recipe.save(tmp / "recipe.yaml")
         summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
         if evaluate_after:

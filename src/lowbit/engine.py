@@ -11,7 +11,6 @@ weight-only) runs no forward pass at all.
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import time
 from contextlib import contextmanager
@@ -28,16 +27,9 @@ from .arch.folding import Fold, divide_output, find_folds, multiply_inputs
 from .errors import LowbitError
 from .formats import Quantized, activation_qparams
 from .hf.actquant import attach_input_quant, attach_output_quant
+from .hf.capture import StopForward, capture_block_inputs, first_window
 from .hf.model import LoadedModel
 from .recipe import LayerPlan, has_static_inputs
-
-# keyword arguments of a decoder block that carry a KV cache: dropped, so replays never append to a cache
-_CACHE_KWARGS = ("past_key_value", "past_key_values", "use_cache", "layer_past")
-
-
-class _StopForward(Exception):
-    pass
-
 
 PROPAGATE = ("quantized", "float")
 
@@ -87,6 +79,8 @@ class EngineReport:
     layers: list[LayerReport] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
     capture_seconds: float = 0.0
+    rotation: dict | None = None  # what the rotation did (hf.rotate.Rotator.summary)
+    rotation_seconds: float = 0.0
 
 
 class Sink:
@@ -114,7 +108,9 @@ class Engine:
                  propagate: str = "float", replay: bool = True):
         self.loaded, self.plan, self.chain = loaded, plan, chain
         self.quantizer: Quantizer = chain[-1]
-        self.transforms = chain[:-1]
+        self.rotation = chain[0] if chain[0].role == "rotation" else None
+        self.transforms = [a for a in chain[:-1] if a.role == "transform"]
+        self.rotator = None  # hf.rotate.Rotator, once run() starts
         self.static_inputs = has_static_inputs(plan)
         self.needs_calibration = any(a.needs_calibration for a in chain) or self.static_inputs
         if self.needs_calibration and calibration is None:
@@ -141,7 +137,9 @@ class Engine:
         self._outputs_ready = False  # whether a pass already replaced the block's inputs by its outputs
         self._ranges: dict[str, list[float]] = {}  # calibrated input range per linear (static activations)
         self._out_ranges: dict[str, list[float]] = {}  # calibrated output range per K / V projection (KV cache)
-        self.replay = replay  # whether finished stages may be replayed from cached inputs (see _find_replays)
+        # whether finished stages may be replayed from cached inputs (see _find_replays); not under an online
+        # rotation, whose hook would rotate a cached (already rotated) input again
+        self.replay = replay and not (self.rotation is not None and self.rotation.r4)
         self._replay_of: dict[str, tuple] = {}  # this block's stage linear -> (module to replay, tuple length)
         self._replays: dict[str, tuple] = {}  # module -> (its final linear, that linear's inputs per chunk, length)
         self._chunk = 0  # the calibration chunk being run
@@ -152,6 +150,8 @@ class Engine:
         use_mmap_for_large_tensors()
         layout = self.loaded.layout
         blocks = layout.blocks
+        if self.rotation is not None:
+            self._prepare_rotation()
         inputs = self._capture_block0_inputs() if self.needs_calibration else None
         bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", file=sys.stderr,
                    disable=not self.progress, dynamic_ncols=True)
@@ -183,7 +183,23 @@ class Engine:
                             weight_err=f"{sum(errors) / max(len(errors), 1):.4f}")
         bar.close()
         self._finish_outside_blocks()
+        if self.rotator is not None:
+            self.report.rotation = self.rotator.summary()  # the largest block error over all blocks
         return self.report
+
+    def _prepare_rotation(self) -> None:
+        """Rotate the model as it loads (hf.rotate): roles found and block 0 checked before any other work."""
+        from .hf.rotate import Rotator
+
+        start = time.perf_counter()
+        if self.calibration is not None:
+            probe = self.calibration[:1]
+        else:  # any tokens serve to find the roles and check the function
+            vocab = self.loaded.model.get_input_embeddings().weight.shape[0]
+            probe = (torch.arange(1, 17) * 7919 % vocab)[None, :]
+        self.rotator = Rotator(self.loaded, self.rotation, probe)
+        self.report.rotation = self.rotator.prepare()
+        self.report.rotation_seconds = time.perf_counter() - start
 
     # -- calibration --------------------------------------------------------------------------------
     def _capture_block0_inputs(self) -> list[tuple[torch.Tensor, dict]]:
@@ -195,26 +211,7 @@ class Engine:
                    and n.rpartition(".")[0] not in self.plan]
         for name in outside:
             self.loaded.materialize(name)
-        captured = []
-        block0 = layout.blocks[0]
-        accepted = set(inspect.signature(block0.forward).parameters)
-
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            kept = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and (k in accepted or "kwargs" in accepted)}
-            captured.append((hidden.detach().cpu(), kept))
-            raise _StopForward
-
-        handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for batch in self.calibration.split(self.batch_size):
-                    try:
-                        model(input_ids=batch, use_cache=False)
-                    except _StopForward:
-                        pass
-        finally:
-            handle.remove()
+        captured = capture_block_inputs(model, layout.blocks[0], self.calibration.split(self.batch_size))
         if not self.keep:
             for name in outside:
                 self.loaded.release(name)
@@ -235,22 +232,6 @@ class Engine:
             for h in hooks:
                 h.remove()
         return inputs
-
-    @staticmethod
-    def _first_window(inputs):
-        """The first calibration window alone (hidden states and batch-shaped kwargs cut to one row): enough
-        for probes, 1/batch of their cost."""
-        hidden, kwargs = inputs[0]
-        rows = hidden.shape[0]
-
-        def cut(v):
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows and rows > 1:
-                return v[:1]
-            if isinstance(v, tuple):
-                return tuple(cut(x) for x in v)
-            return v
-
-        return [(hidden[:1], {k: cut(v) for k, v in kwargs.items()})]
 
     def _planned(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:
         return {prefix + rel: m for rel, m in block.named_modules()
@@ -278,7 +259,7 @@ class Engine:
 
         hooks += [m.register_forward_hook(lambda m, a, out, n=prefix + rel: keep_first_output(n, out))
                   for rel, m in block.named_modules() if rel]
-        self._run_block(block, self._first_window(first_chunk), hooks)
+        self._run_block(block, first_window(first_chunk), hooks)
         stages: list[list[str]] = []
         last_input = None
         for name, tensor in calls:
@@ -337,7 +318,7 @@ class Engine:
             if names[0] == stop_at:
                 if cache is not None:
                     cache.append(x if x._base is None else x.clone())
-                raise _StopForward
+                raise StopForward
 
         hooks = [linears[st[0]].register_forward_pre_hook(lambda m, a, names=tuple(st): seen(m, a, names))
                  for st in stages]
@@ -394,7 +375,7 @@ class Engine:
         rel = [tuple(n[len(prefix):] for n in st) for st in stages]
         key = tuple(rel)
         if key not in self._folds:
-            probe = self._first_window(inputs)
+            probe = first_window(inputs)
 
             def run():
                 out = block(probe[0][0], **probe[0][1])
@@ -447,7 +428,7 @@ class Engine:
 
     def _observe_pass(self, block: nn.Module, inputs, hooks, keep_outputs: bool = False) -> None:
         """Run the block over every calibration chunk for its hooks' sake (a hook may stop the forward early
-        by raising _StopForward). With keep_outputs each chunk is replaced by the block's output, the next
+        by raising StopForward). With keep_outputs each chunk is replaced by the block's output, the next
         block's inputs under float propagation."""
         try:
             with torch.no_grad(), self._replaying(block):
@@ -455,7 +436,7 @@ class Engine:
                     self._chunk = k
                     try:
                         out = block(hidden, **kwargs)
-                    except _StopForward:
+                    except StopForward:
                         continue
                     if keep_outputs:
                         inputs[k] = (out[0] if isinstance(out, tuple) else out, kwargs)

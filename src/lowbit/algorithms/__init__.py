@@ -1,6 +1,7 @@
-"""Quantization algorithms as small plug-ins over tensors: RTN, GPTQ (quantizers); AWQ, SmoothQuant (transforms)."""
+"""Quantization algorithms as small plug-ins over tensors: RTN, GPTQ (quantizers); AWQ, SmoothQuant (transforms);
+Hadamard rotation (a model-wide step, first in a chain)."""
 
-from . import awq, gptq, rtn, smoothquant  # noqa: F401  (registers)
+from . import awq, gptq, rotation, rtn, smoothquant  # noqa: F401  (registers)
 from .base import REGISTRY, Algorithm, Quantizer, Transform, parse_algo_args, parse_chain, register
 from .stats import InputStats
 

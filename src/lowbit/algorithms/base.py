@@ -1,8 +1,9 @@
 """The algorithm plug-in interface and the registry that turns a chain string into algorithm objects.
 
-A chain is transforms (weight-changing steps such as AWQ scaling or SmoothQuant, applied to a block before
-quantization) followed by one quantizer (RTN, GPTQ) that turns each weight into integer codes. Algorithms
-work on tensors handed to them by the engine and return plain data; none reads or writes files.
+A chain is an optional rotation (a model-wide change of basis, first), transforms (weight-changing steps
+such as AWQ scaling or SmoothQuant, applied to a block before quantization) and one quantizer (RTN, GPTQ)
+that turns each weight into integer codes. Algorithms work on tensors handed to them by the engine and
+return plain data; none reads or writes files.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ def parse_chain(text_or_steps, options: dict[str, dict] | None = None) -> list[A
             chain.append(REGISTRY[name](**options.get(name, {})))
         except TypeError as exc:
             raise LowbitError(f"bad options for {name!r} ({exc}); see the algorithm table in the README") from None
+    rotations = [i for i, a in enumerate(chain) if a.role == "rotation"]
+    if rotations and rotations != [0]:
+        raise LowbitError(f"in chain {','.join(names)} rotation must come first: it changes the whole model, "
+                          f"and the other steps work on the rotated weights (e.g. rotation,smoothquant,gptq)")
     quantizers = [i for i, a in enumerate(chain) if a.role == "quantizer"]
     if len(quantizers) > 1:
         raise LowbitError(f"chain {','.join(names)} has {len(quantizers)} quantizers "

@@ -27,7 +27,8 @@ Per quantized linear `p` (weight (N, K)), by lowbit spec:
   it, so the keys round slightly differently (values are the same).
 Refused with a LowbitError before anything is written: block floating point (MX6, MX9, BFP16), MXINT8,
 E5M2 / FNUZ / E3M2 elements, a group size that does not divide in_features (compressed-tensors has no
-partial last group), other input-activation schemes (integer, dynamic, MX, NVFP4) and other scale layouts.
+partial last group), other input-activation schemes (integer, dynamic, MX, NVFP4), other scale layouts and an online rotation
+(r4). A model rotated offline (R1, R2) exports like any other: the rotation lives in its weights.
 
 Loading with transformers on CPU (compressed-tensors 0.20): the NVFP4 and MX decoders return bfloat16
 weights, so a float32 model needs CompressedTensorsConfig(dequantize=True) or dtype=torch.bfloat16; packed
@@ -125,6 +126,11 @@ def _read_lowbit_config(src: Path) -> dict:
 def _plan_linears(qconfig: dict) -> list[LinearExport]:
     """The export of every quantized linear, refusing the first one compressed-tensors cannot hold."""
     inputs = qconfig.get("inputs") or {}
+    online = qconfig.get("online_rotations") or {}
+    if online:
+        raise LowbitError(f"{next(iter(online))} multiplies its input by a Hadamard matrix at run time (rotation r4), "
+                          f"which compressed-tensors cannot express; quantize with --algo-arg rotation:r4=false "
+                          f"(R1 and R2 export fine), or export to ONNX once lowbit writes it")
     plans = []
     for name, spec_dict in qconfig.get("modules", {}).items():
         spec = QuantSpec.from_dict(spec_dict)

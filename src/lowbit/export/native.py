@@ -146,7 +146,8 @@ def read_linear(ckpt, module_name: str, spec: QuantSpec, shape: tuple[int, int])
 
 def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict, dtype: torch.dtype,
                         input_specs: dict[str, QuantSpec] | None = None,
-                        output_specs: dict[str, QuantSpec] | None = None) -> dict:
+                        output_specs: dict[str, QuantSpec] | None = None,
+                        online_rotations: dict[str, dict] | None = None) -> dict:
     quantized = {n: lp for n, lp in plan.items() if lp.spec is not None}
     return {
         "quant_method": "lowbit",
@@ -161,15 +162,19 @@ def quantization_config(plan: dict[str, LayerPlan], recipe_dict: dict, dtype: to
         "shapes": {n: list(lp.shape) for n, lp in quantized.items()},
         "inputs": {n: spec.to_dict() for n, spec in (input_specs or {}).items()},
         "outputs": {n: spec.to_dict() for n, spec in (output_specs or {}).items()},
+        # linears whose input is multiplied at run time by the normalised Hadamard of its width (rotation r4)
+        "online_rotations": dict(online_rotations or {}),
     }
 
 
 def write_metadata(folder: Path, source_folder: Path, plan: dict[str, LayerPlan], recipe_dict: dict,
                    dtype: torch.dtype, untie: bool, input_specs: dict[str, QuantSpec] | None = None,
-                   output_specs: dict[str, QuantSpec] | None = None) -> None:
+                   output_specs: dict[str, QuantSpec] | None = None,
+                   online_rotations: dict[str, dict] | None = None) -> None:
     """config.json with the quantization_config, plus the source's tokenizer and generation files."""
     config = json.loads((Path(source_folder) / "config.json").read_text())
-    config["quantization_config"] = quantization_config(plan, recipe_dict, dtype, input_specs, output_specs)
+    config["quantization_config"] = quantization_config(plan, recipe_dict, dtype, input_specs, output_specs,
+                                                       online_rotations)
     if untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):

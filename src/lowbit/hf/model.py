@@ -12,6 +12,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +42,9 @@ class LoadedModel:
     source_dtype: torch.dtype
     quantized: dict[str, QuantSpec] = field(default_factory=dict)
     quantization_config: dict | None = None
+    untied: dict[str, str] = field(default_factory=dict)  # parameter -> the tied source it is read from
+    # called with the names of the parameters each materialize() loaded (a rotation rewrites them there)
+    after_materialize: Callable[[list[str]], None] | None = None
 
     # -- weights ------------------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
@@ -51,8 +55,8 @@ class LoadedModel:
 
             shape = tuple(self.model.get_parameter(name).shape)
             return read_linear(self.ckpt, module_name, self.quantized[module_name], shape).to(self.source_dtype)
-        if name not in self.ckpt and name in self.layout.tied:
-            return self.read(self.layout.tied[name])
+        if name not in self.ckpt and (name in self.layout.tied or name in self.untied):
+            return self.read(self.layout.tied.get(name) or self.untied[name])
         if name not in self.ckpt:
             aliased = read_aliased(name, self.ckpt)
             if aliased is not None:
@@ -62,6 +66,7 @@ class LoadedModel:
     def materialize(self, prefix: str = "") -> None:
         """Load every parameter whose name starts with prefix from disk into the skeleton. A tied weight
         stored only under its source (lm_head -> embeddings) shares the source's tensor."""
+        loaded = []
         for name, param in list(self.model.named_parameters(remove_duplicate=False)):
             if not name.startswith(prefix) or param.device.type != "meta":
                 continue
@@ -76,6 +81,13 @@ class LoadedModel:
                 raise LowbitError(f"tensor {name} has shape {tuple(tensor.shape)} in {self.folder} but the config "
                                   f"asks for {tuple(param.shape)}; the checkpoint does not match its config.json")
             set_module_tensor(self.model, name, tensor.to(param.dtype) if tensor.is_floating_point() else tensor)
+            loaded.append(name)
+        if loaded and self.after_materialize is not None:
+            self.after_materialize(loaded)
+
+    def untie(self, name: str) -> None:
+        """Give a tied parameter (lm_head) its own copy of its source's stored value from now on."""
+        self.untied[name] = self.layout.tied.pop(name)
 
     def release(self, prefix: str) -> None:
         """Drop the weights under prefix back to the meta device."""
@@ -93,6 +105,10 @@ class LoadedModel:
             params = None if spec.dynamic else self.ckpt.get(f"{name}.input_scale").float()
             attach_input_quant(self.model.get_submodule(name), spec, params if params is None or params.numel() > 1
                                else params.reshape(()))
+        from .rotate import attach_online_rotation, online_rotation
+
+        for name, info in (self.quantization_config or {}).get("online_rotations", {}).items():
+            attach_online_rotation(self.model.get_submodule(name), online_rotation(int(info["size"])))
         outputs = (self.quantization_config or {}).get("outputs", {})
         for name, spec in outputs.items():
             params = self.ckpt.get(f"{name}.output_scale").float()

@@ -103,6 +103,47 @@ def test_rotated_float_model_computes_the_same(arch, options, gained_models):
     assert not torch.allclose(model.get_submodule(first).weight, loaded.read(f"{first}.weight"))
 
 
+def _more_configs():
+    """Families beyond conftest's: q/k norms (Qwen3), scalar multipliers (Granite), parallel attention with
+    LayerNorm (Falcon, Cohere without norm bias, Phi with an lm_head bias), partial rotary (StableLM), and
+    post-norm blocks (OLMo-2), which must be refused."""
+    import transformers as tf
+
+    common = dict(vocab_size=300, hidden_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, intermediate_size=112, pad_token_id=0)
+    return {
+        "qwen3": tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=20),
+        "granite": tf.GraniteConfig(**common, num_key_value_heads=2, embedding_multiplier=3.0,
+                                    residual_multiplier=0.5, logits_scaling=2.0),
+        "falcon": tf.FalconConfig(vocab_size=300, hidden_size=80, num_hidden_layers=2, num_attention_heads=4,
+                                  new_decoder_architecture=False),
+        "cohere": tf.CohereConfig(**common, num_key_value_heads=2),
+        "phi": tf.PhiConfig(**common),
+        "stablelm": tf.StableLmConfig(**common, num_key_value_heads=2, partial_rotary_factor=0.5),
+        "olmo2": tf.Olmo2Config(**common, num_key_value_heads=2),
+    }
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "falcon", "cohere", "phi", "stablelm", "olmo2"])
+def test_more_families_rotate_exactly_or_are_refused(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_more_configs()[arch]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.08 if p.dim() == 2 else p + torch.randn(p.shape) * 0.3)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = _logits(model, ids)
+    if arch == "olmo2":  # norms after attention and MLP, inside the residual branch: no rotation commutes
+        with pytest.raises(LowbitError, match="rotation changed what block 0 computes"):
+            _rotated(tmp_path, ids)
+        return
+    logits = _logits(_rotated(tmp_path, ids, r2=True, r4=True)[0], ids)
+    assert ((logits - reference).abs().max() / reference.abs().max()) < 1e-4
+
+
 def test_sandwich_norm_blocks_are_refused(gained_models):
     ids = torch.randint(3, 300, (1, 16))
     with pytest.raises(LowbitError, match="rotation changed what block 0 computes"):

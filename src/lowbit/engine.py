@@ -1,6 +1,7 @@
 """The block-by-block runner.
 
-For each decoder block: load its weights from disk, let the transforms (AWQ, SmoothQuant) see the statistics
+A rotation, when the chain starts with one, is set up first (hf.rotate) and then applied to every tensor as
+it is loaded. For each decoder block: load its weights from disk, let the transforms (AWQ, SmoothQuant) see the statistics
 of every linear's input and fold their scales into the block, let a calibrated quantizer (GPTQ) see its
 inputs, quantize the block's linears, re-run the quantized block to produce the next block's inputs (and
 calibrate static activation ranges), hand the results to the writer, and drop the block from memory. The
@@ -80,7 +81,6 @@ class EngineReport:
     block_seconds: list[float] = field(default_factory=list)
     capture_seconds: float = 0.0
     rotation: dict | None = None  # what the rotation did (hf.rotate.Rotator.summary)
-    rotation_seconds: float = 0.0
 
 
 class Sink:
@@ -191,7 +191,6 @@ class Engine:
         """Rotate the model as it loads (hf.rotate): roles found and block 0 checked before any other work."""
         from .hf.rotate import Rotator
 
-        start = time.perf_counter()
         if self.calibration is not None:
             probe = self.calibration[:1]
         else:  # any tokens serve to find the roles and check the function
@@ -199,7 +198,6 @@ class Engine:
             probe = (torch.arange(1, 17) * 7919 % vocab)[None, :]
         self.rotator = Rotator(self.loaded, self.rotation, probe)
         self.report.rotation = self.rotator.prepare()
-        self.report.rotation_seconds = time.perf_counter() - start
 
     # -- calibration --------------------------------------------------------------------------------
     def _capture_block0_inputs(self) -> list[tuple[torch.Tensor, dict]]:

@@ -27,8 +27,9 @@ Per quantized linear `p` (weight (N, K)), by lowbit spec:
   it, so the keys round slightly differently (values are the same).
 Refused with a LowbitError before anything is written: block floating point (MX6, MX9, BFP16), MXINT8,
 E5M2 / FNUZ / E3M2 elements, a group size that does not divide in_features (compressed-tensors has no
-partial last group), other input-activation schemes (integer, dynamic, MX, NVFP4), other scale layouts and an online rotation
-(r4). A model rotated offline (R1, R2) exports like any other: the rotation lives in its weights.
+partial last group), other input-activation schemes (integer, dynamic, MX, NVFP4), other scale layouts
+and an online rotation (r4). A model rotated offline (R1, R2) exports like any other: the rotation lives in
+its weights.
 
 Loading with transformers on CPU (compressed-tensors 0.20): the NVFP4 and MX decoders return bfloat16
 weights, so a float32 model needs CompressedTensorsConfig(dequantize=True) or dtype=torch.bfloat16; packed

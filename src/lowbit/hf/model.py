@@ -12,8 +12,8 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn

@@ -79,6 +79,7 @@ class Rotator:
         self.online: dict[str, dict] = {}  # linear -> {"size": n}: rotated online (R4)
         self.max_error = 0.0  # largest relative change of a block's function (float rounding only)
         self.final_norm: tuple[str, str] | None = None  # (module, rule)
+        self.final_mean = False  # whether the final norm subtracts the mean (LayerNorm)
         self.embeddings: list[str] = []  # modules writing embeddings into the stream
 
     # -- discovery ------------------------------------------------------------------------------------

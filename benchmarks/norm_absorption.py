@@ -38,12 +38,12 @@ def main() -> None:
     ap.add_argument("--exclude", nargs="*", default=["lm_head"], help="layer patterns left float")
     args = ap.parse_args()
     rows = [("RTN", run(args, "rtn")), ("rotation (R1) + RTN", run(args, "rotation"))]
-    real_right, real_right_t = hadamard.Rotation.right, hadamard.Rotation.right_t
-    hadamard.Rotation.right = hadamard.Rotation.right_t = lambda self, x: x  # absorb the gains, rotate nothing
+    real_right = hadamard.Rotation.right
+    hadamard.Rotation.right = lambda self, x: x  # absorb the gains, rotate nothing
     try:
         rows.append(("norm gains absorbed, no rotation + RTN", run(args, "rotation")))
     finally:
-        hadamard.Rotation.right, hadamard.Rotation.right_t = real_right, real_right_t
+        hadamard.Rotation.right = real_right
     base = api.evaluate(args.model, dataset=args.dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,
                         progress=False)
     print(f"model {args.model}, scheme {args.scheme}, excluded {' '.join(args.exclude)}, text {args.dataset}, "

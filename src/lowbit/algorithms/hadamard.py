@@ -148,49 +148,37 @@ class Rotation:
         if factors is not None and seed is not None:
             self.signs = torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1
         self.reflect = None  # w: Q <- Q (I - 2 w w^T), sending the ones direction to itself
-        self.reflected = None  # Q_plain w, for x Q^T
         if keep_mean:
             u = torch.full((1, n), 1 / math.sqrt(n), dtype=torch.float64)
             w = (self._plain(u) - u)[0]  # u Q - u
             if torch.linalg.vector_norm(w) > 1e-12:
                 self.reflect = w / torch.linalg.vector_norm(w)
-                self.reflected = self._plain(self.reflect[None, :], transpose=True)[0]
 
     def _as(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return t if t.dtype == like.dtype and t.device == like.device else t.to(like.device, like.dtype)
 
-    def _kron(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _kron(self, x: torch.Tensor) -> torch.Tensor:
+        """x H, one small factor per axis of x's last dimension reshaped to the factors' orders."""
         shape = x.shape
         y = x.reshape(-1, *(f.shape[0] for f in self.factors))
         for axis, f in enumerate(self.factors, start=1):
-            f = self._as(f, x)
-            y = torch.movedim(torch.movedim(y, axis, -1) @ (f.T if transpose else f), -1, axis)
+            y = torch.movedim(torch.movedim(y, axis, -1) @ self._as(f, x), -1, axis)
         return y.reshape(shape)
 
-    def _plain(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """x Q (or x Q^T) without the reflection, in x's dtype (float64 for weights, the activations' dtype
-        for an online rotation)."""
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        """x Q without the reflection, in x's dtype (float64 for weights, the activations' dtype for an
+        online rotation)."""
         if self.dense is not None:
-            d = self._as(self.dense, x)
-            return x @ (d.T if transpose else d)
-        signs = self._as(self.signs, x)
-        if transpose:  # x diag(s) H^T / sqrt(n)
-            return self._kron(x * signs, True) / math.sqrt(self.n)
-        return self._kron(x, False) * signs / math.sqrt(self.n)
+            return x @ self._as(self.dense, x)
+        return self._kron(x) * self._as(self.signs, x) / math.sqrt(self.n)
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        """x Q over the last dimension (float64 in, float64 out)."""
+        """x Q over the last dimension, in x's dtype. (x Q^T, where needed, is right() of the transpose:
+        Q^T W = (W^T Q)^T.)"""
         y = self._plain(x)
         if self.reflect is not None:
             w = self._as(self.reflect, x)
             y = y - 2 * (y @ w)[..., None] * w
-        return y
-
-    def right_t(self, x: torch.Tensor) -> torch.Tensor:
-        """x Q^T over the last dimension."""
-        y = self._plain(x, transpose=True)
-        if self.reflect is not None:  # Q^T = (I - 2 w w^T) Q_plain^T: x Q^T = x Q_plain^T - 2 (x . w) (Q_plain w)
-            y = y - 2 * (x @ self._as(self.reflect, x))[..., None] * self._as(self.reflected, x)
         return y
 
     def matrix(self) -> torch.Tensor:

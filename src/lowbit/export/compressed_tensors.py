@@ -51,8 +51,9 @@ from ..errors import LowbitError
 from ..formats import pack_rows
 from ..hf.checkpoint import LazyCheckpoint
 from ..spec import QuantSpec
-from .native import FORMAT_VERSION, TOKENIZER_FILES, stored_names, unpack_linear
+from .native import TOKENIZER_FILES, stored_names, unpack_linear
 from .output import ShardWriter, staged_output
+from .source import read_lowbit_config
 
 PACK_QUANTIZED = "pack-quantized"
 FLOAT_QUANTIZED = "float-quantized"
@@ -84,7 +85,7 @@ class LinearExport:
 def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the lowbit folder `src` as a compressed-tensors folder `out`; every check runs before writing."""
     src, out = Path(src), Path(out)
-    config = _read_lowbit_config(src)
+    config = read_lowbit_config(src)
     qconfig = config["quantization_config"]
     if out.resolve() == src.resolve():
         raise LowbitError(f"the output {out} is the lowbit folder itself; choose another output path")
@@ -104,25 +105,6 @@ def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> 
 
 
 # -- reading and validating ---------------------------------------------------------------------------
-
-def _read_lowbit_config(src: Path) -> dict:
-    """config.json of a lowbit output folder, refusing anything else."""
-    path = src / "config.json"
-    if not path.is_file():
-        raise LowbitError(f"{src} has no config.json; give a folder written by lowbit quantize")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LowbitError(f"{path} is not valid JSON ({exc.msg}); restore the file") from None
-    qconfig = config.get("quantization_config") or {}
-    if qconfig.get("quant_method") != "lowbit":
-        raise LowbitError(f"{src} is not a lowbit output (quant_method {qconfig.get('quant_method')!r}); "
-                          f"give a folder written by lowbit quantize")
-    if qconfig.get("format_version", 0) > FORMAT_VERSION:
-        raise LowbitError(f"{src} uses lowbit format version {qconfig['format_version']}, newer than this lowbit "
-                          f"reads ({FORMAT_VERSION}); upgrade lowbit")
-    return config
-
 
 def _plan_linears(qconfig: dict) -> list[LinearExport]:
     """The export of every quantized linear, refusing the first one compressed-tensors cannot hold."""

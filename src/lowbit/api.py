@@ -23,6 +23,7 @@ from .errors import LowbitError
 from .eval import perplexity
 from .export.native import NativeSink, write_metadata
 from .export.output import check_output, staged_output
+from .export.source import PlannedModel
 from .hf.model import LoadedModel, open_model
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
                      validate_plan)
@@ -84,10 +85,13 @@ def plan_for(loaded: LoadedModel, recipe: Recipe):
 def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: bool = False,
              keep_in_memory: bool = False, evaluate_after: bool = False, eval_dataset: str | None = None,
              eval_seq_len: int | None = None, max_chunks: int | None = None, progress: bool = True,
-             quiet: bool = False, **recipe_args) -> QuantizeResult:
-    """Quantize a model source (HF folder, GGUF file or "demo") and write a lowbit folder to `output`.
+             quiet: bool = False, export=None, export_options: dict | None = None,
+             **recipe_args) -> QuantizeResult:
+    """Quantize a model source (HF folder, GGUF file or "demo") and write a lowbit folder to `output`, and,
+    with export ("awq,gguf" or a list), each format beside it (OUT-awq/, OUT.gguf, ...).
 
-    Everything is validated before any weight is read: the scheme, the chain, the output path, the plan.
+    Everything is validated before any weight is read: the scheme, the chain, the output paths, the plan, and
+    whether each export format can hold the result. export_options: {format: {option: value}}.
     """
     t0 = time.perf_counter()
     recipe = recipe or make_recipe(**recipe_args)
@@ -99,6 +103,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
     plan = plan_for(loaded, recipe)
     _log(format_plan(plan), quiet)
+    exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet)
 
     calib = None
     cal = recipe.calibration
@@ -139,8 +144,32 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
                                                 max_chunks, progress)
         if tmp is not None:
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    for form in exports:
+        path = form.write(Path(output), form.default_output(output), overwrite,
+                          **(export_options or {}).get(form.name, {}))
+        summary.setdefault("exports", {})[form.name] = str(path)
+        _log(f"exported {form.name}: {path}", quiet)
+    if exports:
+        (Path(output) / "summary.json").write_text(json.dumps(summary, indent=2))
     model_out = loaded.model.eval() if keep else None
     return QuantizeResult(Path(output) if output is not None else None, summary, report, model_out, plan)
+
+
+def _check_exports(export, output, overwrite: bool, planned, quiet: bool) -> list:
+    """The export formats asked for, each checked against the plan and its output path before any work."""
+    if not export:
+        return []
+    from .export.formats import parse_formats
+    from .export.output import check_output, check_output_file
+
+    if output is None:
+        raise LowbitError("--export needs an output folder (-o OUT): the exports are written beside it")
+    formats = parse_formats(export)
+    for form in formats:
+        for warning in form.check(planned):
+            _log(f"warning ({form.name}): {warning}", quiet)
+        (check_output_file if form.is_file else check_output)(form.default_output(output), overwrite)
+    return formats
 
 
 def _measures(loaded, report, plan, t0, t_loaded, t_quant, folder) -> dict:
@@ -229,15 +258,26 @@ def inspect(model, recipe: Recipe | None = None) -> dict:
     return info
 
 
-EXPORT_FORMATS = ("compressed-tensors",)
-
-
-def export(model, output, fmt: str = "compressed-tensors", overwrite: bool = False) -> Path:
+def export(model, output, fmt: str = "compressed-tensors", overwrite: bool = False, quiet: bool = False,
+           **options) -> Path:
     """Re-export a lowbit output folder in another layout without re-quantizing (the stored codes and scales
-    move as they are). Formats: compressed-tensors (vLLM / transformers); AutoAWQ, GPTQ, GGUF and ONNX next."""
-    if fmt not in EXPORT_FORMATS:
-        raise LowbitError(f"unknown export format {fmt!r}; this version writes {', '.join(EXPORT_FORMATS)} "
-                          f"(AutoAWQ, GPTQ, GGUF and ONNX exports are planned)")
-    from .export.compressed_tensors import export_compressed_tensors
+    move as they are, except where a format warns that it re-quantizes). Formats: lowbit.export.formats.NAMES;
+    options go to the format's writer (gguf: quant_type; onnx: accuracy_level, quantize_embedding)."""
+    from .export.formats import get_format
+    from .export.source import LowbitFolder
 
-    return export_compressed_tensors(Path(model), Path(output), overwrite)
+    form = get_format(fmt)
+    for warning in form.check(LowbitFolder(Path(model))):
+        _log(f"warning: {warning}", quiet)
+    return form.write(Path(model), Path(output), overwrite, **options)
+
+
+def planned_model(loaded: LoadedModel, plan: dict, chain) -> PlannedModel:
+    """What the quantized model will be, for export checks before calibration."""
+    r4 = any(a.name == "rotation" and a.args().get("r4") for a in chain)
+    return PlannedModel(
+        config=json.loads((loaded.folder / "config.json").read_text()),
+        modules={n: (lp.spec, lp.shape) for n, lp in plan.items() if lp.spec is not None},
+        inputs={n: lp.input_spec for n, lp in plan.items() if lp.spec is not None and lp.input_spec is not None},
+        outputs={n: lp.output_spec for n, lp in plan.items() if lp.spec is not None and lp.output_spec is not None},
+        online_rotations={"the last linear of each MLP (rotation r4)": {}} if r4 else {})

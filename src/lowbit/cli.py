@@ -9,6 +9,7 @@ import re
 import sys
 
 from .errors import LowbitError
+from .export.formats import NAMES as EXPORT_NAMES, help_text as get_format_help
 from .recipe import DEFAULT_CALIBRATION
 
 EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym} (e.g. w_uint4_per_group_asym, "
@@ -49,6 +50,29 @@ def _add_recipe_args(p, required: bool) -> None:
                         "per-tensor scales from calibration [default: not quantized]")
 
 
+def _add_export_options(p) -> None:
+    p.add_argument("--gguf-type", default=None, choices=["q4_0", "q4_1", "q8_0"],
+                   help="gguf: one type for every quantized linear, re-quantizing where the stored codes do not map "
+                        "[default: the exact type per layer, else the nearest, with a warning]")
+    p.add_argument("--accuracy-level", "--accuracy_level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="onnx: MatMulNBits accuracy_level (lowest precision of the activations inside the kernel: "
+                        "1 fp32, 2 fp16, 3 bf16, 4 int8) [default: 0, unset]")
+    p.add_argument("--quantize-embedding", type=int, default=None, choices=[4, 8], metavar="BITS",
+                   help="onnx: store the embedding table with BITS-bit blocks (GatherBlockQuantized) [default: float]")
+
+
+def _export_options(args) -> dict:
+    """{format: {option: value}} from the export flags that were given."""
+    out = {"gguf": {}, "onnx": {}}
+    if args.gguf_type:
+        out["gguf"]["quant_type"] = args.gguf_type
+    if args.accuracy_level is not None:
+        out["onnx"]["accuracy_level"] = args.accuracy_level
+    if args.quantize_embedding is not None:
+        out["onnx"]["quantize_embedding"] = args.quantize_embedding
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -81,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "pass, or of the quantized block (one more forward per block; always so for "
                         "true-sequential GPTQ and static activation ranges) [default: float]")
     _add_data_args(q, "quantize")
+    q.add_argument("--export", default=None, metavar="FORMATS",
+                   help=f"also write these formats beside the output, comma-separated ({', '.join(EXPORT_NAMES)}): "
+                        f"OUT-awq/, OUT-gptq/, OUT-onnx/, OUT-compressed-tensors/, OUT.gguf; a format that cannot "
+                        f"hold the scheme is refused before calibration")
+    _add_export_options(q)
     q.add_argument("--eval", action="store_true", help="after quantizing, measure perplexity of the result")
     q.add_argument("--skip-quantization", "--skip_quantization", action="store_true",
                    help="do not quantize: evaluate the float model on --dataset and exit")
@@ -105,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "runtimes load, moving the stored codes and scales as they are. A scheme "
                                    "the layout cannot hold is refused before anything is written.")
     x.add_argument("model", help="a lowbit output folder")
-    x.add_argument("-f", "--format", required=True, choices=["compressed-tensors"],
-                   help="compressed-tensors: vLLM / transformers + compressed-tensors (int pack-quantized, FP8 "
-                        "float-quantized, NVFP4, MXFP4/6/8, FP8 KV cache)")
-    x.add_argument("-o", "--output", required=True, help="output folder")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("-f", "--format", required=True, choices=EXPORT_NAMES,
+                   help="; ".join(f"{n}: {get_format_help(n)}" for n in EXPORT_NAMES))
+    x.add_argument("-o", "--output", required=True, help="output folder (a .gguf file for gguf)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_export_options(x)
 
     i = sub.add_parser("inspect", help="architecture, layers, shapes and what a scheme would do",
                        description="Show MODEL's architecture and linear layers; with --scheme, the per-module "
@@ -157,7 +186,8 @@ def cmd_quantize(args) -> int:
         raise LowbitError("quantize needs an output folder: -o OUT")
     result = api.quantize(args.model, args.output, recipe=recipe, overwrite=args.overwrite,
                           evaluate_after=args.eval, eval_dataset=args.dataset, eval_seq_len=args.seq_len,
-                          max_chunks=args.max_chunks, progress=not args.no_progress, quiet=args.json)
+                          max_chunks=args.max_chunks, progress=not args.no_progress, quiet=args.json,
+                          export=args.export, export_options=_export_options(args))
     s = result.summary
     if args.json:
         print(json.dumps({"output": str(result.output), **s}))
@@ -169,6 +199,8 @@ def cmd_quantize(args) -> int:
           f"mean relative weight error {s.get('mean_layer_error', 0):.4f}")
     if "perplexity" in s:
         print(f"perplexity: {s['perplexity']['perplexity']:.4f} over {s['perplexity']['windows']} windows")
+    for name, path in s.get("exports", {}).items():
+        print(f"exported {name}: {path}")
     return 0
 
 
@@ -191,7 +223,8 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from . import api
 
-    out = api.export(args.model, args.output, args.format, overwrite=args.overwrite)
+    options = _export_options(args).get(args.format, {})
+    out = api.export(args.model, args.output, args.format, overwrite=args.overwrite, **options)
     print(f"wrote {out} ({args.format})")
     return 0
 

@@ -104,6 +104,17 @@ def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> 
     return out
 
 
+def check_compressed_tensors(model) -> list[str]:
+    """Refuse (LowbitError) what compressed-tensors cannot hold, from a LowbitFolder or a PlannedModel."""
+    qconfig = {"modules": {n: spec.to_dict() for n, (spec, _) in model.modules.items()},
+               "shapes": {n: list(shape) for n, (_, shape) in model.modules.items()},
+               "inputs": {n: spec.to_dict() for n, spec in model.inputs.items()},
+               "online_rotations": model.online_rotations}
+    _plan_linears(qconfig)
+    _plan_kv_cache({n: spec.to_dict() for n, spec in model.outputs.items()})
+    return []
+
+
 # -- reading and validating ---------------------------------------------------------------------------
 
 def _plan_linears(qconfig: dict) -> list[LinearExport]:

@@ -25,7 +25,11 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise LowbitError(f"output {out} already exists; choose another path or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise LowbitError(f"output {out} is a file; give a folder path")
-    parent = out.resolve().parent
+    _check_parent(out.resolve().parent, out)
+
+
+def _check_parent(parent: Path, out: Path) -> None:
+    """The folder an output goes into exists (created if need be) and is writable."""
     if parent.exists() and not parent.is_dir():
         raise LowbitError(f"cannot write {out}: {parent} is a file, not a folder; choose another output path")
     if not parent.exists():
@@ -36,6 +40,30 @@ def check_output(out: Path, overwrite: bool) -> None:
                               f"choose a writable path") from None
     if not os.access(parent, os.W_OK):
         raise LowbitError(f"cannot write to {parent}; choose a writable output path")
+
+
+def check_output_file(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output file that exists (unless overwrite), is a folder, or cannot be written."""
+    out = Path(out)
+    if out.is_dir():
+        raise LowbitError(f"output {out} is a folder; give a file path")
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output {out} already exists; choose another path or pass --overwrite")
+    _check_parent(out.resolve().parent, out)
+
+
+@contextlib.contextmanager
+def staged_file(out: Path, overwrite: bool = False):
+    """Yield a temporary file path beside `out`; on success it replaces `out`, on failure it is removed."""
+    out = Path(out)
+    check_output_file(out, overwrite)
+    tmp = out.resolve().parent / f".{out.name}.lowbit-tmp-{os.getpid()}"
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
 
 
 @contextlib.contextmanager

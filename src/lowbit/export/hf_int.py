@@ -1,0 +1,223 @@
+"""Integer Hugging Face checkpoints that other tools load: AutoAWQ "GEMM" and GPTQ (v1) layouts.
+
+Why: onnxruntime-genai's model builder (`-p int4`), vLLM, transformers and llama.cpp's converters take these
+layouts as pre-quantized input; writing them lets a lowbit AWQ/GPTQ result reach those runtimes as it is.
+The stored integer codes and zero points move unchanged; only the scales are stored as float16 (both formats
+say so), which is the one rounding (relative 2^-11 of a scale at most). Float tensors are copied as stored.
+
+AutoAWQ GEMM (per linear, weight (N, K), group G; FORMATS.md 3.1):
+  qweight int32 (K, N/8): 8 four-bit codes along N per word, word c slot i = column 8c + ORDER[i];
+  qzeros  int32 (K/G, N/8), same packing; scales float16 (K/G, N). 4 bits, one group size for every layer.
+GPTQ v1 (FORMATS.md 3.2): qweight int32 (K*b/32, N) packed along K; qzeros int32 (K/G, N*b/32) packed along
+  N holding zero - 1 (the v1 offset; checkpoint_format "gptq"); scales float16 (K/G, N); g_idx int32 (K,)
+  = k // G. Bits 2, 4, 8; per channel is group_size -1; other layers' bits / group sizes go in "dynamic".
+Unsigned codes are stored: a signed spec's codes are shifted by 2^(b-1), with the same zero point (exact).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+from ..formats import Quantized
+from ..spec import QuantSpec
+from .output import ShardWriter, staged_output
+from .source import LowbitFolder
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # slot i of a packed AWQ word holds column 8c + AWQ_ORDER[i]
+GPTQ_BITS = (2, 4, 8)
+
+
+def unsigned_codes(qt: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes in [0, 2^b - 1] and zero points per group (N, groups), the dequantized weight unchanged."""
+    spec = qt.spec
+    offset = 1 << (spec.bits - 1) if spec.signed else 0
+    groups = qt.scale.shape[1] if spec.granularity != "tensor" else 1
+    if qt.zero is not None:
+        zero = qt.zero.to(torch.int32) + offset
+    else:
+        zero = torch.full((qt.codes.shape[0], groups), offset if spec.signed else 1 << (spec.bits - 1),
+                          dtype=torch.int32)
+    return qt.codes.to(torch.int32) + offset, zero.expand(qt.codes.shape[0], -1)
+
+
+def pack_int32(values: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Pack unsigned values (rows, cols) along cols, 32/bits per int32 word, LSB-first; `order[i]` names the
+    column (within a word's run) that slot i holds (AWQ's interleave), sequential when None."""
+    per = 32 // bits
+    rows, cols = values.shape
+    if cols % per:
+        raise ValueError(f"{cols} columns do not fill whole {per}-value words")
+    runs = values.to(torch.int64).reshape(rows, cols // per, per)
+    order = order or tuple(range(per))
+    word = torch.zeros(rows, cols // per, dtype=torch.int64)
+    for slot, col in enumerate(order):
+        word |= runs[..., col] << (bits * slot)
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverse of pack_int32: int32 (rows, words) to int32 values (rows, words * 32/bits)."""
+    per = 32 // bits
+    order = order or tuple(range(per))
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(*words.shape, per, dtype=torch.int32)
+    for slot, col in enumerate(order):
+        out[..., col] = ((unsigned >> (bits * slot)) & ((1 << bits) - 1)).to(torch.int32)
+    return out.reshape(words.shape[0], -1)
+
+
+# -- what each layout can hold ------------------------------------------------------------------------
+
+def _group(spec: QuantSpec, shape) -> int:
+    """The group size along K, or -1 for one group per row (channel / tensor)."""
+    return spec.group_size if spec.granularity == "group" else -1
+
+
+def _check_common(model, fmt: str, nearest: str) -> None:
+    if model.online_rotations:
+        raise LowbitError(f"{next(iter(model.online_rotations))} multiplies its input by a Hadamard matrix at run "
+                          f"time (rotation r4), which the {fmt} layout cannot express; quantize with "
+                          f"--algo-arg rotation:r4=false, or export to onnx")
+    if model.inputs or model.outputs:
+        name = next(iter(model.inputs or model.outputs))
+        raise LowbitError(f"{name} has quantized activations or KV cache, which the weight-only {fmt} layout "
+                          f"cannot hold; requantize weight-only, or export to {nearest}")
+    if not model.modules:
+        raise LowbitError(f"the model has no quantized linear; the {fmt} layout needs some")
+
+
+def _refuse(fmt: str, name: str, spec: QuantSpec, why: str, nearest: str) -> None:
+    raise LowbitError(f"cannot export {name} ({spec.short_name}) to {fmt}: {why}; {nearest}")
+
+
+def check_awq(model) -> list[str]:
+    """Refuse (LowbitError) what AutoAWQ's GEMM layout cannot hold; no warnings otherwise."""
+    _check_common(model, "AutoAWQ", "onnx or compressed-tensors")
+    groups = set()
+    for name, (spec, (n, k)) in model.modules.items():
+        if not spec.plain_int or spec.bits != 4:
+            _refuse("AutoAWQ", name, spec, "the layout holds 4-bit integers with float scales only",
+                    "use gptq for 2/8 bits, compressed-tensors for others" if spec.plain_int
+                    else "use compressed-tensors")
+        if spec.granularity != "group":
+            _refuse("AutoAWQ", name, spec, "the layout stores per-group scales only", "use gptq (group_size -1)")
+        if k % spec.group_size or n % 8:
+            _refuse("AutoAWQ", name, spec, f"its weight ({n} x {k}) is not whole groups of {spec.group_size} "
+                                           f"along K with N a multiple of 8",
+                    f"use a group size that divides {k} (e.g. --group-size {_divisor_hint(k)}), or export to onnx")
+        groups.add(spec.group_size)
+    if len(groups) > 1:
+        raise LowbitError(f"AutoAWQ stores one group size for the whole model, this one has {sorted(groups)}; "
+                          f"export to gptq (per-layer overrides) or requantize with one group size")
+    return []
+
+
+def check_gptq(model) -> list[str]:
+    """Refuse (LowbitError) what the GPTQ v1 layout (as AutoGPTQ / GPTQModel / the builder read it) cannot hold."""
+    _check_common(model, "GPTQ", "onnx or compressed-tensors")
+    for name, (spec, (n, k)) in model.modules.items():
+        if not spec.plain_int or spec.bits not in GPTQ_BITS:
+            _refuse("GPTQ", name, spec, "the layout holds 2, 4 or 8-bit integers with float scales here",
+                    "use compressed-tensors")
+        per = 32 // spec.bits
+        if k % per or n % per:
+            _refuse("GPTQ", name, spec, f"its weight ({n} x {k}) does not fill whole {per}-value int32 words",
+                    "export to onnx or compressed-tensors")
+        if spec.granularity == "group" and k % spec.group_size:
+            _refuse("GPTQ", name, spec, f"{k} input features are not whole groups of {spec.group_size}",
+                    f"use a group size that divides {k} (e.g. --group-size {_divisor_hint(k)}), or export to onnx")
+    return []
+
+
+def _divisor_hint(k: int) -> int:
+    return next(g for g in (128, 64, 32, 16, 8) if k % g == 0) if k % 8 == 0 else k
+
+
+# -- conversion ---------------------------------------------------------------------------------------
+
+def awq_tensors(qt: Quantized) -> dict[str, torch.Tensor]:
+    """qweight, qzeros, scales of one linear in the AutoAWQ GEMM layout."""
+    codes, zero = unsigned_codes(qt)
+    return {"qweight": pack_int32(codes.T.contiguous(), 4, AWQ_ORDER),
+            "qzeros": pack_int32(zero.T.contiguous(), 4, AWQ_ORDER),
+            "scales": qt.scale.T.to(torch.float16).contiguous()}
+
+
+def gptq_tensors(qt: Quantized) -> dict[str, torch.Tensor]:
+    """qweight, qzeros (v1: zero - 1), scales, g_idx of one linear in the GPTQ layout."""
+    bits = qt.spec.bits
+    codes, zero = unsigned_codes(qt)
+    n, k = codes.shape
+    group = qt.spec.group_size if qt.spec.granularity == "group" else k
+    scale = qt.scale.float().expand(n, zero.shape[1])
+    stored_zero = (zero - 1) & ((1 << bits) - 1)
+    return {"qweight": pack_int32(codes, bits).T.contiguous(),
+            "qzeros": pack_int32(stored_zero.T.contiguous(), bits),
+            "scales": scale.T.to(torch.float16).contiguous(),
+            "g_idx": (torch.arange(k, dtype=torch.int32) // group)}
+
+
+def _awq_config(folder: LowbitFolder) -> dict:
+    spec = next(iter(folder.modules.values()))[0]
+    return {"quant_method": "awq", "bits": 4, "group_size": spec.group_size, "zero_point": True,
+            "version": "gemm", "modules_to_not_convert": list(folder.qconfig.get("ignore", [])) or None}
+
+
+def _gptq_config(folder: LowbitFolder) -> dict:
+    """The GPTQ quantization_config: the most common (bits, group, sym) globally, the rest in "dynamic"."""
+    def key(spec, shape):
+        return spec.bits, _group(spec, shape), spec.symmetric
+
+    counts: dict[tuple, int] = {}
+    for spec, shape in folder.modules.values():
+        counts[key(spec, shape)] = counts.get(key(spec, shape), 0) + 1
+    bits, group, sym = max(counts, key=counts.get)
+    dynamic = {}
+    for name, (spec, shape) in folder.modules.items():
+        b, g, _ = key(spec, shape)
+        if (b, g) != (bits, group):
+            dynamic[f"+:{re.escape(name)}(\\.|$)"] = {"bits": b, "group_size": g}
+    return {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": False,
+            "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
+            "dynamic": dynamic or None, "modules_to_not_convert": list(folder.qconfig.get("ignore", [])) or None}
+
+
+LAYOUTS = {"awq": (check_awq, awq_tensors, _awq_config), "gptq": (check_gptq, gptq_tensors, _gptq_config)}
+
+
+def export_awq(src: Path, out: Path, overwrite: bool = False) -> Path:
+    """The lowbit folder `src` as an AutoAWQ GEMM folder `out`."""
+    return export_hf_int(src, out, "awq", overwrite)
+
+
+def export_gptq(src: Path, out: Path, overwrite: bool = False) -> Path:
+    """The lowbit folder `src` as a GPTQ (v1) folder `out`."""
+    return export_hf_int(src, out, "gptq", overwrite)
+
+
+def export_hf_int(src: Path, out: Path, fmt: str, overwrite: bool = False) -> Path:
+    """Write the lowbit folder `src` as an AutoAWQ ("awq") or GPTQ ("gptq") folder `out`, checked first."""
+    check, convert, make_config = LAYOUTS[fmt]
+    src, out = Path(src), Path(out)
+    folder = LowbitFolder(src)
+    if out.resolve() == src.resolve():
+        raise LowbitError(f"the output {out} is the lowbit folder itself; choose another output path")
+    check(folder)
+    with staged_output(out, overwrite) as tmp:
+        writer = ShardWriter(tmp)
+        for name in folder.float_tensor_names():
+            writer.add(name, folder.ckpt.get(name))
+        for name in folder.modules:
+            for suffix, tensor in convert(folder.quantized(name)).items():
+                writer.add(f"{name}.{suffix}", tensor)
+        writer.close()
+        config = {k: v for k, v in folder.config.items() if k != "quantization_config"}
+        config["quantization_config"] = make_config(folder)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        folder.copy_tokenizer(tmp)
+    return out

@@ -207,3 +207,18 @@ def test_onnxruntime_genai_builder_accepts_export(fmt, quantized, tmp_path):
         ref = model(torch.from_numpy(IDS)).logits.numpy()
     got = _ort_logits(onnx_dir, IDS)
     assert np.abs(got - ref).max() < 3e-3 * np.abs(ref).max()
+
+
+def test_cli_quantize_export_and_refusal(llama64, tmp_path, capsys):
+    from lowbit.cli import main
+
+    assert main(["quantize", str(llama64), "-o", str(tmp_path / "q"), "--scheme", "w_uint4_per_group_asym",
+                 "--group-size", "32", "--export", "gptq", "--no-progress"]) == 0
+    assert f"exported gptq: {tmp_path / 'q-gptq'}" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "q"), "-f", "awq", "-o", str(tmp_path / "awq")]) == 0
+    assert (tmp_path / "awq" / "model.safetensors").is_file()
+    assert main(["quantize", str(llama64), "-o", str(tmp_path / "q2"), "--scheme", "w_mxfp4", "--export", "awq",
+                 "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot export") and "compressed-tensors" in errors[0]
+    assert not (tmp_path / "q2").exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import block_amax, compute_qparams, fake_quant
+from ..formats import block_amax, fake_quant
 from ..recipe import matches
 from ..spec import QuantSpec
 from .base import Transform, register

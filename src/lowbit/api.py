@@ -148,7 +148,6 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
         path = form.write(Path(output), form.default_output(output), overwrite,
                           **(export_options or {}).get(form.name, {}))
         summary.setdefault("exports", {})[form.name] = str(path)
-        _log(f"exported {form.name}: {path}", quiet)
     if exports:
         (Path(output) / "summary.json").write_text(json.dumps(summary, indent=2))
     model_out = loaded.model.eval() if keep else None

@@ -51,7 +51,7 @@ def _add_recipe_args(p, required: bool) -> None:
 
 
 def _add_export_options(p) -> None:
-    p.add_argument("--gguf-type", default=None, choices=["q4_0", "q4_1", "q8_0"],
+    p.add_argument("--gguf-type", default=None, choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4"],
                    help="gguf: one type for every quantized linear, re-quantizing where the stored codes do not map "
                         "[default: the exact type per layer, else the nearest, with a warning]")
     p.add_argument("--accuracy-level", "--accuracy_level", type=int, default=None, choices=[0, 1, 2, 3, 4],

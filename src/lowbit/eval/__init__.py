@@ -1,4 +1,5 @@
-"""Measuring a model: perplexity now; task accuracy, size and speed later."""
+"""Measuring a model: perplexity with torch (perplexity.py), onnxruntime (onnx_perplexity.py) and llama.cpp
+(llama_cpp.py); task accuracy, size and speed later."""
 
 from .perplexity import PerplexityResult, perplexity
 

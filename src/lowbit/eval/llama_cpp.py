@@ -1,0 +1,60 @@
+"""Perplexity of a GGUF file computed by llama.cpp itself (llama-cpp-python), on the same token windows and by
+the same protocol as eval.perplexity: token ids are fed directly (llama.cpp tokenizes nothing), each window
+starts from an empty KV cache, and the mean next-token NLL is taken over the seq_len - 1 predicted tokens of
+every window. So its figure and lowbit's are directly comparable for the same weights."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import LowbitError
+from .perplexity import PerplexityResult
+
+
+def gguf_perplexity(path: str | os.PathLike, windows: torch.Tensor, progress: bool = True,
+                    n_threads: int | None = None) -> PerplexityResult:
+    """Perplexity of the GGUF model at `path` over token windows (n, seq_len), computed by llama.cpp."""
+    llm = open_gguf(path, windows.shape[1], n_threads)
+    start = time.perf_counter()
+    total_nll, total_tokens = 0.0, 0
+    bar = tqdm(total=windows.shape[0], desc="perplexity (llama.cpp)", unit="window", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for window in windows.tolist():
+            llm.reset()  # the next eval clears the KV cache from position 0: every window starts empty
+            llm.eval(window)
+            logits = torch.from_numpy(llm.scores[: len(window) - 1]).double()
+            targets = torch.tensor(window[1:])
+            total_nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            total_tokens += len(window) - 1
+            bar.update(1)
+    finally:
+        bar.close()
+        llm.close()
+    mean = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean), mean, windows.shape[0], total_tokens, windows.shape[1],
+                            time.perf_counter() - start)
+
+
+def open_gguf(path: str | os.PathLike, n_ctx: int, n_threads: int | None = None):
+    """A quiet llama_cpp.Llama over a GGUF file that returns the logits of every position of a window."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LowbitError("running GGUF files needs llama-cpp-python: pip install llama-cpp-python") from None
+    if not Path(path).is_file():
+        raise LowbitError(f"GGUF file {path} not found; give the path of a .gguf file")
+    threads = n_threads or len(os.sched_getaffinity(0))
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                               n_threads=threads, n_threads_batch=threads, verbose=False)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        raise LowbitError(f"llama.cpp cannot load {path} ({exc}); check that the file is a complete GGUF model "
+                          f"of an architecture this llama.cpp supports") from None

@@ -1,0 +1,308 @@
+"""Export a lowbit folder as one GGUF file for llama.cpp (FORMATS.md 4).
+
+Why: llama.cpp (and Ollama, LM Studio, llama-cpp-python) runs GGUF files on CPUs and laptops. Where the
+scheme maps exactly (gguf_blocks: integer codes of up to 4 / 5 / 8 bits with one scale per group of a
+multiple of 32 columns, per channel or per tensor -> Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0; MXFP4 -> MXFP4) the
+stored codes move as they are and the only loss is storing each block's scale (and Q4_1's minimum) as
+float16 (relative error <= 2^-11). Anything else (groups of 16, 8-bit asymmetric, FP8, NVFP4, ...) is
+re-quantized from lowbit's dequantized weights by gguf-py, with a warning (check_gguf returns it; the file
+keeps it under lowbit.warnings). `quant_type` forces one type for every quantized linear. Q4_K / Q6_K are not
+written: gguf-py cannot quantize them and no lowbit scheme maps onto their two-level scales.
+
+Architectures: llama and mistral (llama.cpp's "llama": q/k rows permuted from HF's rotate-half RoPE to
+llama.cpp's adjacent pairs, an exact row move), qwen2 (no permutation; q/k/v biases) and gemma (norm weights
+stored as 1 + w, which is what HF Gemma multiplies by; llama.cpp scales the embeddings by sqrt(hidden)
+itself, as HF does; the output always reuses the embedding). Float tensors keep their stored dtype (norms
+float32), so llama.cpp computes with lowbit's weights. Refused before anything is written: other
+architectures, online rotations (r4), quantized activations or KV cache, in_features not a multiple of 32,
+unsupported RoPE scaling (gguf_meta), and tokenizers llama.cpp cannot take (gguf_vocab).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from .. import __version__
+from ..errors import LowbitError
+from ..spec import QuantSpec
+from .gguf_blocks import BLOCK, exact_type, fallback_type, pack_exact, requantize, row_bytes
+from .gguf_meta import add_hparams, config_warnings, llama3_rope_factors, n_vocab, rope
+from .gguf_vocab import GGUFVocab, read_vocab
+from .output import check_output_file, staged_file
+from .source import LowbitFolder, PlannedModel
+
+QUANT_TYPES = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "mxfp4": T.MXFP4}
+FILE_TYPES = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+              T.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, T.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+              T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, T.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE}
+NOT_EXPORTED = re.compile(r"rotary_emb\.inv_freq$")  # buffers some checkpoints carry; llama.cpp computes them
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one HF model type becomes a llama.cpp architecture."""
+
+    gguf_arch: gguf.MODEL_ARCH
+    permute_qk: bool = False  # HF rotate-half RoPE -> llama.cpp's adjacent-pair RoPE (LLAMA rope type)
+    norm_plus_one: bool = False  # HF computes x * (1 + w) (Gemma); llama.cpp computes x * w
+    separate_output: bool = True  # False: llama.cpp always reuses token_embd as the output (Gemma)
+
+
+ARCHS = {"llama": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True), "mistral": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+         "qwen2": Arch(gguf.MODEL_ARCH.QWEN2), "gemma": Arch(gguf.MODEL_ARCH.GEMMA, norm_plus_one=True,
+                                                             separate_output=False)}
+
+
+@dataclass
+class LinearGGUF:
+    """One quantized linear's GGUF tensor: its type, whether lowbit's codes move exactly, its q/k heads."""
+
+    name: str
+    gguf_name: str
+    spec: QuantSpec
+    shape: tuple[int, int]
+    qtype: T
+    exact: bool
+    heads: int | None
+
+
+@dataclass
+class GGUFPlan:
+    arch: Arch
+    config: dict
+    names: gguf.TensorNameMap
+    linears: list[LinearGGUF]
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None) -> list[str]:
+    """Refuse (LowbitError) what a GGUF file cannot hold; return a warning per group of layers that will be
+    re-quantized (and, for a folder, about its tokenizer)."""
+    plan = plan_gguf(model, quant_type)
+    if isinstance(model, LowbitFolder):
+        return plan.warnings + read_vocab(model.folder, n_vocab(plan.config)).warnings
+    return plan.warnings
+
+
+def export_gguf(src: Path, out: Path, overwrite: bool = False, quant_type: str | None = None) -> Path:
+    """Write the lowbit folder `src` as the GGUF file `out`; every check runs before writing, the file is
+    written beside `out` and renamed into place only when complete. Warnings are check_gguf's to show."""
+    folder = LowbitFolder(src)
+    out = Path(out)
+    _check_target(out, overwrite)
+    plan = plan_gguf(folder, quant_type)
+    vocab = read_vocab(folder.folder, n_vocab(plan.config))
+    tensors = _tensors(folder, plan)
+    plan.warnings += vocab.warnings  # the caller shows check_gguf's; the file keeps them as lowbit.warnings
+    with staged_file(out, overwrite) as tmp:
+        _write(tmp, folder, plan, vocab, tensors)
+    return out
+
+
+# -- planning ------------------------------------------------------------------------------------------
+
+def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None) -> GGUFPlan:
+    """Every quantized linear's GGUF type, refusing the first thing llama.cpp cannot run."""
+    config = model.config
+    model_type = config.get("model_type")
+    arch = ARCHS.get(model_type)
+    if arch is None:
+        raise LowbitError(f"GGUF export supports llama, mistral, qwen2 and gemma models, not {model_type!r}; "
+                          f"export to compressed-tensors instead")
+    _refuse_runtime_quant(model)
+    forced = _forced_type(quant_type)
+    rope(config)  # refuses unsupported RoPE scaling now
+    names = gguf.get_tensor_name_map(arch.gguf_arch, config["num_hidden_layers"])
+    plan = GGUFPlan(arch, config, names, [], config_warnings(config))
+    requantized: Counter = Counter()
+    for name, (spec, (rows, cols)) in model.modules.items():
+        gguf_name = _gguf_name(names, f"{name}.weight", arch)
+        if cols % BLOCK:
+            raise LowbitError(f"{name} has {cols} input features, not a multiple of 32, and every quantized GGUF "
+                              f"type works in blocks of 32; export to onnx or compressed-tensors instead")
+        exact = exact_type(spec, cols)
+        qtype = forced if forced is not None else exact if exact is not None else fallback_type(spec)
+        if qtype != exact:
+            requantized[(spec.short_name, qtype.name, exact.name if exact else None)] += 1
+        plan.linears.append(LinearGGUF(name, gguf_name, spec, (rows, cols), qtype, qtype == exact,
+                                       _heads(name, config) if arch.permute_qk else None))
+    for (short, qtype, exact), n in requantized.items():
+        why = f"forced by quant_type (their exact type is {exact})" if exact else "they have no exact GGUF type"
+        plan.warnings.append(f"{n} linear{'s' if n > 1 else ''} ({short}) re-quantized from lowbit's dequantized "
+                             f"weights to {qtype}: {why}")
+    return plan
+
+
+def _gguf_name(names: gguf.TensorNameMap, name: str, arch: Arch) -> str:
+    """The GGUF name of an HF tensor, refusing tensors llama.cpp's architecture has no place for."""
+    gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    arch_name = gguf.MODEL_ARCH_NAMES[arch.gguf_arch]
+    if name.startswith("lm_head.") and not arch.separate_output:
+        raise LowbitError(f"{name} is a separate output layer, but llama.cpp's {arch_name} architecture always "
+                          f"reuses the embedding; requantize with lm_head excluded (the default)")
+    if gguf_name is None:
+        raise LowbitError(f"{name} has no counterpart in llama.cpp's {arch_name} architecture; "
+                          f"export to compressed-tensors instead")
+    return gguf_name
+
+
+def _refuse_runtime_quant(model) -> None:
+    if model.online_rotations:
+        raise LowbitError(f"{next(iter(model.online_rotations))} multiplies its input by a Hadamard matrix at run "
+                          f"time (rotation r4), which llama.cpp cannot do; quantize with --algo-arg rotation:r4=false "
+                          f"(R1 and R2 export fine) or export to onnx or compressed-tensors")
+    if model.inputs:
+        name, spec = next(iter(model.inputs.items()))
+        raise LowbitError(f"{name} has quantized input activations ({spec.short_name}); llama.cpp quantizes "
+                          f"activations its own way, so requantize weight-only or export to onnx or compressed-tensors")
+    if model.outputs:
+        raise LowbitError(f"{next(iter(model.outputs))} has a quantized KV cache; llama.cpp sets its cache type "
+                          f"at run time (--cache-type-k), so requantize without it or export to compressed-tensors")
+
+
+def _forced_type(quant_type: str | None) -> T | None:
+    if quant_type is None:
+        return None
+    qtype = QUANT_TYPES.get(str(quant_type).lower())
+    if qtype is None:
+        raise LowbitError(f"unknown GGUF quant type {quant_type!r}; use one of {', '.join(QUANT_TYPES)} "
+                          f"(Q4_K and Q6_K are not written by this version)")
+    return qtype
+
+
+def _heads(name: str, config: dict) -> int | None:
+    """The head count whose rows the q/k permutation moves (None for other linears)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "q_proj":
+        return config["num_attention_heads"]
+    if leaf == "k_proj":
+        return config.get("num_key_value_heads") or config["num_attention_heads"]
+    return None
+
+
+# -- tensors ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Tensor:
+    """One GGUF tensor: what its info says, and how to make its data (called once, while writing)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: type
+    raw: T | None
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def _tensors(folder: LowbitFolder, plan: GGUFPlan) -> list[Tensor]:
+    """Every tensor of the file, named and sized, in llama.cpp's usual order; refuses unknown tensors."""
+    out = []
+    for name in folder.float_tensor_names():
+        if NOT_EXPORTED.search(name):
+            continue
+        gguf_name = _gguf_name(plan.names, name, plan.arch)
+        out.append(_float_tensor(folder, plan, name, gguf_name))
+    for lin in plan.linears:
+        shape = (lin.shape[0], row_bytes(lin.qtype, lin.shape[1]))
+        out.append(Tensor(lin.gguf_name, shape, np.uint8, lin.qtype, lambda lin=lin: _linear_bytes(folder, lin)))
+    theta, scaling = rope(plan.config)
+    if scaling.get("rope_type") == "llama3":
+        factors = llama3_rope_factors(plan.config, theta, scaling)
+        out.append(Tensor("rope_freqs.weight", factors.shape, np.float32, None, lambda: factors))
+    return sorted(out, key=_order)
+
+
+def _float_tensor(folder: LowbitFolder, plan: GGUFPlan, name: str, gguf_name: str) -> Tensor:
+    """A float tensor in its stored dtype (float32, float16 or bfloat16; 1-D norms and biases as float32,
+    Gemma's norms as 1 + w), q/k rows permuted like the quantized ones."""
+    stored = folder.ckpt.get(name)  # read once here for its shape and dtype
+    heads = _heads(name.rsplit(".", 1)[0], plan.config) if plan.arch.permute_qk else None
+    plus_one = plan.arch.norm_plus_one and name.endswith("norm.weight")
+    dtype = stored.dtype if stored.dim() > 1 and stored.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    shape = tuple(stored.shape)
+    del stored
+
+    def make() -> np.ndarray:
+        t = folder.ckpt.get(name)
+        t = (t.float() + 1 if plus_one else t.to(dtype)).contiguous()
+        data = t.view(torch.int16).numpy().view(np.uint8) if dtype == torch.bfloat16 else t.numpy()
+        return _permute_rows(data, heads) if heads else data
+
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: written as raw bytes, 2 per element
+        return Tensor(gguf_name, (*shape[:-1], shape[-1] * 2), np.uint8, T.BF16, make)
+    return Tensor(gguf_name, shape, np.float16 if dtype == torch.float16 else np.float32, None, make)
+
+
+def _linear_bytes(folder: LowbitFolder, lin: LinearGGUF) -> np.ndarray:
+    data = pack_exact(folder.quantized(lin.name), lin.qtype) if lin.exact else \
+        requantize(folder.weight(lin.name), lin.qtype)
+    return _permute_rows(data, lin.heads) if lin.heads else data
+
+
+def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order: within each head, new row 2i is old row i, new row 2i+1 old row i + hd/2."""
+    return np.ascontiguousarray(rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:])
+                                .swapaxes(1, 2).reshape(rows.shape))
+
+
+def _order(tensor: Tensor):
+    m = re.match(r"blk\.(\d+)\.", tensor.name)
+    return (1, int(m.group(1)), tensor.name) if m else (2 if tensor.name.startswith("output") else 0, 0, tensor.name)
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+def _write(path: Path, folder: LowbitFolder, plan: GGUFPlan, vocab: GGUFVocab, tensors: list[Tensor]) -> None:
+    """Header, metadata and tensor infos first (sizes are known from the plan), then each tensor's data made
+    and written in turn, so only one tensor is in memory at a time."""
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[plan.arch.gguf_arch])
+    try:
+        _add_general(writer, plan, folder.folder.name)
+        add_hparams(writer, plan.config)
+        vocab.add_to(writer)
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), t.nbytes, raw_dtype=t.raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:
+            data = t.make()
+            if data.nbytes != t.nbytes:
+                raise RuntimeError(f"{t.name}: made {data.nbytes} bytes, planned {t.nbytes}")
+            writer.write_tensor_data(data)
+    finally:
+        writer.close()
+
+
+def _add_general(writer: gguf.GGUFWriter, plan: GGUFPlan, name: str) -> None:
+    """general.*: the name, lowbit as quantizer (with its warnings), and the file type of most weights."""
+    counts = Counter()
+    for lin in plan.linears:
+        counts[lin.qtype] += lin.shape[0] * lin.shape[1]
+    writer.add_name(name)
+    writer.add_type("model")
+    writer.add_quantized_by(f"lowbit {__version__}")
+    if plan.warnings:
+        writer.add_array("lowbit.warnings", plan.warnings)
+    writer.add_file_type(FILE_TYPES[counts.most_common(1)[0][0]] if counts else gguf.LlamaFileType.ALL_F32)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is not a .gguf file path or that exists (unless overwrite)."""
+    if out.suffix.lower() != ".gguf":
+        raise LowbitError(f"the GGUF output {out} must be a file path ending in .gguf")
+    check_output_file(out, overwrite)

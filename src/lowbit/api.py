@@ -279,4 +279,4 @@ def planned_model(loaded: LoadedModel, plan: dict, chain) -> PlannedModel:
         modules={n: (lp.spec, lp.shape) for n, lp in plan.items() if lp.spec is not None},
         inputs={n: lp.input_spec for n, lp in plan.items() if lp.spec is not None and lp.input_spec is not None},
         outputs={n: lp.output_spec for n, lp in plan.items() if lp.spec is not None and lp.output_spec is not None},
-        online_rotations={"the last linear of each MLP (rotation r4)": {}} if r4 else {})
+        online_rotations={"each MLP's last linear": {}} if r4 else {})

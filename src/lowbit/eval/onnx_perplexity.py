@@ -1,0 +1,96 @@
+"""Perplexity of an ONNX decoder run by onnxruntime (CPU), by the same protocol and result as perplexity.py.
+
+Works on any decoder with onnxruntime-genai's I/O names (FORMATS.md 2.3): lowbit's ONNX export and the
+builder's own output alike. Each window runs from an empty past (zero-length past tensors shaped and typed
+from the session's input metadata), with an all-ones attention mask and position_ids 0..seq_len-1 when the
+graph takes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import LowbitError
+from .perplexity import PerplexityResult
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def onnx_model_path(path) -> Path:
+    """model.onnx of a folder (the decoder genai_config.json names, else model.onnx), or the file itself."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = _genai_decoder(path).get("filename", "model.onnx")
+    if not (path / name).is_file():
+        raise LowbitError(f"{path} has no {name}; give an ONNX model file or a folder holding one")
+    return path / name
+
+
+def _genai_decoder(folder: Path) -> dict:
+    """The decoder section of the folder's genai_config.json, {} without one."""
+    config = folder / "genai_config.json"
+    return json.loads(config.read_text())["model"]["decoder"] if config.is_file() else {}
+
+
+def _session(model: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(session, batch: np.ndarray, head_size: int | None) -> dict[str, np.ndarray]:
+    """Inputs for one batch of windows from an empty past. A symbolic head dimension of the KV cache (the
+    builder names it kv_cache_dim) is read from genai_config.json's head_size."""
+    n, seq = batch.shape
+    feeds = {"input_ids": batch, "attention_mask": np.ones((n, seq), dtype=np.int64)}
+    for spec in session.get_inputs():
+        if spec.name == "position_ids":
+            feeds["position_ids"] = np.tile(np.arange(seq, dtype=np.int64), (n, 1))
+        elif spec.name.startswith("past_key_values"):
+            shape = list(spec.shape) if len(spec.shape) == 4 else [None] * 4
+            heads, dim = shape[1], shape[3] if isinstance(shape[3], int) else head_size
+            if spec.type not in _NUMPY_TYPES or not isinstance(heads, int) or not isinstance(dim, int):
+                raise LowbitError(f"cannot feed {spec.name} ({spec.type}, shape {spec.shape}): expected a float "
+                                  f"(batch, kv_heads, past, head_dim) KV cache input (head_dim from "
+                                  f"genai_config.json when symbolic)")
+            feeds[spec.name] = np.zeros((n, heads, 0, dim), dtype=_NUMPY_TYPES[spec.type])
+        elif spec.name not in feeds:
+            raise LowbitError(f"the ONNX model has an input {spec.name!r} this evaluation does not know how to feed; "
+                              f"give a decoder with onnxruntime-genai's input names")
+    return feeds
+
+
+def onnx_perplexity(folder_or_model_path, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
+                    threads: int | None = None) -> PerplexityResult:
+    """Perplexity of an ONNX decoder (folder or model file) over token windows (n, seq_len) int64."""
+    start = time.perf_counter()
+    model = onnx_model_path(folder_or_model_path)
+    session = _session(model, threads)
+    head_size = _genai_decoder(model.parent).get("head_size")
+    total_nll, total_tokens = 0.0, 0
+    bar = tqdm(total=windows.shape[0], desc="onnx perplexity", unit="window", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    for batch in windows.split(batch_size):
+        feeds = _feeds(session, batch.numpy().astype(np.int64), head_size)
+        logits = torch.from_numpy(session.run(["logits"], feeds)[0]).float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+        bar.update(batch.shape[0])
+    bar.close()
+    mean = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean), mean, windows.shape[0], total_tokens, windows.shape[1],
+                            time.perf_counter() - start)

@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 
+# lowbit leaves lm_head (and so a tied embedding) float; the builder's -p int4 would quantize both by RTN
+EXCLUDE = "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather"
+
+
 def run(argv: list[str]) -> float:
     """Run a command, fail loudly, return its wall seconds."""
     t0 = time.perf_counter()
@@ -78,7 +82,7 @@ def main() -> None:
                     built = Path(tmp) / f"{fmt}-onnx-{level}"
                     build_s = run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(target),
                                    "-o", str(built), "-p", "int4", "-e", "cpu", "--extra_options",
-                                   "nodes_to_exclude=/lm_head/MatMul", f"accuracy_level={level}"])
+                                   EXCLUDE, f"accuracy_level={level}"])
                     ppl = onnx_perplexity(built, windows, progress=False).perplexity
                     add(f"onnxruntime-genai builder int4 (accuracy_level {level}) + onnxruntime", fmt, ppl,
                         export_s, {"builder_seconds": round(build_s, 1)})

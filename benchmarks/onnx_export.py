@@ -12,7 +12,8 @@ Runs (RTN throughout):
 - lowbit uint4 asym / int4 sym, every linear quantized (lm_head too, as the builder does), exported at accuracy
   level 4 with a 4-bit embedding (quantize_embedding=4): the builder's structure with lowbit's weights;
 - the same asym folder at accuracy level 0 (float activations: exactly lowbit's weights, slower);
-- lowbit's default (lm_head left float) at accuracy level 4.
+- lowbit's default (lm_head left float) at accuracy level 4;
+- the builder's int4 of lowbit's asym folder exported in the AutoAWQ layout (the seed flow; zero points too).
 Decode: batch 1, a prompt of the first --prompt-tokens tokens of the evaluation text, --new-tokens greedy tokens
 (min_length forces them all), the models taking turns each repeat; medians reported. --threads sets every
 session's intra-op threads (1 by default: the steadiest figure on a shared machine; compare ratios in one run).
@@ -103,6 +104,7 @@ def main() -> None:
     from lowbit.api import evaluate, quantize
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.eval.onnx_perplexity import onnx_perplexity
+    from lowbit.export.hf_int import export_hf_int
     from lowbit.export.onnx import export_onnx
     from lowbit.hf.model import open_model
 
@@ -145,6 +147,15 @@ def main() -> None:
             onnx_models[label] = out
             rows[label] = {"lowbit_folder": key, "quantize_s": t1 - t0, "export_s": time.perf_counter() - t1}
             print(f"{label}: exported in {rows[label]['export_s']:.1f} s", flush=True)
+
+        t0 = time.perf_counter()  # the builder on lowbit's asymmetric weights: its MatMulNBits carry zero points too
+        awq = export_hf_int(lowbit_folders["asym-all"], work / "awq-asym-all", "awq")
+        from_awq = work / "builder-from-awq"
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(awq), "-o", str(from_awq),
+                        "-p", "int4", "-e", "cpu"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        label = f"builder int4 from lowbit's AWQ-layout export (uint4 asym g{g}, acc 4)"
+        onnx_models[label] = from_awq
+        rows[label] = {"lowbit_folder": "asym-all", "build_s": time.perf_counter() - t0}
 
         fake_quant = {key: evaluate(str(folder), seq_len=args.seq_len, max_chunks=args.max_chunks, progress=False)
                       for key, folder in lowbit_folders.items()}

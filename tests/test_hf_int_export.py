@@ -21,25 +21,35 @@ from lowbit.export.hf_int import AWQ_ORDER, pack_int32, unpack_int32
 IDS = np.random.default_rng(0).integers(3, 390, (1, 24)).astype(np.int64)
 
 
-@pytest.fixture(scope="module")
-def llama64(tmp_path_factory, tokenizer_dir):
+def _tiny_llama(folder, tokenizer_dir, tied: bool):
     """A tiny llama whose widths (64, 128; kv 32) are whole groups of 32 and whole int32 words."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     config = LlamaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=64,
                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+                         max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-    folder = tmp_path_factory.mktemp("llama64")
     model.save_pretrained(folder)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory, tokenizer_dir):
+    return _tiny_llama(tmp_path_factory.mktemp("llama64"), tokenizer_dir, tied=False)
+
+
+@pytest.fixture(scope="module")
+def llama64_tied(tmp_path_factory, tokenizer_dir):
+    """The same with lm_head tied to the embedding (as SmolLM2): lowbit keeps both float, tied."""
+    return _tiny_llama(tmp_path_factory.mktemp("llama64t"), tokenizer_dir, tied=True)
 
 
 @pytest.fixture(scope="module")
@@ -189,18 +199,24 @@ def _ort_logits(folder, ids: np.ndarray) -> np.ndarray:
     return session.run(["logits"], feeds)[0]
 
 
-@pytest.mark.parametrize("fmt", ["awq", "gptq"])
-def test_onnxruntime_genai_builder_accepts_export(fmt, quantized, tmp_path):
+@pytest.mark.parametrize("fmt,tied", [("awq", False), ("gptq", False), ("awq", True)])
+def test_onnxruntime_genai_builder_accepts_export(fmt, tied, quantized, llama64_tied, tmp_path):
     """The builder's int4 model of the export computes lowbit's logits (accuracy_level 1: float activations;
-    lm_head kept float, as lowbit left it; the difference is the float16 scales)."""
+    lm_head and a tied embedding kept float, as lowbit left them, else the builder quantizes them by RTN; the
+    difference is the float16 scales)."""
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("onnx_ir")
-    src = quantized("w_uint4_per_group_asym", group_size=32)
+    if tied:
+        src = tmp_path / "lowbit"
+        quantize(llama64_tied, src, scheme="w_uint4_per_group_asym", group_size=32, progress=False, quiet=True)
+    else:
+        src = quantized("w_uint4_per_group_asym", group_size=32)
     hf = export(src, tmp_path / fmt, fmt, quiet=True)
     onnx_dir = tmp_path / "onnx"
     run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
                           str(onnx_dir), "-p", "int4", "-e", "cpu", "--extra_options",
-                          "nodes_to_exclude=/lm_head/MatMul", "accuracy_level=1"], capture_output=True, text=True)
+                          "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather", "accuracy_level=1"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     model, _ = load(src)
     with torch.no_grad():

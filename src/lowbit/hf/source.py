@@ -74,9 +74,13 @@ def check_folder(path: Path) -> None:
         raise LowbitError(f"{path} has no .safetensors weights{hint}")
 
 
+CONVERSION_VERSION = 2  # 2: config.json names `architectures` (onnxruntime-genai's builder needs it)
+
+
 def _gguf_key(path: Path) -> str:
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CONVERSION_VERSION}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def gguf_to_folder(path: Path, name: str | None = None) -> Path:
@@ -120,6 +124,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]
     config.pop("_name_or_path", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if model.generation_config is not None:

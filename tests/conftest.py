@@ -4,6 +4,7 @@ several architectures saved as Hugging Face folders."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -64,24 +65,38 @@ def tokenizer_dir(tmp_path_factory):
     return path
 
 
-def make_tiny(arch: str, folder, tokenizer_dir, dtype=torch.float32, seed: int = 0):
-    """Build a tiny random model of an architecture and save it (with the tokenizer) to folder."""
+def save_random_model(config, folder, tokenizer_dir, dtype=torch.float32, seed: int = 0,
+                      randomize_1d: bool = False):
+    """A random causal LM of `config`, saved with the test tokenizer to folder. Matrices (and fused 3-D MoE
+    experts) ~ N(0, 0.08), wider than the init default; with randomize_1d also biases ~ N(0, 0.05), norm gains
+    ~ N(1, 0.1) and zero-initialised gains (Gemma stores w for 1 + w) ~ N(0, 0.1), so that an export which drops
+    a bias or a norm offset shows."""
     import shutil
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = _configs(len(tok))[arch]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    with torch.no_grad():  # random weights with a little structure: wider spread than the init default
-        for p in model.parameters():
-            if p.dim() in (2, 3):  # 3-D: fused MoE experts
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() in (2, 3):
                 p.normal_(0, 0.08)
-    model.save_pretrained(folder)
-    for f in tokenizer_dir.iterdir():
+            elif randomize_1d and name.endswith("bias"):
+                p.normal_(0, 0.05)
+            elif randomize_1d:
+                p.normal_(1 if bool((p == 1).all()) else 0, 0.1)
+    model.to(dtype).save_pretrained(folder)
+    for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, folder)
     return folder
+
+
+def make_tiny(arch: str, folder, tokenizer_dir, dtype=torch.float32, seed: int = 0):
+    """Build a tiny random model of an architecture and save it (with the tokenizer) to folder."""
+    from transformers import AutoTokenizer
+
+    config = _configs(len(AutoTokenizer.from_pretrained(tokenizer_dir)))[arch]
+    return save_random_model(config, folder, tokenizer_dir, dtype, seed)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ NVFP4, whose decoder rounds the weights to bfloat16), and every unsupported case
 
 from __future__ import annotations
 
-import shutil
 import warnings
 
 import pytest
@@ -20,6 +19,7 @@ from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.export.compressed_tensors import export_compressed_tensors, pack_int32_rows  # noqa: E402
 from lowbit.hf.actquant import detach_output_quant  # noqa: E402
 from lowbit.hf.checkpoint import LazyCheckpoint  # noqa: E402
+from .conftest import save_random_model  # noqa: E402
 
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 WEIGHT = "model.layers.0.mlp.down_proj.weight"
@@ -33,17 +33,7 @@ def llama64(tmp_path_factory, tokenizer_dir):
     config = LlamaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=64,
                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    folder = tmp_path_factory.mktemp("llama64")
-    model.save_pretrained(folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder)
-    return folder
+    return save_random_model(config, tmp_path_factory.mktemp("llama64"), tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

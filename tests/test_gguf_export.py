@@ -23,6 +23,8 @@ from lowbit.export.source import LowbitFolder, PlannedModel
 from lowbit.formats import Quantized
 from lowbit.spec import parse_scheme
 
+from .conftest import save_random_model
+
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 IDS = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0)).tolist()
 SCHEMES = {"w_int4_per_group_sym": T.Q4_0, "w_uint4_per_group_asym": T.Q4_1, "w_int8_per_group_sym": T.Q8_0}
@@ -38,27 +40,14 @@ def _tiny(folder, tokenizer_dir, arch: str, dtype=torch.float32, **extra):
     """A tiny random model whose in_features (64, 128) are multiples of 32, with biases and norms that are not
     their init values (so a wrong norm offset or bias would show)."""
     import transformers as tf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2)
     config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig,
               "gemma": tf.GemmaConfig, "phi3": tf.Phi3Config}[arch](**{**common, **extra})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.05)
-            elif arch == "gemma":  # stored w, computed 1 + w
-                p.normal_(0, 0.1)
-    model.to(dtype).save_pretrained(folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder)
-    return folder
+    return save_random_model(config, folder, tokenizer_dir, dtype, randomize_1d=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ into an int4 ONNX model whose onnxruntime logits equal lowbit's fake-quant logit
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -18,27 +17,20 @@ from lowbit.api import export, load, quantize
 from lowbit.errors import LowbitError
 from lowbit.export.hf_int import AWQ_ORDER, pack_int32, unpack_int32
 
+from .conftest import save_random_model
+
 IDS = np.random.default_rng(0).integers(3, 390, (1, 24)).astype(np.int64)
 
 
 def _tiny_llama(folder, tokenizer_dir, tied: bool):
     """A tiny llama whose widths (64, 128; kv 32) are whole groups of 32 and whole int32 words."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer, LlamaConfig
 
     config = LlamaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=64,
                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
                          tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder)
-    return folder
+    return save_random_model(config, folder, tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

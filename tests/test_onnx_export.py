@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -35,6 +34,7 @@ from lowbit.export.onnx_tensors import matmul_block_size, matmul_nbits_tensors, 
 from lowbit.export.source import PlannedModel  # noqa: E402
 from lowbit.formats import Quantized, compute_qparams, quantize_codes  # noqa: E402
 from lowbit.spec import QuantSpec, parse_scheme  # noqa: E402
+from .conftest import save_random_model  # noqa: E402
 
 TOL = 1e-4
 IDS = torch.randint(3, 300, (2, 23), generator=torch.Generator().manual_seed(0))
@@ -60,18 +60,7 @@ def _make(arch: str, folder, tokenizer_dir):
     config = classes[arch](vocab_size=vocab, hidden_size=80, intermediate_size=112, num_hidden_layers=2,
                            max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
                            **CONFIGS[arch])
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1 and bool((p == 1).all()):  # norm gains
-                p.normal_(1, 0.1)
-            else:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder)
-    return folder
+    return save_random_model(config, folder, tokenizer_dir, randomize_1d=True)
 
 
 @pytest.fixture(scope="module")

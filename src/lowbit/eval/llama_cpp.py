@@ -5,42 +5,29 @@ every window. So its figure and lowbit's are directly comparable for the same we
 
 from __future__ import annotations
 
-import math
 import os
-import sys
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..errors import LowbitError
-from .perplexity import PerplexityResult
+from .perplexity import PerplexityResult, windowed_perplexity
 
 
 def gguf_perplexity(path: str | os.PathLike, windows: torch.Tensor, progress: bool = True,
                     n_threads: int | None = None) -> PerplexityResult:
     """Perplexity of the GGUF model at `path` over token windows (n, seq_len), computed by llama.cpp."""
     llm = open_gguf(path, windows.shape[1], n_threads)
-    start = time.perf_counter()
-    total_nll, total_tokens = 0.0, 0
-    bar = tqdm(total=windows.shape[0], desc="perplexity (llama.cpp)", unit="window", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+
+    def logits_of(batch: torch.Tensor) -> torch.Tensor:  # one window: llama.cpp's context holds one sequence
+        llm.reset()  # the next eval starts the KV cache at position 0: every window starts empty
+        llm.eval(batch[0].tolist())
+        return torch.from_numpy(llm.scores[: batch.shape[1]]).unsqueeze(0)
+
     try:
-        for window in windows.tolist():
-            llm.reset()  # the next eval clears the KV cache from position 0: every window starts empty
-            llm.eval(window)
-            logits = torch.from_numpy(llm.scores[: len(window) - 1]).double()
-            targets = torch.tensor(window[1:])
-            total_nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            total_tokens += len(window) - 1
-            bar.update(1)
+        return windowed_perplexity(logits_of, windows, 1, progress, "perplexity (llama.cpp)")
     finally:
-        bar.close()
         llm.close()
-    mean = total_nll / total_tokens
-    return PerplexityResult(math.exp(mean), mean, windows.shape[0], total_tokens, windows.shape[1],
-                            time.perf_counter() - start)
 
 
 def open_gguf(path: str | os.PathLike, n_ctx: int, n_threads: int | None = None):

@@ -9,17 +9,13 @@ graph takes them.
 from __future__ import annotations
 
 import json
-import math
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import LowbitError
-from .perplexity import PerplexityResult
+from .perplexity import PerplexityResult, windowed_perplexity
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -75,22 +71,12 @@ def _feeds(session, batch: np.ndarray, head_size: int | None) -> dict[str, np.nd
 def onnx_perplexity(folder_or_model_path, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
                     threads: int | None = None) -> PerplexityResult:
     """Perplexity of an ONNX decoder (folder or model file) over token windows (n, seq_len) int64."""
-    start = time.perf_counter()
     model = onnx_model_path(folder_or_model_path)
     session = _session(model, threads)
     head_size = _genai_decoder(model.parent).get("head_size")
-    total_nll, total_tokens = 0.0, 0
-    bar = tqdm(total=windows.shape[0], desc="onnx perplexity", unit="window", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
-    for batch in windows.split(batch_size):
+
+    def logits_of(batch: torch.Tensor) -> torch.Tensor:
         feeds = _feeds(session, batch.numpy().astype(np.int64), head_size)
-        logits = torch.from_numpy(session.run(["logits"], feeds)[0]).float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-        bar.update(batch.shape[0])
-    bar.close()
-    mean = total_nll / total_tokens
-    return PerplexityResult(math.exp(mean), mean, windows.shape[0], total_tokens, windows.shape[1],
-                            time.perf_counter() - start)
+        return torch.from_numpy(session.run(["logits"], feeds)[0])
+
+    return windowed_perplexity(logits_of, windows, batch_size, progress, "onnx perplexity")

@@ -26,21 +26,30 @@ class PerplexityResult:
         return asdict(self)
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> PerplexityResult:
-    """Perplexity of a torch causal LM over token windows (n, seq_len)."""
+def windowed_perplexity(logits_of, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+                        desc: str = "perplexity") -> PerplexityResult:
+    """The protocol over any runtime: `logits_of(batch)` maps windows (b, seq_len) to logits (b, seq_len, vocab)."""
     start = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
-    bar = tqdm(total=windows.shape[0], desc="perplexity", unit="window", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=windows.shape[0], desc=desc, unit="window", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
-    with torch.inference_mode():
+    try:
         for batch in windows.split(batch_size):
-            logits = model(input_ids=batch, use_cache=False).logits.float()
+            logits = logits_of(batch).float()
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
             total_nll += nll.item()
             total_tokens += batch[:, 1:].numel()
             bar.update(batch.shape[0])
-    bar.close()
+    finally:
+        bar.close()
     mean = total_nll / total_tokens
     return PerplexityResult(math.exp(mean), mean, windows.shape[0], total_tokens, windows.shape[1],
                             time.perf_counter() - start)
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+    """Perplexity of a torch causal LM over token windows (n, seq_len)."""
+    with torch.inference_mode():
+        return windowed_perplexity(lambda batch: model(input_ids=batch, use_cache=False).logits, windows,
+                                   batch_size, progress)

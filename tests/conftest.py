@@ -111,6 +111,25 @@ def tiny_moe(tmp_path_factory, tokenizer_dir):
     return {a: make_tiny(a, tmp_path_factory.mktemp(f"tiny-{a}"), tokenizer_dir) for a in ("mixtral", "qwen2_moe")}
 
 
+@pytest.fixture(scope="module")
+def lowbit_out(tmp_path_factory):
+    """quantize(source, scheme, **kwargs) -> a lowbit output folder (4 calibration windows of 64), made once
+    per test module."""
+    from lowbit.api import quantize
+
+    cache = {}
+
+    def make(source, scheme, **kwargs):
+        key = (str(source), scheme, repr(sorted(kwargs.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("lowbit") / scheme
+            quantize(source, out, scheme=scheme, progress=False, quiet=True, num_calib_data=4, seq_len=64, **kwargs)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
 @pytest.fixture
 def text_file(tmp_path):
     from pydoc_data.topics import topics

@@ -36,22 +36,6 @@ def llama64(tmp_path_factory, tokenizer_dir):
     return save_random_model(config, tmp_path_factory.mktemp("llama64"), tokenizer_dir)
 
 
-@pytest.fixture(scope="module")
-def lowbit_out(tmp_path_factory):
-    """quantize(source, scheme, **kwargs) -> a lowbit output folder, made once per module."""
-    cache = {}
-
-    def make(source, scheme, **kwargs):
-        key = (str(source), scheme, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp("lowbit") / scheme
-            quantize(source, out, scheme=scheme, progress=False, quiet=True, num_calib_data=4, seq_len=64, **kwargs)
-            cache[key] = out
-        return cache[key]
-
-    return make
-
-
 def load_ct(folder, dequantize: bool = False):
     """The export as transformers loads it (compressed-tensors decompresses it on CPU); no key may be off."""
     extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}

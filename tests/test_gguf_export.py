@@ -59,22 +59,6 @@ def tiny64(tmp_path_factory, tokenizer_dir):
     return {a: _tiny(tmp_path_factory.mktemp(f"tiny64-{a}"), tokenizer_dir, a, **e) for a, e in extra.items()}
 
 
-@pytest.fixture(scope="module")
-def lowbit_out(tmp_path_factory):
-    """quantize(source, scheme, **kwargs) -> a lowbit output folder, made once per module."""
-    cache = {}
-
-    def make(source, scheme, **kwargs):
-        key = (str(source), scheme, repr(sorted(kwargs.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp("lowbit") / scheme
-            quantize(source, out, scheme=scheme, progress=False, quiet=True, num_calib_data=4, seq_len=64, **kwargs)
-            cache[key] = out
-        return cache[key]
-
-    return make
-
-
 def _reader_tensors(path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 

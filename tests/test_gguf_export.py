@@ -256,6 +256,27 @@ def test_llama_cpp_tokenizes_like_transformers(tiny64, lowbit_out, tmp_path):
     assert got == load(src)[1](text)["input_ids"]
 
 
+def test_cli_eval_runs_gguf_in_llama_cpp(tiny64, lowbit_out, text_file, tmp_path, monkeypatch, capsys):
+    """`lowbit eval FILE.gguf --runtime llama.cpp` runs llama.cpp itself on lowbit's windows, and agrees with
+    lowbit's own figure for the same weights (llama.cpp's int8 activations and float16 KV cache aside)."""
+    import json
+    import math
+
+    from lowbit.cli import main
+
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))  # the GGUF's tokenizer is read through lowbit
+    src = lowbit_out(tiny64["llama"], "w_uint4_per_group_asym", group_size=32)
+    path = export_gguf(src, tmp_path / "m.gguf")
+    figures = []
+    for argv in ([str(src)], [str(path), "--runtime", "llama.cpp"]):
+        assert main(["eval", *argv, "--dataset", str(text_file), "--seq-len", "32", "--max-chunks", "3", "--json",
+                     "--no-progress"]) == 0
+        figures.append(json.loads(capsys.readouterr().out))
+    assert figures[1]["runtime"] == "llama.cpp" and figures[1]["tokens"] == figures[0]["tokens"] == 3 * 31
+    assert math.isclose(figures[1]["perplexity"], figures[0]["perplexity"], rel_tol=0.02)
+
+
 def test_permutation_is_what_llama_cpp_needs(tiny64, lowbit_out, tmp_path, monkeypatch):
     """Negative control for LOGIT_TOL: without the q/k row permutation llama.cpp's logits are far off."""
     pytest.importorskip("llama_cpp")

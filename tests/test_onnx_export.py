@@ -307,6 +307,21 @@ def test_onnx_perplexity_matches_torch(quantized, tmp_path):
     assert got.tokens == expected.tokens and math.isclose(got.perplexity, expected.perplexity, rel_tol=1e-5)
 
 
+def test_cli_eval_runs_onnx_in_onnxruntime(quantized, text_file, tmp_path, capsys):
+    """`lowbit eval ONNX_FOLDER` runs the export in onnxruntime, on the same windows as `lowbit eval LOWBIT_FOLDER`."""
+    from lowbit.cli import main
+
+    src = quantized("llama", "w_int4_per_group_sym", group_size=16)
+    out = export_onnx(src, tmp_path / "onnx")
+    figures = []
+    for model in (src, out):
+        assert main(["eval", str(model), "--dataset", str(text_file), "--seq-len", "32", "--max-chunks", "3",
+                     "--json", "--no-progress"]) == 0
+        figures.append(json.loads(capsys.readouterr().out))
+    assert figures[1]["runtime"] == "onnxruntime" and figures[1]["tokens"] == figures[0]["tokens"] == 3 * 31
+    assert math.isclose(figures[1]["perplexity"], figures[0]["perplexity"], rel_tol=1e-5)
+
+
 def test_folder_layout(quantized, tmp_path):
     """model.onnx holds the graph only: initializers of 1 KiB or more are in model.onnx.data."""
     out = export_onnx(quantized("llama", "w_int4_per_group_sym", group_size=16), tmp_path / "onnx")

@@ -217,13 +217,26 @@ def load(path, dtype: torch.dtype | str | None = None) -> tuple[torch.nn.Module,
     return loaded.load_all(), loaded.tokenizer()
 
 
+def is_onnx_model(path) -> bool:
+    """An .onnx file, or a folder with genai_config.json or model.onnx (an export or a builder's output)."""
+    path = Path(str(path))
+    return path.suffix == ".onnx" and path.is_file() or path.is_dir() and (
+        (path / "genai_config.json").is_file() or (path / "model.onnx").is_file())
+
+
 def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int | None = None,
-             batch_size: int = 4, progress: bool = True, dtype: torch.dtype | str | None = EVAL_DTYPE) -> dict:
+             batch_size: int = 4, progress: bool = True, dtype: torch.dtype | str | None = EVAL_DTYPE,
+             runtime: str = "torch") -> dict:
     """Perplexity (standard protocol) of a model source, with its size and parameter count. Computed in
     float32 by default whatever the stored dtype, so copies of the same weights give the same figure;
-    dtype "auto" computes in the stored dtype."""
+    dtype "auto" computes in the stored dtype. ONNX models (a file or a folder) run in onnxruntime; runtime
+    "llama.cpp" runs a .gguf file in llama.cpp itself instead of dequantizing it for torch."""
     if seq_len < 2:
         raise LowbitError(f"--seq-len must be at least 2, got {seq_len}")
+    if runtime not in ("torch", "llama.cpp"):
+        raise LowbitError(f"unknown runtime {runtime!r}; use torch or llama.cpp (ONNX models run in onnxruntime)")
+    if is_onnx_model(model) or runtime == "llama.cpp":
+        return _evaluate_in_runtime(Path(str(model)), runtime, dataset, seq_len, max_chunks, progress)
     loaded = open_model(model, _dtype(dtype))
     ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
     windows = eval_windows(ids, seq_len, max_chunks)
@@ -237,6 +250,36 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         "scheme": (loaded.quantization_config or {}).get("scheme"), "load_seconds": round(load_s, 3),
         "dtype": str(loaded.dtype).replace("torch.", ""),
     })
+    return result
+
+
+def _evaluate_in_runtime(path: Path, runtime: str, dataset: str, seq_len: int, max_chunks, progress) -> dict:
+    """Perplexity of an ONNX model in onnxruntime, or of a GGUF file in llama.cpp, on lowbit's token windows."""
+    if is_onnx_model(path):
+        from transformers import AutoTokenizer
+
+        from .eval.onnx_perplexity import onnx_perplexity
+
+        folder = path if path.is_dir() else path.parent
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise LowbitError(f"{folder} has no tokenizer transformers can read ({exc}); put the model's tokenizer "
+                              f"files beside model.onnx") from None
+        windows = eval_windows(tokenize(tokenizer, load_text(dataset, "eval")), seq_len, max_chunks)
+        result = onnx_perplexity(path, windows, progress=progress).to_dict()
+        runtime, size = "onnxruntime", sum(p.stat().st_size for p in folder.glob("*.onnx*"))
+    else:
+        from .eval.llama_cpp import gguf_perplexity
+
+        if path.suffix.lower() != ".gguf" or not path.is_file():
+            raise LowbitError(f"--runtime llama.cpp runs a .gguf file; {path} is not one")
+        windows = eval_windows(tokenize(open_model(path).tokenizer(), load_text(dataset, "eval")), seq_len,
+                               max_chunks)
+        result = gguf_perplexity(path, windows, progress=progress).to_dict()
+        size = path.stat().st_size
+    result.update({"model": str(path), "dataset": dataset, "runtime": runtime, "size_bytes": size,
+                   "parameters": None, "quantized": None, "scheme": None, "dtype": None})
     return result
 
 

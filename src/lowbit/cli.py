@@ -121,11 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity by the standard protocol: the whole text tokenized once, cut into "
                                    "non-overlapping windows of --seq-len tokens (at most --max-chunks), mean "
                                    "token negative log-likelihood over all windows, exponentiated.")
-    e.add_argument("model", help="Hugging Face folder, .gguf file, `demo`, or a lowbit output folder")
+    e.add_argument("model", help="Hugging Face folder, .gguf file, `demo`, a lowbit output folder, or an ONNX model "
+                                 "(a folder with genai_config.json / model.onnx, as lowbit's onnx export and "
+                                 "onnxruntime-genai's builder write, or an .onnx file)")
     _add_data_args(e, "eval")
     e.add_argument("--batch-size", "--batch_size", type=int, default=4, help="windows per forward [default: 4]")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype; auto = as stored [default: float32, so copies of one model agree]")
+    e.add_argument("--runtime", default="torch", choices=["torch", "llama.cpp"],
+                   help="torch (any source, dequantized; ONNX models always run in onnxruntime) or llama.cpp (a "
+                        ".gguf file run by llama-cpp-python) [default: torch]")
     e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -209,9 +214,13 @@ def cmd_eval(args) -> int:
 
     result = api.evaluate(args.model, dataset=args.dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,
                           batch_size=getattr(args, "batch_size", 4), progress=not args.no_progress,
-                          dtype=getattr(args, "dtype", "float32"))
+                          dtype=getattr(args, "dtype", "float32"), runtime=getattr(args, "runtime", "torch"))
     if args.json:
         print(json.dumps(result))
+    elif "runtime" in result:
+        print(f"{args.model} (in {result['runtime']}): perplexity {result['perplexity']:.4f} on {args.dataset} "
+              f"({result['windows']} windows x {result['seq_len']} tokens, {result['tokens']} predicted tokens); "
+              f"size {_fmt_size(result['size_bytes'])}")
     else:
         kind = f"quantized, {result['scheme']}" if result["quantized"] else "float"
         print(f"{args.model} ({kind}): perplexity {result['perplexity']:.4f} on {args.dataset} in {result['dtype']} "

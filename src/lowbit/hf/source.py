@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ..errors import LowbitError
@@ -107,7 +108,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
     from ..arch import tied_parameters
 
-    print(f"converting {path.name} to a float32 Hugging Face folder (once) ...", flush=True)
+    print(f"converting {path.name} to a float32 Hugging Face folder (once) ...", file=sys.stderr, flush=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -255,7 +255,7 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
 
 def _evaluate_in_runtime(path: Path, runtime: str, dataset: str, seq_len: int, max_chunks, progress) -> dict:
     """Perplexity of an ONNX model in onnxruntime, or of a GGUF file in llama.cpp, on lowbit's token windows."""
-    if is_onnx_model(path):
+    if runtime != "llama.cpp":
         from transformers import AutoTokenizer
 
         from .eval.onnx_perplexity import onnx_perplexity

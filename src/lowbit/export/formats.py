@@ -13,7 +13,6 @@ from ..errors import LowbitError
 @dataclass(frozen=True)
 class ExportFormat:
     name: str
-    help: str
     is_file: bool  # writes one file (GGUF) rather than a folder
     check: Callable  # (LowbitFolder | PlannedModel) -> list[str] warnings, or raises LowbitError
     write: Callable  # (src folder, out path, overwrite=False, **format options) -> Path
@@ -65,9 +64,9 @@ NAMES = tuple(_LOADERS)
 def get_format(name: str) -> ExportFormat:
     if name not in _LOADERS:
         raise LowbitError(f"unknown export format {name!r}; choose one of {', '.join(NAMES)}")
-    help_text, is_file, load = _LOADERS[name]
+    _, is_file, load = _LOADERS[name]
     check, write = load()
-    return ExportFormat(name, help_text, is_file, check, write)
+    return ExportFormat(name, is_file, check, write)
 
 
 def parse_formats(spec) -> list[ExportFormat]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -36,12 +37,10 @@ def unsigned_codes(qt: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes in [0, 2^b - 1] and zero points per group (N, groups), the dequantized weight unchanged."""
     spec = qt.spec
     offset = 1 << (spec.bits - 1) if spec.signed else 0
-    groups = qt.scale.shape[1] if spec.granularity != "tensor" else 1
     if qt.zero is not None:
         zero = qt.zero.to(torch.int32) + offset
-    else:
-        zero = torch.full((qt.codes.shape[0], groups), offset if spec.signed else 1 << (spec.bits - 1),
-                          dtype=torch.int32)
+    else:  # symmetric: 2^(b-1) either way (signed codes shifted by it, unsigned ones centred on it)
+        zero = torch.full((qt.codes.shape[0], qt.scale.shape[1]), 1 << (spec.bits - 1), dtype=torch.int32)
     return qt.codes.to(torch.int32) + offset, zero.expand(qt.codes.shape[0], -1)
 
 
@@ -73,7 +72,7 @@ def unpack_int32(words: torch.Tensor, bits: int, order: tuple[int, ...] | None =
 
 # -- what each layout can hold ------------------------------------------------------------------------
 
-def _group(spec: QuantSpec, shape) -> int:
+def _group(spec: QuantSpec) -> int:
     """The group size along K, or -1 for one group per row (channel / tensor)."""
     return spec.group_size if spec.granularity == "group" else -1
 
@@ -170,16 +169,14 @@ def _awq_config(folder: LowbitFolder) -> dict:
 
 def _gptq_config(folder: LowbitFolder) -> dict:
     """The GPTQ quantization_config: the most common (bits, group, sym) globally, the rest in "dynamic"."""
-    def key(spec, shape):
-        return spec.bits, _group(spec, shape), spec.symmetric
+    def key(spec):
+        return spec.bits, _group(spec), spec.symmetric
 
-    counts: dict[tuple, int] = {}
-    for spec, shape in folder.modules.values():
-        counts[key(spec, shape)] = counts.get(key(spec, shape), 0) + 1
-    bits, group, sym = max(counts, key=counts.get)
+    counts = Counter(key(spec) for spec, _ in folder.modules.values())
+    bits, group, sym = counts.most_common(1)[0][0]
     dynamic = {}
-    for name, (spec, shape) in folder.modules.items():
-        b, g, _ = key(spec, shape)
+    for name, (spec, _) in folder.modules.items():
+        b, g, _ = key(spec)
         if (b, g) != (bits, group):
             dynamic[f"+:{re.escape(name)}(\\.|$)"] = {"bits": b, "group_size": g}
     return {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": False,

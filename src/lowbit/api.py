@@ -85,16 +85,28 @@ def plan_for(loaded: LoadedModel, recipe: Recipe):
 def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: bool = False,
              keep_in_memory: bool = False, evaluate_after: bool = False, eval_dataset: str | None = None,
              eval_seq_len: int | None = None, max_chunks: int | None = None, progress: bool = True,
-             quiet: bool = False, export=None, export_options: dict | None = None,
+             quiet: bool = False, export=None, export_options: dict | None = None, onnx_options=None,
              **recipe_args) -> QuantizeResult:
     """Quantize a model source (HF folder, GGUF file or "demo") and write a lowbit folder to `output`, and,
     with export ("awq,gguf" or a list), each format beside it (OUT-awq/, OUT.gguf, ...).
 
     Everything is validated before any weight is read: the scheme, the chain, the output paths, the plan, and
     whether each export format can hold the result. export_options: {format: {option: value}}.
+    An ONNX decoder (an .onnx file or its folder) is quantized by the ONNX front end into a new ONNX folder
+    (onnx_options: lowbit.onnx.run.OnnxOptions).
     """
     t0 = time.perf_counter()
     recipe = recipe or make_recipe(**recipe_args)
+    if is_onnx_model(model):
+        from .onnx.run import quantize_onnx
+
+        if export:
+            raise LowbitError("export= applies to Hugging Face / GGUF sources; an ONNX model is written as ONNX")
+        out, summary, report = quantize_onnx(model, output, recipe, onnx_options, overwrite, progress, quiet,
+                                             evaluate_after, eval_dataset, eval_seq_len, max_chunks)
+        return QuantizeResult(out, summary, report)
+    if onnx_options is not None:
+        raise LowbitError(f"onnx_options apply to ONNX models only, and {model} is not one")
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
     if output is not None:
         check_output(Path(output), overwrite)

@@ -10,6 +10,7 @@ import sys
 
 from .errors import LowbitError
 from .export.formats import NAMES as EXPORT_NAMES, help_text as get_format_help
+from .onnx.options import ONNX_ONLY, add_onnx_args, normalize_modelopt_args, onnx_options
 from .recipe import DEFAULT_CALIBRATION
 
 EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym} (e.g. w_uint4_per_group_asym, "
@@ -85,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize MODEL (a Hugging Face folder, a .gguf file or `demo`) block by block "
                                    "and write a Hugging Face-style folder with packed weights, the recipe and a "
                                    "summary.", epilog=EPILOG_SCHEMES)
-    q.add_argument("model", help="Hugging Face folder, .gguf file, or `demo` (SmolLM2-135M-Instruct)")
+    q.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face folder, .gguf file, `demo` (SmolLM2-135M-Instruct), or an ONNX decoder (an "
+                        ".onnx file or a folder with genai_config.json / model.onnx: onnxruntime-genai's builder, "
+                        "optimum)")
     q.add_argument("-o", "--output", "--output-dir", "--output_dir", default=None, help="output folder")
     _add_recipe_args(q, required=False)
     q.add_argument("--algo", default="rtn",
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"OUT-awq/, OUT-gptq/, OUT-onnx/, OUT-compressed-tensors/, OUT.gguf; a format that cannot "
                         f"hold the scheme is refused before calibration")
     _add_export_options(q)
+    add_onnx_args(q)
     q.add_argument("--eval", action="store_true", help="after quantizing, measure perplexity of the result")
     q.add_argument("--skip-quantization", "--skip_quantization", action="store_true",
                    help="do not quantize: evaluate the float model on --dataset and exit")
@@ -181,6 +186,9 @@ def _fmt_size(n: int) -> str:
 def cmd_quantize(args) -> int:
     from . import api
 
+    modelopt_form = normalize_modelopt_args(args)
+    if args.model is None:
+        raise LowbitError("quantize needs a MODEL (a Hugging Face folder, .gguf file, `demo` or an ONNX model)")
     if args.skip_quantization:
         args.batch_size = 4  # the evaluation batch, not the calibration one
         return cmd_eval(args)
@@ -189,10 +197,19 @@ def cmd_quantize(args) -> int:
         raise LowbitError("quantize needs --scheme NAME (e.g. --scheme w_uint4_per_group_asym) or --recipe FILE")
     if args.output is None:
         raise LowbitError("quantize needs an output folder: -o OUT")
+    onnx = None
+    if api.is_onnx_model(args.model):
+        if args.export:
+            raise LowbitError("--export applies to Hugging Face / GGUF sources; an ONNX model is written as ONNX")
+        onnx = onnx_options(args, modelopt_form)
+    else:
+        given = [flag for flag, dest in ONNX_ONLY if getattr(args, dest) not in (None, False, "cpu")]
+        if given:
+            raise LowbitError(f"{given[0]} applies to ONNX models only, and {args.model} is not one")
     result = api.quantize(args.model, args.output, recipe=recipe, overwrite=args.overwrite,
                           evaluate_after=args.eval, eval_dataset=args.dataset, eval_seq_len=args.seq_len,
                           max_chunks=args.max_chunks, progress=not args.no_progress, quiet=args.json,
-                          export=args.export, export_options=_export_options(args))
+                          export=args.export, export_options=_export_options(args), onnx_options=onnx)
     s = result.summary
     if args.json:
         print(json.dumps({"output": str(result.output), **s}))

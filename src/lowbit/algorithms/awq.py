@@ -93,17 +93,20 @@ class AWQ(Transform):
     needs_calibration = True
 
     def __init__(self, grid: int = 20, duo_scaling: bool = True, clip: bool = True, clip_grid: int = 20,
-                 max_shrink: float = 0.5, clip_skip: str = ""):
+                 max_shrink: float = 0.5, clip_skip: str = "", scale: bool = True):
         self.grid, self.duo_scaling, self.clip = int(grid), bool(duo_scaling), bool(clip)
+        self.scale = bool(scale)  # False: the clipping search alone (ModelOpt's awq_clip)
         self.clip_grid, self.max_shrink = int(clip_grid), float(max_shrink)
         self.clip_skip = tuple(p for p in str(clip_skip).split("|") if p)
         self.notes: dict[str, str] = {}
 
     def args(self) -> dict:
         return {"grid": self.grid, "duo_scaling": self.duo_scaling, "clip": self.clip, "clip_grid": self.clip_grid,
-                "max_shrink": self.max_shrink, "clip_skip": "|".join(self.clip_skip)}
+                "max_shrink": self.max_shrink, "clip_skip": "|".join(self.clip_skip), "scale": self.scale}
 
     def channel_scales(self, names, weights, specs, stats: InputStats) -> torch.Tensor | None:
+        if not self.scale:
+            return None
         s, err, base = search_scales(weights, specs, stats, self.grid, self.duo_scaling)
         for n in names:
             self.notes[n] = f"awq output error x{err / base:.3f}" if base > 0 else "awq: no error to reduce"

@@ -25,13 +25,13 @@ def onnx_model_path(path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    name = _genai_decoder(path).get("filename", "model.onnx")
+    name = genai_decoder(path).get("filename", "model.onnx")
     if not (path / name).is_file():
         raise LowbitError(f"{path} has no {name}; give an ONNX model file or a folder holding one")
     return path / name
 
 
-def _genai_decoder(folder: Path) -> dict:
+def genai_decoder(folder: Path) -> dict:
     """The decoder section of the folder's genai_config.json, {} without one."""
     config = folder / "genai_config.json"
     return json.loads(config.read_text())["model"]["decoder"] if config.is_file() else {}
@@ -46,7 +46,7 @@ def _session(model: Path, threads: int | None):
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def _feeds(session, batch: np.ndarray, head_size: int | None) -> dict[str, np.ndarray]:
+def decoder_feeds(session, batch: np.ndarray, head_size: int | None) -> dict[str, np.ndarray]:
     """Inputs for one batch of windows from an empty past. A symbolic head dimension of the KV cache (the
     builder names it kv_cache_dim) is read from genai_config.json's head_size."""
     n, seq = batch.shape
@@ -73,10 +73,10 @@ def onnx_perplexity(folder_or_model_path, windows: torch.Tensor, batch_size: int
     """Perplexity of an ONNX decoder (folder or model file) over token windows (n, seq_len) int64."""
     model = onnx_model_path(folder_or_model_path)
     session = _session(model, threads)
-    head_size = _genai_decoder(model.parent).get("head_size")
+    head_size = genai_decoder(model.parent).get("head_size")
 
     def logits_of(batch: torch.Tensor) -> torch.Tensor:
-        feeds = _feeds(session, batch.numpy().astype(np.int64), head_size)
+        feeds = decoder_feeds(session, batch.numpy().astype(np.int64), head_size)
         return torch.from_numpy(session.run(["logits"], feeds)[0])
 
     return windowed_perplexity(logits_of, windows, batch_size, progress, "onnx perplexity")

@@ -1,0 +1,142 @@
+"""The command-line options of the ONNX front end, with NVIDIA ModelOpt's ONNX spellings accepted as aliases
+(--onnx_path, --output_path, --calib_size, --algo awq_lite|awq_clip|rtn|rtn_dq, --block-size,
+--use_zero_point, --layers_8bit, --enable_mixed_quant, --gather_quantize_axis, --gather_block_size,
+--calibration_eps, --add_position_ids), translated here into lowbit's recipe and OnnxOptions."""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import LowbitError
+from .run import OnnxOptions
+
+# ModelOpt's algorithm names -> (lowbit chain, algorithm options, ModelOpt's own output form)
+MODELOPT_ALGOS = {
+    "awq_lite": ("awq", {"awq": {"clip": False}}, "dq"),
+    "awq_clip": ("awq", {"awq": {"scale": False}}, "dq"),
+    "rtn_dq": ("rtn", {}, "dq"),
+}
+MODELOPT_RTN_FORM = "qdq"  # ModelOpt's rtn keeps float weights behind QuantizeLinear -> DequantizeLinear
+# (flag, argparse dest) of the options that only mean something for an ONNX model
+ONNX_ONLY = (("--onnx-format", "onnx_format"), ("--layers-8bit", "layers_8bit"),
+             ("--enable-mixed-quant", "enable_mixed_quant"), ("--gather-quantize-axis", "gather_quantize_axis"),
+             ("--gather-block-size", "gather_block_size"), ("--calibration-eps", "calibration_eps"))
+
+
+def add_onnx_args(p) -> None:
+    """Options that apply when MODEL is an ONNX decoder."""
+    g = p.add_argument_group("ONNX models (MODEL is an .onnx file or a folder with genai_config.json / model.onnx)")
+    g.add_argument("--onnx_path", "--onnx-path", default=None, help="the ONNX model (ModelOpt's spelling of MODEL)")
+    g.add_argument("--output_path", "--output-path", default=None,
+                   help="output folder (ModelOpt's spelling of -o); a path ending in .onnx writes its folder")
+    g.add_argument("--onnx-format", "--onnx_format", default=None, choices=["matmulnbits", "dq", "qdq"],
+                   help="form of each quantized MatMul: matmulnbits (com.microsoft MatMulNBits), dq (int weights -> "
+                        "DequantizeLinear -> MatMul) or qdq (float weights -> QuantizeLinear -> DequantizeLinear) "
+                        "[default: matmulnbits; ModelOpt's form for its --algo names when --onnx_path is used]")
+    g.add_argument("--calib_size", "--calib-size", type=int, default=None, dest="calib_size",
+                   help="calibration windows (ModelOpt's spelling of --num-calib-data)")
+    g.add_argument("--block-size", "--block_size", type=int, default=None, dest="block_size",
+                   help="quantization block along K (ModelOpt's spelling of --group-size)")
+    g.add_argument("--use_zero_point", "--use-zero-point", default=None, type=_bool, metavar="BOOL",
+                   help="asymmetric uint4 with zero points (True) or symmetric int4 (False), when no --scheme is "
+                        "given [ModelOpt's default: False]")
+    g.add_argument("--layers-8bit", "--layers_8bit", default=None, metavar="NAMES",
+                   help="comma-separated layers kept at 8 bits: a layer index path (layers.0), a node path "
+                        "(/model/layers.0/attn/qkv_proj/MatMul) or a partial name (qkv_proj,down_proj)")
+    g.add_argument("--enable_mixed_quant", "--enable-mixed-quant", action="store_true",
+                   help="mixed INT4/INT8: --layers-8bit, or lowbit's measured default choice without it")
+    g.add_argument("--gather_quantize_axis", "--gather-quantize-axis", type=int, default=None, choices=[0, 1],
+                   help="quantize the embedding Gather (GatherBlockQuantized) in blocks along this axis of the "
+                        "(vocab, hidden) table: 1 along hidden, 0 along vocab [default: not quantized]")
+    g.add_argument("--gather_block_size", "--gather-block-size", type=int, default=None,
+                   help="block size of the quantized embedding [default: 32]")
+    g.add_argument("--calibration_eps", "--calibration-eps", default="cpu",
+                   help="onnxruntime execution providers for calibration, comma-separated (cpu, cuda, dml) "
+                        "[default: cpu]")
+    g.add_argument("--add_position_ids", "--add-position-ids", action="store_true",
+                   help="accepted for ModelOpt compatibility: position_ids are always fed when the model takes them")
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return low in ("true", "1", "yes")
+
+
+def normalize_modelopt_args(args) -> str | None:
+    """Fill lowbit's arguments from ModelOpt's spellings in place; returns ModelOpt's output form for its algo
+    name when the ModelOpt spelling --onnx_path was used, else None."""
+    modelopt = args.onnx_path is not None
+    if modelopt:
+        if args.model not in (None, args.onnx_path):
+            raise LowbitError("give the model once: as MODEL or as --onnx_path, not both")
+        args.model = args.onnx_path
+    if args.output_path is not None:
+        if args.output not in (None, args.output_path):
+            raise LowbitError("give the output once: as -o or as --output_path, not both")
+        args.output = args.output_path[:-5] if args.output_path.endswith(".onnx") else args.output_path
+    if args.calib_size is not None:
+        args.num_calib_data = args.calib_size
+    if args.block_size is not None:
+        if args.group_size not in (None, args.block_size):
+            raise LowbitError("give the group size once: --group-size or --block-size")
+        args.group_size = args.block_size
+    form = None
+    name = args.algo.strip().lower()
+    if name in MODELOPT_ALGOS:
+        chain, options, form = MODELOPT_ALGOS[name]
+        args.algo = chain
+        args.algo_arg = [f"{a}:" + ",".join(f"{k}={v}" for k, v in kv.items()) for a, kv in options.items()] \
+            + list(args.algo_arg)
+    elif name == "rtn" and modelopt:
+        form = MODELOPT_RTN_FORM
+    if args.scheme is None and (modelopt or args.use_zero_point is not None):
+        args.scheme = "w_uint4_per_group_asym" if args.use_zero_point else "w_int4_per_group_sym"
+        if args.group_size is None:
+            args.group_size = 128
+    return form if modelopt else None
+
+
+def onnx_options(args, modelopt_form: str | None) -> OnnxOptions:
+    axis, block = args.gather_quantize_axis, args.gather_block_size
+    bits = args.quantize_embedding if args.quantize_embedding is not None else (
+        4 if axis is not None or block is not None else None)
+    return OnnxOptions(onnx_format=args.onnx_format or modelopt_form or "matmulnbits",
+                       accuracy_level=args.accuracy_level or 0, embedding_bits=bits,
+                       embedding_block=block or 32, embedding_axis=1 if axis is None else axis,
+                       execution_provider=args.calibration_eps,
+                       layers_8bit=tuple(layer_patterns(args.layers_8bit)) if args.layers_8bit else (),
+                       mixed=args.enable_mixed_quant)
+
+
+def layer_patterns(text: str) -> list[str]:
+    """--layers-8bit items as recipe layer patterns: node paths become module names
+    (/model/layers.0/attn/qkv_proj/MatMul -> model.layers.0.attn.qkv_proj)."""
+    from .graph import module_name
+
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        out.append(module_name(item, item) if "/" in item else item)
+    if not out:
+        raise LowbitError("--layers-8bit is empty; give layer names such as layers.0,down_proj")
+    return out
+
+
+def eight_bit_overrides(patterns: list[str], names: list[str]) -> list[str]:
+    """Overrides keeping the matched layers at 8 bits: a pattern matches whole dotted parts of a name
+    (layers.1 is layer 1, not 10-19) and, failing that, any part of it (qkv -> qkv_proj)."""
+    from ..recipe import matches
+
+    overrides = []
+    for p in patterns:
+        if any(matches(p, n) for n in names):
+            overrides.append(f"{p}:bits=8")
+        elif any(p in n for n in names):
+            overrides.append(f"re:.*{re.escape(p)}:bits=8")
+        else:
+            raise LowbitError(f"--layers-8bit {p!r} matches no weight MatMul of this model; run `lowbit inspect "
+                              f"MODEL` to see the layer names")
+    return overrides

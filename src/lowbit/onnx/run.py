@@ -1,0 +1,183 @@
+"""`lowbit quantize model.onnx`: the ONNX front end's entry, with the same recipe, checks and output
+conventions as the torch path (plan printed and validated first, staged output folder, recipe.yaml and
+summary.json beside model.onnx)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..algorithms import parse_chain
+from ..data import calib_windows, load_text, tokenize
+from ..errors import LowbitError
+from ..export.output import check_output, staged_output
+from ..recipe import Recipe, format_plan, resolve_plan, validate_plan
+from .graph import OnnxDecoder
+from .write import ONNX_FORMATS, GraphWriter, check_format
+
+
+@dataclass
+class OnnxOptions:
+    """How the quantized ONNX model is written and calibrated."""
+
+    onnx_format: str = "matmulnbits"  # or "dq" (DequantizeLinear + MatMul), "qdq" (Q -> DQ -> MatMul)
+    accuracy_level: int = 0  # MatMulNBits accuracy_level
+    embedding_bits: int | None = None  # GatherBlockQuantized embedding (4 or 8), None = float
+    embedding_block: int = 32
+    embedding_axis: int = 1  # 1: blocks along the hidden size, 0: along the vocabulary
+    execution_provider: str = "cpu"  # calibration sessions (comma-separated names, tried in order)
+    layers_8bit: tuple[str, ...] = ()  # layer patterns kept at 8 bits (mixed INT4/INT8)
+    mixed: bool = False  # mixed INT4/INT8 with the default choice of 8-bit layers when layers_8bit is empty
+    memory_budget: int = 4 << 30  # bytes of calibration statistics held at once
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _check_options(options: OnnxOptions, decoder: OnnxDecoder) -> None:
+    if options.onnx_format not in ONNX_FORMATS:
+        raise LowbitError(f"unknown ONNX output form {options.onnx_format!r}; use one of {', '.join(ONNX_FORMATS)}")
+    if options.onnx_format != "matmulnbits" and decoder.opset() < 21 and decoder.opset() != 0:
+        raise LowbitError(f"{decoder.path} uses opset {decoder.opset()}; blocked DequantizeLinear needs opset 21. "
+                          f"Use --onnx-format matmulnbits, or re-export the model with opset >= 21")
+    if options.embedding_bits is not None:
+        if options.embedding_bits not in (4, 8):
+            raise LowbitError(f"embedding bits must be 4 or 8, not {options.embedding_bits}")
+        block = options.embedding_block
+        if block < 16 or block & (block - 1):
+            raise LowbitError(f"GatherBlockQuantized needs a power-of-two block size >= 16, not {block}; "
+                              f"use --gather-block-size 32, 64 or 128")
+        if options.embedding_axis not in (0, 1):
+            raise LowbitError(f"--gather-quantize-axis must be 0 or 1, not {options.embedding_axis}")
+        if not decoder.embeddings:
+            raise LowbitError("--quantize-embedding: the model has no embedding Gather of a constant table; "
+                              "drop the option")
+        for emb in decoder.embeddings:
+            length = emb.shape[1 - options.embedding_axis]
+            if length % block:
+                raise LowbitError(f"the embedding's {'hidden size' if options.embedding_axis else 'vocabulary'} "
+                                  f"{length} is not a multiple of block {block}; choose a block dividing it")
+
+
+def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = None, overwrite: bool = False,
+                  progress: bool = True, quiet: bool = False, evaluate_after: bool = False,
+                  eval_dataset: str | None = None, eval_seq_len: int | None = None, max_chunks: int | None = None):
+    """Quantize an ONNX decoder (model.onnx or its folder) into a new ONNX folder `output`; returns
+    (output path, summary dict, OnnxReport)."""
+    from .quantize import OnnxQuantizer, carry_files, quantize_embedding
+    from .calibrate import providers_for
+
+    t0 = time.perf_counter()
+    options = options or OnnxOptions()
+    if output is None:
+        raise LowbitError("quantizing an ONNX model needs an output folder (-o OUT)")
+    output = Path(output)
+    check_output(output, overwrite)
+    decoder = OnnxDecoder(model)
+    chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
+    unsupported = [a.name for a in chain if a.role == "rotation" or a.name == "smoothquant"]
+    if unsupported:
+        raise LowbitError(f"{', '.join(unsupported)} is not available for ONNX weight-only quantization; use "
+                          f"rtn, awq (awq_lite / awq_clip) or gptq")
+    if recipe.scheme.input is not None or recipe.kv_cache is not None:
+        raise LowbitError(f"scheme {recipe.scheme.name} quantizes activations; the ONNX front end quantizes weights "
+                          f"only (w_uint4_per_group_asym, w_int4_per_group_sym, w_int8_per_channel_sym, ...)")
+    _check_options(options, decoder)
+    recipe = _with_8bit_layers(recipe, options, decoder)
+    plan = resolve_plan(recipe, decoder.linears())
+    validate_plan(plan, recipe.scheme)
+    for lp in plan.values():
+        if lp.spec is not None:
+            check_format(options.onnx_format, lp.spec, lp.name, lp.shape[1])
+    providers = providers_for(options.execution_provider)
+    _log(format_plan(plan), quiet)
+
+    calib = None
+    cal = recipe.calibration
+    if any(a.needs_calibration for a in chain):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(decoder.folder)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LowbitError(f"calibration needs the tokenizer beside {decoder.path} ({first}); copy "
+                              f"tokenizer.json and tokenizer_config.json into {decoder.folder}") from None
+        calib = calib_windows(tokenize(tokenizer, load_text(cal["dataset"], "calib")), cal["num_samples"],
+                              cal["seq_len"], cal["seed"])
+    t_loaded = time.perf_counter()
+    summary = {"lowbit_version": __version__, "source": str(model), "scheme": recipe.scheme.name,
+               "algorithms": [a.name for a in chain], "onnx_format": options.onnx_format,
+               "accuracy_level": options.accuracy_level, "python": platform.python_version()}
+    if calib is not None:
+        summary["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+    with staged_output(output, overwrite) as tmp:
+        writer = GraphWriter(decoder, tmp, decoder.path.name)
+        runner = OnnxQuantizer(decoder, plan, chain, writer, options.onnx_format, options.accuracy_level, progress)
+        report = runner.run(calib, providers, options.memory_budget)
+        if options.embedding_bits is not None:
+            report.embeddings = [quantize_embedding(decoder, emb, writer, options.embedding_bits,
+                                                    options.embedding_block, options.embedding_axis)
+                                 for emb in decoder.embeddings]
+        t_quant = time.perf_counter()
+        writer.write()
+        summary["carried_files"] = carry_files(decoder, tmp)
+        recipe.save(tmp / "recipe.yaml")
+        errors = {r.name: round(r.relative_error, 6) for r in report.layers}
+        summary.update({
+            "seconds": {"prepare": round(t_loaded - t0, 3), "quantize": round(t_quant - t_loaded, 3),
+                        "calibration": round(report.calibration_seconds, 3),
+                        "total": round(time.perf_counter() - t0, 3)},
+            "peak_rss_bytes": _peak_rss(), "source_size_bytes": decoder.size_bytes(),
+            "output_size_bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(decoder.path.name)),
+            "quantized_modules": len(report.layers), "layer_errors": errors,
+            "layer_notes": {r.name: r.note for r in report.layers if r.note},
+            "embeddings": report.embeddings,
+        })
+        if errors:
+            summary["mean_layer_error"] = round(sum(errors.values()) / len(errors), 6)
+        if evaluate_after:
+            from ..data import eval_windows
+            from ..eval.onnx_perplexity import onnx_perplexity
+
+            ids = tokenize(AutoTokenizer_for(tmp), load_text(eval_dataset or "pydoc", "eval"))
+            result = onnx_perplexity(tmp, eval_windows(ids, eval_seq_len or cal["seq_len"], max_chunks),
+                                     progress=progress)
+            summary["perplexity"] = result.to_dict()
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    return output, summary, report
+
+
+def _with_8bit_layers(recipe: Recipe, options: OnnxOptions, decoder: OnnxDecoder) -> Recipe:
+    """The recipe with mixed INT4/INT8 overrides added (recorded in recipe.yaml like any override)."""
+    from dataclasses import replace
+
+    from ..recipe import Override
+    from .mixed import default_8bit_layers
+    from .options import eight_bit_overrides
+
+    patterns = list(options.layers_8bit) or (default_8bit_layers(list(decoder.linears())) if options.mixed else [])
+    if not patterns:
+        return recipe
+    extra = tuple(Override.parse(o) for o in eight_bit_overrides(patterns, list(decoder.linears())))
+    return replace(recipe, overrides=recipe.overrides + extra)
+
+
+def AutoTokenizer_for(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

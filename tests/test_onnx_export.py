@@ -308,18 +308,23 @@ def test_onnx_perplexity_matches_torch(quantized, tmp_path):
 
 
 def test_cli_eval_runs_onnx_in_onnxruntime(quantized, text_file, tmp_path, capsys):
-    """`lowbit eval ONNX_FOLDER` runs the export in onnxruntime, on the same windows as `lowbit eval LOWBIT_FOLDER`."""
+    """`lowbit eval ONNX_FOLDER` runs the export in onnxruntime (or, with --runtime onnxruntime-genai, in
+    onnxruntime-genai), on the same windows as `lowbit eval LOWBIT_FOLDER`."""
     from lowbit.cli import main
 
     src = quantized("llama", "w_int4_per_group_sym", group_size=16)
     out = export_onnx(src, tmp_path / "onnx")
     figures = []
-    for model in (src, out):
+    for model, runtime in ((src, "torch"), (out, "torch"), (out, "onnxruntime-genai")):
         assert main(["eval", str(model), "--dataset", str(text_file), "--seq-len", "32", "--max-chunks", "3",
-                     "--json", "--no-progress"]) == 0
+                     "--json", "--no-progress", "--runtime", runtime]) == 0
         figures.append(json.loads(capsys.readouterr().out))
     assert figures[1]["runtime"] == "onnxruntime" and figures[1]["tokens"] == figures[0]["tokens"] == 3 * 31
-    assert math.isclose(figures[1]["perplexity"], figures[0]["perplexity"], rel_tol=1e-5)
+    assert figures[2]["runtime"] == "onnxruntime-genai" and figures[2]["tokens"] == 3 * 31
+    for got in figures[1:]:
+        assert math.isclose(got["perplexity"], figures[0]["perplexity"], rel_tol=1e-5)
+    assert main(["eval", str(src), "--runtime", "onnxruntime-genai", "--no-progress"]) == 2
+    assert "genai_config.json" in capsys.readouterr().err
 
 
 def test_folder_layout(quantized, tmp_path):

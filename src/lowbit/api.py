@@ -31,6 +31,7 @@ from .arch.moe import EXPERT_PATTERN
 from .spec import parse_kv_cache_dtype, parse_scheme
 
 EVAL_DTYPE = torch.float32  # perplexity is computed in float32 unless asked otherwise
+RUNTIMES = ("torch", "llama.cpp", "onnxruntime-genai")  # torch: ONNX models run in onnxruntime
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -241,12 +242,15 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
              runtime: str = "torch") -> dict:
     """Perplexity (standard protocol) of a model source, with its size and parameter count. Computed in
     float32 by default whatever the stored dtype, so copies of the same weights give the same figure;
-    dtype "auto" computes in the stored dtype. ONNX models (a file or a folder) run in onnxruntime; runtime
-    "llama.cpp" runs a .gguf file in llama.cpp itself instead of dequantizing it for torch."""
+    dtype "auto" computes in the stored dtype. ONNX models (a file or a folder) run in onnxruntime, or with
+    runtime "onnxruntime-genai" in onnxruntime-genai; runtime "llama.cpp" runs a .gguf file in llama.cpp itself
+    instead of dequantizing it for torch."""
     if seq_len < 2:
         raise LowbitError(f"--seq-len must be at least 2, got {seq_len}")
-    if runtime not in ("torch", "llama.cpp"):
-        raise LowbitError(f"unknown runtime {runtime!r}; use torch or llama.cpp (ONNX models run in onnxruntime)")
+    if runtime not in RUNTIMES:
+        raise LowbitError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime-genai" and not is_onnx_model(model):
+        raise LowbitError(f"--runtime onnxruntime-genai runs an ONNX folder with genai_config.json; {model} is not one")
     if is_onnx_model(model) or runtime == "llama.cpp":
         return _evaluate_in_runtime(Path(str(model)), runtime, dataset, seq_len, max_chunks, progress)
     loaded = open_model(model, _dtype(dtype))
@@ -270,7 +274,7 @@ def _evaluate_in_runtime(path: Path, runtime: str, dataset: str, seq_len: int, m
     if runtime != "llama.cpp":
         from transformers import AutoTokenizer
 
-        from .eval.onnx_perplexity import onnx_perplexity
+        from .eval.onnx_perplexity import genai_perplexity, onnx_perplexity
 
         folder = path if path.is_dir() else path.parent
         try:
@@ -279,8 +283,12 @@ def _evaluate_in_runtime(path: Path, runtime: str, dataset: str, seq_len: int, m
             raise LowbitError(f"{folder} has no tokenizer transformers can read ({exc}); put the model's tokenizer "
                               f"files beside model.onnx") from None
         windows = eval_windows(tokenize(tokenizer, load_text(dataset, "eval")), seq_len, max_chunks)
-        result = onnx_perplexity(path, windows, progress=progress).to_dict()
-        runtime, size = "onnxruntime", sum(p.stat().st_size for p in folder.glob("*.onnx*"))
+        if runtime == "onnxruntime-genai":
+            result = genai_perplexity(folder, windows, progress=progress).to_dict()
+        else:
+            result = onnx_perplexity(path, windows, progress=progress).to_dict()
+            runtime = "onnxruntime"
+        size = sum(p.stat().st_size for p in folder.glob("*.onnx*"))
     else:
         from .eval.llama_cpp import gguf_perplexity
 

@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", "--batch_size", type=int, default=4, help="windows per forward [default: 4]")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype; auto = as stored [default: float32, so copies of one model agree]")
-    e.add_argument("--runtime", default="torch", choices=["torch", "llama.cpp"],
-                   help="torch (any source, dequantized; ONNX models always run in onnxruntime) or llama.cpp (a "
-                        ".gguf file run by llama-cpp-python) [default: torch]")
+    e.add_argument("--runtime", default="torch", choices=["torch", "llama.cpp", "onnxruntime-genai"],
+                   help="torch (any source, dequantized; ONNX models run in onnxruntime), llama.cpp (a .gguf file "
+                        "run by llama-cpp-python) or onnxruntime-genai (an ONNX folder with genai_config.json) "
+                        "[default: torch]")
     e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 

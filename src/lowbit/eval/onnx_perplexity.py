@@ -80,3 +80,31 @@ def onnx_perplexity(folder_or_model_path, windows: torch.Tensor, batch_size: int
         return torch.from_numpy(session.run(["logits"], feeds)[0])
 
     return windowed_perplexity(logits_of, windows, batch_size, progress, "onnx perplexity")
+
+
+def genai_perplexity(folder, windows: torch.Tensor, progress: bool = True) -> PerplexityResult:
+    """Perplexity of an onnxruntime-genai folder run by onnxruntime-genai itself (its session options, KV cache
+    handling and provider from genai_config.json): each window is appended as a prompt to a fresh generator
+    and the prompt's logits read back, one window at a time."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise LowbitError("--runtime onnxruntime-genai needs the onnxruntime-genai package: "
+                          "pip install onnxruntime-genai") from None
+    folder = Path(folder)
+    if not (folder / "genai_config.json").is_file():
+        raise LowbitError(f"{folder} has no genai_config.json; onnxruntime-genai runs folders written by its builder "
+                          f"or by lowbit (use the default runtime for a bare .onnx file)")
+    model = og.Model(str(folder))
+
+    def logits_of(batch: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for window in batch:
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(window) + 1)
+            generator = og.Generator(model, params)
+            generator.append_tokens(window.numpy().astype(np.int32))
+            rows.append(torch.from_numpy(np.asarray(generator.get_output("logits")).copy())[0])
+        return torch.stack(rows)
+
+    return windowed_perplexity(logits_of, windows, 1, progress, "onnxruntime-genai perplexity")

@@ -304,3 +304,60 @@ def test_existing_output_untouched(models, tmp_path):
     with pytest.raises(LowbitError, match="already exists"):
         api.quantize(src, out, scheme="w_uint4_per_group_asym", progress=False, quiet=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.fixture(scope="module")
+def torch_exported(models, tmp_path_factory):
+    """The MHA tiny model exported by torch.onnx (the TorchScript exporter optimum uses: decomposed RMSNorm and
+    attention, separate q/k/v, position_ids input, opset 17, no KV cache), with its tokenizer beside it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    hf, _ = models["mha"]
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model.model
+            self.lm_head = model.lm_head
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
+            return self.lm_head(hidden)
+
+    out = tmp_path_factory.mktemp("torch-exported")
+    ids = IDS[:, :8]
+    names = ["input_ids", "attention_mask", "position_ids"]
+    torch.onnx.export(Logits(), (ids, torch.ones_like(ids), torch.arange(8)[None]), str(out / "model.onnx"),
+                      input_names=names, output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
+    for f in hf.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return hf, out
+
+
+def test_torch_exported_decoder(torch_exported, lowbit_out, text_file, tmp_path):
+    """A decoder exported by torch.onnx quantizes like the builder's: RTN equals the torch path, AWQ folds its
+    scales into the decomposed norms' gamma Muls and beats RTN, and DequantizeLinear forms are refused on
+    opset 17 with the way out."""
+    hf, src = torch_exported
+    decoder = OnnxDecoder(src)
+    assert "model.layers.0.self_attn.v_proj" in decoder.linears()
+    group = decoder.input_groups()[decoder.matmuls[0].input]
+    assert len(group) == 3 and find_fold(decoder, group).vectors  # q/k/v read the norm's gamma Mul
+    rtn = tmp_path / "rtn"
+    api.quantize(src, rtn, scheme="w_uint4_per_group_asym", group_size=32, progress=False, quiet=True)
+    reference = _torch_logits(lowbit_out(hf, "w_uint4_per_group_asym", group_size=32))
+    assert np.abs(_logits(rtn) - reference).max() < 1e-4
+    awq = tmp_path / "awq"
+    api.quantize(src, awq, scheme="w_uint4_per_group_asym", group_size=32, algo="awq", dataset=str(text_file),
+                 **CALIB)
+    notes = json.loads((awq / "summary.json").read_text())["layer_notes"]
+    assert "not scaled" not in notes["model.layers.0.self_attn.q_proj"]
+    with pytest.raises(LowbitError, match="opset 21"):
+        api.quantize(src, tmp_path / "dq", scheme="w_uint4_per_group_asym", group_size=32, progress=False,
+                     quiet=True, onnx_options=OnnxOptions(onnx_format="dq"))

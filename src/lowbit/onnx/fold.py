@@ -1,7 +1,8 @@
 """Where per-input-channel scales fold in an ONNX decoder graph (AWQ, SmoothQuant), by op type:
 
 - a norm (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, LayerNormalization, ...) whose first
-  output is the group's input: its gamma (and beta) / s;
+  output is the group's input: its gamma (and beta) / s; likewise a decomposed norm's last Mul by a constant
+  gamma (optimum's exports);
 - a Mul of two branches (SwiGLU's act(gate) * up) where one branch is a weight MatMul read by nothing else:
   that MatMul's output columns / s;
 - GroupQueryAttention's output when every query head has its own KV head: the V columns of the packed qkv
@@ -19,6 +20,7 @@ import numpy as np
 
 from .graph import NORM_OPS, OnnxDecoder, WeightMatMul
 
+SHAPE_ONLY = ("Shape", "Size")  # readers that see a tensor's shape, not its values
 _GAMMA_INPUTS = {"SimplifiedLayerNormalization": (1,), "RMSNormalization": (1,), "LayerNormalization": (1, 2),
                  "SkipSimplifiedLayerNormalization": (2,), "SkipLayerNormalization": (2, 3)}
 
@@ -40,7 +42,7 @@ def _attr(node, name, default):
 def find_fold(decoder: OnnxDecoder, group: list[WeightMatMul]) -> FoldTarget | None:
     """The op the scales of the group's input fold into, or None."""
     x = group[0].input
-    readers = decoder.consumers.get(x, [])
+    readers = [n for n in decoder.consumers.get(x, []) if n.op_type not in SHAPE_ONLY]
     if {id(n) for n in readers} != {id(mm.node) for mm in group} or x in {o.name for o in decoder.graph.output}:
         return None  # something besides the group reads the input
     if any(len(decoder.consumers.get(mm.weight, [])) != 1 for mm in group):
@@ -55,6 +57,10 @@ def find_fold(decoder: OnnxDecoder, group: list[WeightMatMul]) -> FoldTarget | N
         return None
     by_output = {mm.node.output[0]: mm for mm in decoder.matmuls}
     if node.op_type == "Mul":
+        for branch in node.input:  # a decomposed norm's final x_hat * gamma (optimum exports)
+            t = decoder.initializers.get(branch)
+            if t is not None and list(t.dims) == [group[0].shape[1]] and len(decoder.consumers.get(branch, [])) == 1:
+                return FoldTarget(vectors=(branch,))
         for branch in node.input:
             mm = by_output.get(branch)
             if mm is not None and len(decoder.consumers.get(branch, [])) == 1 and _own_weight(decoder, mm):

@@ -35,6 +35,12 @@ class OnnxOptions:
     layers_8bit: tuple[str, ...] = ()  # layer patterns kept at 8 bits (mixed INT4/INT8)
     mixed: bool = False  # mixed INT4/INT8 with the default choice of 8-bit layers when layers_8bit is empty
     memory_budget: int = 4 << 30  # bytes of calibration statistics held at once
+    # static INT8 (w_int8_a_int8_per_{tensor|channel}_sym): activation range calibration, layers kept on float
+    # inputs (int8 weights only)
+    calibrate_method: str = "minmax"  # or "percentile", "entropy"
+    percentile: float = 99.999
+    float_inputs: tuple[str, ...] = ()
+    reduce_range: bool = False  # 7-bit weights: no int16 saturation in x86 kernels without VNNI
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -83,13 +89,25 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
     check_output(output, overwrite)
     decoder = OnnxDecoder(model)
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
+    from .static_int8 import static_int8_applies
+
+    if static_int8_applies(recipe, chain):  # weights and activations: static int8 QDQ (static_int8.py)
+        from .static_int8 import quantize_static_int8
+
+        plan = resolve_plan(recipe, decoder.linears())
+        validate_plan(plan, recipe.scheme)
+        _log(format_plan(plan), quiet)
+        return quantize_static_int8(decoder, output, recipe, chain, plan, options, overwrite,
+                                    progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks, t0)
     unsupported = [a.name for a in chain if a.role == "rotation" or a.name == "smoothquant"]
     if unsupported:
         raise LowbitError(f"{', '.join(unsupported)} is not available for ONNX weight-only quantization; use "
                           f"rtn, awq (awq_lite / awq_clip) or gptq")
     if recipe.scheme.input is not None or recipe.kv_cache is not None:
         raise LowbitError(f"scheme {recipe.scheme.name} quantizes activations; the ONNX front end quantizes weights "
-                          f"only (w_uint4_per_group_asym, w_int4_per_group_sym, w_int8_per_channel_sym, ...)")
+                          f"only (w_uint4_per_group_asym, w_int4_per_group_sym, w_int8_per_channel_sym, ...) or "
+                          f"static INT8 (w_int8_a_int8_per_tensor_sym / _per_channel_sym with rtn, smoothquant, "
+                          f"rotation or rotation,smoothquant)")
     _check_options(options, decoder)
     recipe = _with_8bit_layers(recipe, options, decoder)
     plan = resolve_plan(recipe, decoder.linears())

@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# OpenMP threads that wait for work by sleeping rather than spinning, unless the user chose otherwise (read
+# when torch's OpenMP runtime starts, so before torch is imported). Spinning threads stall every parallel
+# region as soon as another process or onnxruntime's own threads want the cores: ONNX AWQ on the demo model
+# with 32 windows on 2 busy cores took 674 s spinning and 192 s passive (docs/BENCHMARKS.md, issue #7).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .errors import LowbitError  # noqa: E402
 from .spec import QuantSpec, Scheme, parse_scheme  # noqa: E402
 

@@ -177,6 +177,9 @@ def test_static_int8_qdq_runs_close_to_float(models, text_file, tmp_path, scheme
     assert all(m.input[1].endswith("_DequantizeLinear_Output") or name == "/lm_head/MatMul"
                for name, m in matmuls.items())
     assert not matmuls["/lm_head/MatMul"].input[0].endswith("_DequantizeLinear_Output")
+    # Q/DQ on the inputs only: qkv, o_proj, gate/up (one shared), down_proj per layer; MatMul outputs stay float
+    quantized = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantized) == 8 and not any(t.endswith("MatMul/output_0") for t in quantized)
     inits = {t.name: t for t in model.graph.initializer}
     weight_scales = [inits[n.input[1]] for n in dq if n.input[0].endswith("_quantized")]
     assert len(weight_scales) == 10
@@ -202,18 +205,21 @@ def test_rotation_and_smoothquant_help_with_outliers(models, text_file, tmp_path
     assert errors["rotation,smoothquant"] < errors["rtn"]
 
 
-def test_calibration_methods_and_float_inputs(models, text_file, tmp_path):
+def test_calibration_methods_and_input_overrides(models, text_file, tmp_path):
     """Percentile calibration runs; float_inputs keeps down_proj's input in float (no activation QDQ there, its
-    weight still int8)."""
+    weight still int8); int16_inputs gives o_proj's input int16 Q/DQ (A16W8)."""
     src = models["gqa"][1]
     out = tmp_path / "p"
     _static(src, out, text_file, "rtn", options=OnnxOptions(calibrate_method="percentile",
-                                                              float_inputs=("down_proj",)))
+                                                              float_inputs=("down_proj",), int16_inputs=("o_proj",)))
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     down = next(n for n in model.graph.node if n.name == "/model/layers.0/mlp/down_proj/MatMul")
     up = next(n for n in model.graph.node if n.name == "/model/layers.0/mlp/up_proj/MatMul")
     assert down.input[0] == "/model/layers.0/mlp/Mul/output_0" and down.input[1].endswith("_DequantizeLinear_Output")
     assert up.input[0].endswith("_DequantizeLinear_Output")
+    zero_points = {t.name: t.data_type for t in model.graph.initializer if t.name.endswith("_zero_point")}
+    assert zero_points["/model/layers.0/attn/GroupQueryAttention/output_0_zero_point"] == onnx.TensorProto.INT16
+    assert zero_points["/model/layers.0/post_attention_layernorm/output_0_zero_point"] == onnx.TensorProto.INT8
     summary = json.loads((out / "summary.json").read_text())
     assert summary["static_int8"]["calibrate_method"] == "percentile"
     assert summary["layer_notes"]["model.layers.1.mlp.down_proj"] == "float inputs"
@@ -261,3 +267,20 @@ def test_rotation_refuses_layernorm_graphs(models, tmp_path):
     with pytest.raises(LowbitError, match="subtracts the mean") as info:
         plan_rotation(decoder)
     assert "\n" not in str(info.value)
+
+
+def test_static_int8_from_the_cli(models, text_file, tmp_path, capsys):
+    """`lowbit quantize MODEL.onnx --scheme w_int8_a_int8_per_tensor_sym --algo rotation,smoothquant` with the
+    static options as flags: int16 inputs for down_proj, int8 for the rest."""
+    from lowbit.cli import main
+
+    _, src = models["gqa"]
+    out = tmp_path / "cli"
+    assert main(["quantize", str(src), "-o", str(out), "--scheme", "w_int8_a_int8_per_tensor_sym", "--algo",
+                 "rotation,smoothquant", "--int16-inputs", "down_proj", "--calibrate-method", "percentile",
+                 "--num-calib-data", "4", "--seq-len", "64", "--dataset", str(text_file), "--json",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == str(out)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    zero_types = {t.data_type for t in model.graph.initializer if t.name.endswith("zero_point")}
+    assert onnx.TensorProto.INT16 in zero_types and onnx.TensorProto.INT8 in zero_types

@@ -204,7 +204,7 @@ def cmd_quantize(args) -> int:
             raise LowbitError("--export applies to Hugging Face / GGUF sources; an ONNX model is written as ONNX")
         onnx = onnx_options(args, modelopt_form)
     else:
-        given = [flag for flag, dest in ONNX_ONLY if getattr(args, dest) not in (None, False, "cpu")]
+        given = [flag for flag, dest in ONNX_ONLY if getattr(args, dest) not in (None, False, "cpu", "minmax")]
         if given:
             raise LowbitError(f"{given[0]} applies to ONNX models only, and {args.model} is not one")
     result = api.quantize(args.model, args.output, recipe=recipe, overwrite=args.overwrite,

@@ -20,7 +20,9 @@ MODELOPT_RTN_FORM = "qdq"  # ModelOpt's rtn keeps float weights behind QuantizeL
 # (flag, argparse dest) of the options that only mean something for an ONNX model
 ONNX_ONLY = (("--onnx-format", "onnx_format"), ("--layers-8bit", "layers_8bit"),
              ("--enable-mixed-quant", "enable_mixed_quant"), ("--gather-quantize-axis", "gather_quantize_axis"),
-             ("--gather-block-size", "gather_block_size"), ("--calibration-eps", "calibration_eps"))
+             ("--gather-block-size", "gather_block_size"), ("--calibration-eps", "calibration_eps"),
+             ("--calibrate-method", "calibrate_method"), ("--int16-inputs", "int16_inputs"),
+             ("--float-inputs", "float_inputs"), ("--reduce-range", "reduce_range"))
 
 
 def add_onnx_args(p) -> None:
@@ -53,6 +55,16 @@ def add_onnx_args(p) -> None:
     g.add_argument("--calibration_eps", "--calibration-eps", default="cpu",
                    help="onnxruntime execution providers for calibration, comma-separated (cpu, cuda, dml) "
                         "[default: cpu]")
+    g.add_argument("--calibrate-method", "--calibrate_method", default="minmax",
+                   choices=["minmax", "percentile", "entropy"],
+                   help="static INT8 (w_int8_a_int8_*): how activation ranges are calibrated [default: minmax]")
+    g.add_argument("--int16-inputs", default=None, metavar="NAMES",
+                   help="static INT8: layers whose input activations are int16 instead of int8 (A16W8), e.g. "
+                        "down_proj, whose input carries token outliers no int8 scale covers")
+    g.add_argument("--float-inputs", default=None, metavar="NAMES",
+                   help="static INT8: layers whose input activations stay float (int8 weights only)")
+    g.add_argument("--reduce-range", action="store_true",
+                   help="static INT8: 7-bit weights (onnxruntime's advice for x86 CPUs without VNNI)")
     g.add_argument("--add_position_ids", "--add-position-ids", action="store_true",
                    help="accepted for ModelOpt compatibility: position_ids are always fed when the model takes them")
 
@@ -107,7 +119,10 @@ def onnx_options(args, modelopt_form: str | None) -> OnnxOptions:
                        embedding_block=block or 32, embedding_axis=1 if axis is None else axis,
                        execution_provider=args.calibration_eps,
                        layers_8bit=tuple(layer_patterns(args.layers_8bit)) if args.layers_8bit else (),
-                       mixed=args.enable_mixed_quant)
+                       mixed=args.enable_mixed_quant, calibrate_method=args.calibrate_method,
+                       int16_inputs=tuple(layer_patterns(args.int16_inputs)) if args.int16_inputs else (),
+                       float_inputs=tuple(layer_patterns(args.float_inputs)) if args.float_inputs else (),
+                       reduce_range=args.reduce_range)
 
 
 def layer_patterns(text: str) -> list[str]:

@@ -40,6 +40,7 @@ class OnnxOptions:
     calibrate_method: str = "minmax"  # or "percentile", "entropy"
     percentile: float = 99.999
     float_inputs: tuple[str, ...] = ()
+    int16_inputs: tuple[str, ...] = ()  # layers whose input activations are int16 (A16W8) instead of int8
     reduce_range: bool = False  # 7-bit weights: no int16 saturation in x86 kernels without VNNI
 
 

@@ -10,7 +10,8 @@
 3. onnxruntime.quantization.quantize_static on that graph: QuantizeLinear/DequantizeLinear pairs on the
    planned MatMuls' activations (int8 symmetric, one static scale per tensor calibrated on the same windows,
    MinMax / Percentile / Entropy) and int8 symmetric weights (per channel or per tensor, from the scheme).
-   Optionally some MatMuls keep float inputs (int8 weights only): `float_inputs` layer patterns.
+   Optionally some MatMuls keep float inputs (int8 weights only, `float_inputs` layer patterns) or take int16
+   static inputs (`int16_inputs`: A16W8, for an input with a token outlier no int8 scale covers).
 
 The output folder holds model.onnx + model.onnx.data (external data, so > 2 GB works), genai_config.json and
 the tokenizer files, recipe.yaml and summary.json; it runs in onnxruntime and onnxruntime-genai.
@@ -18,6 +19,7 @@ the tokenizer files, recipe.yaml and summary.json; it runs in onnxruntime and on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -164,30 +166,41 @@ class WindowReader:
 
 def qdq_quantize(model_path: Path, output_path: Path, windows: torch.Tensor, nodes: list[str], per_channel: bool,
                  method: str = "minmax", percentile: float = 99.999, float_inputs: list[str] = (),
-                 head_size: int | None = None, providers=None, reduce_range: bool = False) -> None:
+                 head_size: int | None = None, providers=None, reduce_range: bool = False,
+                 int16_inputs: list[str] = ()) -> None:
     """onnxruntime's quantize_static (QDQ) of the MatMul nodes `nodes`: int8 symmetric weights (per channel
     along N, or per tensor) and int8 symmetric static per-tensor activations; the MatMuls in `float_inputs`
     keep float inputs (their activation Q/DQ removed afterwards, int8 weights kept). reduce_range: 7-bit weight
-    codes, onnxruntime's advice for x86 CPUs without VNNI, whose u8 x s8 kernels saturate int16 pair sums."""
+    codes, onnxruntime's advice for x86 CPUs without VNNI, whose u8 x s8 kernels saturate int16 pair sums.
+    int16_inputs: MatMuls whose input activations get int16 (symmetric static per-tensor) Q/DQ instead of int8."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     reader = WindowReader(model_path, windows, head_size)
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]
+    # the scheme quantizes a MatMul's inputs; its output (qkv into attention, o_proj / down_proj into the residual
+    # stream) stays float, as on the torch path (onnxruntime would add a Q/DQ pair there too by default)
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
-             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
+             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}, "OpTypesToExcludeOutputQuantization": ["MatMul"]}
+    if int16_inputs:
+        import onnx
+
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+        tensors = {n.input[0] for n in graph.node if n.name in set(int16_inputs)}
+        extra["TensorQuantOverrides"] = {t: [{"quant_type": QuantType.QInt16, "symmetric": True}] for t in tensors}
     if method != "minmax":
         # histogram calibrators hold every observed tensor of the windows in a stride: one window at a time
         extra.update({"CalibStridedMinMax": 1, "CalibPercentile": percentile,
                       "CalibTensorRangeSymmetric": True})
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" and per-node chatter
-    try:
-        quantize_static(str(model_path), str(output_path), reader, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul"], per_channel=per_channel, reduce_range=reduce_range,
-                        activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, nodes_to_quantize=list(nodes), use_external_data_format=True,
-                        calibrate_method=calibrate, calibration_providers=providers, extra_options=extra)
+    try:  # onnxruntime's histogram calibrators print progress to stdout, which --json owns
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(str(model_path), str(output_path), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul"], per_channel=per_channel, reduce_range=reduce_range,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_quantize=list(nodes), use_external_data_format=True,
+                            calibrate_method=calibrate, calibration_providers=providers, extra_options=extra)
     finally:
         logging.getLogger().setLevel(level)
     if float_inputs:
@@ -269,6 +282,8 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
         raise LowbitError("ONNX static INT8 needs named MatMul nodes to quantize (none planned, or unnamed)")
     float_inputs = [mm.node.name for mm in decoder.matmuls if plan[mm.name].spec is not None
                     and any(matches(p, mm.name) for p in options.float_inputs)]
+    int16_inputs = [mm.node.name for mm in decoder.matmuls if plan[mm.name].spec is not None
+                    and mm.node.name not in float_inputs and any(matches(p, mm.name) for p in options.int16_inputs)]
     per_channel = recipe.scheme.weight.granularity == "channel"
     method = options.calibrate_method.lower()
     head_size = genai_decoder(decoder.folder).get("head_size")
@@ -303,7 +318,7 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
         t = time.perf_counter()
         _log(f"static int8 QDQ ({method} calibration, {len(windows)} windows)", quiet)
         qdq_quantize(current.path, tmp / decoder.path.name, windows, nodes, per_channel, method, options.percentile,
-                     float_inputs, head_size, providers, options.reduce_range)
+                     float_inputs, head_size, providers, options.reduce_range, int16_inputs)
         seconds["qdq"] = round(time.perf_counter() - t, 3)
         t_quant = time.perf_counter()
         carried = carry_files(decoder, tmp)
@@ -312,7 +327,8 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
             if plan[mm.name].spec is None:
                 continue
             note = "; ".join(x for x in (notes.get(mm.name, ""),
-                                         "float inputs" if mm.node.name in float_inputs else "") if x)
+                                         "float inputs" if mm.node.name in float_inputs else "",
+                                         "int16 inputs" if mm.node.name in int16_inputs else "") if x)
             report.layers.append(OnnxLayerReport(mm.name, recipe.scheme.name, 0.0, note))
         summary = {"lowbit_version": __version__, "source": str(decoder.path), "scheme": recipe.scheme.name,
                    "algorithms": names, "onnx_format": "qdq", "static_int8": {
@@ -321,6 +337,7 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
                        "reduce_range": options.reduce_range,
                        "smoothquant_alpha": sq.alpha if sq is not None else None,
                        "float_inputs": [mm.name for mm in decoder.matmuls if mm.node.name in float_inputs],
+                       "int16_inputs": [mm.name for mm in decoder.matmuls if mm.node.name in int16_inputs],
                        **extra},
                    "python": platform.python_version(),
                    "calibration_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),

@@ -361,3 +361,23 @@ def test_torch_exported_decoder(torch_exported, lowbit_out, text_file, tmp_path)
     with pytest.raises(LowbitError, match="opset 21"):
         api.quantize(src, tmp_path / "dq", scheme="w_uint4_per_group_asym", group_size=32, progress=False,
                      quiet=True, onnx_options=OnnxOptions(onnx_format="dq"))
+
+
+def test_unnamed_nodes(models, tmp_path):
+    """Nodes need no names (ONNX allows empty ones): every weight MatMul is still replaced."""
+    _, src = models["gqa"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save_model(model, str(bare / "model.onnx"))
+    for f in src.iterdir():
+        if f.name != "model.onnx":
+            (bare / f.name).symlink_to(f)
+    outs = {}
+    for name, folder in (("named", src), ("bare", bare)):
+        outs[name] = tmp_path / f"q-{name}"
+        api.quantize(folder, outs[name], scheme="w_uint4_per_group_asym", group_size=32, progress=False, quiet=True)
+    assert _ops(outs["bare"]).count("MatMulNBits") == 10
+    assert np.array_equal(_logits(outs["bare"]), _logits(outs["named"]))

@@ -52,8 +52,11 @@ class EmbeddingGather:
 
 def module_name(node_name: str, fallback: str) -> str:
     """'/model/layers.0/attn/qkv_proj/MatMul' -> 'model.layers.0.attn.qkv_proj' (optimum and the builder both
-    name nodes by module path); the node's own name, dots for slashes, when it has no such path."""
+    name nodes and their outputs by module path, '/.../MatMul/output_0'); `fallback` (with unusual characters
+    replaced) when the name has no such path."""
     parts = [p for p in node_name.split("/") if p]
+    if len(parts) >= 2 and re.fullmatch(r"output_\d+", parts[-1]):  # an output name, for an unnamed node
+        parts = parts[:-1]
     if len(parts) >= 2 and re.fullmatch(r"(MatMul|Gather)(_\d+)?", parts[-1]):
         parts = parts[:-1]
     name = ".".join(parts) or fallback
@@ -116,6 +119,7 @@ class OnnxDecoder:
 
     def _find_matmuls(self) -> list[WeightMatMul]:
         found, seen = [], set()
+        outputs = {o.name for o in self.graph.output}
         for node in self.graph.node:
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
                 continue
@@ -123,7 +127,10 @@ class OnnxDecoder:
             if t is None:
                 continue
             k, n = t.dims
-            name = module_name(node.name, node.output[0])
+            if not node.name and node.output[0] in outputs:  # an unnamed MatMul writing the logits
+                name = "lm_head"
+            else:
+                name = module_name(node.name or node.output[0], node.output[0])
             while name in seen:
                 name += "_"
             seen.add(name)

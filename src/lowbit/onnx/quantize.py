@@ -203,13 +203,14 @@ def quantize_embedding(decoder: OnnxDecoder, emb: EmbeddingGather, writer: Graph
     attrs = dict(gather_axis=0, quantize_axis=axis, block_size=block)
     if bits == 8:
         attrs["bits"] = 8
-    writer.replace[node.name] = [helper.make_node("GatherBlockQuantized", [data, node.input[1], scales, zeros],
-                                                  list(node.output), node.name + "_Q", domain=MS, **attrs)]
+    writer.replace_node(node, [helper.make_node("GatherBlockQuantized", [data, node.input[1], scales, zeros],
+                                                list(node.output), (node.name or node.output[0]) + "_Q",
+                                                domain=MS, **attrs)])
     writer.opsets[MS] = 1
     if emb.transposed:  # the Transpose of a tied lm_head weight feeds only this Gather: drop it
         transpose = decoder.producer[node.input[0]]
         if len(decoder.consumers.get(transpose.output[0], [])) == 1:
-            writer.remove.add(transpose.name)
+            writer.remove_node(transpose)
     return f"{node.name}: {spec.short_name} along axis {axis}"
 
 

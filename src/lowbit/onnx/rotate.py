@@ -190,12 +190,12 @@ def rotate_graph(decoder: OnnxDecoder, writer: GraphWriter, seed: int = 0) -> di
         name = f"{emb.table}.rotated_embedding"
         put(name, rotated, table.dtype)
         node = emb.node
-        writer.replace[node.name] = [helper.make_node("Gather", [name, node.input[1]], list(node.output), node.name,
-                                                      axis=0)]
+        writer.replace_node(node, [helper.make_node("Gather", [name, node.input[1]], list(node.output), node.name,
+                                                    axis=0)])
         if emb.transposed:
             transpose = decoder.producer[node.input[0]]
             if len(decoder.consumers.get(transpose.output[0], [])) == 1:
-                writer.remove.add(transpose.name)
+                writer.remove_node(transpose)
     return {"width": plan.width, "rotation": q.kind, "seed": seed, "readers": n_readers,
             "writers": len(plan.writers), "norms": len(plan.norms)}
 

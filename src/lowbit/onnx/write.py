@@ -73,9 +73,21 @@ class GraphWriter:
         self.filename = filename
         self.data = ExternalData(self.folder / f"{filename}.data")
         self.initializers: dict[str, TensorProto] = {}  # new or replaced, already in the data file
-        self.replace: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes in its place
-        self.remove: set[str] = set()  # node names dropped without replacement
+        self._replace: dict[str, list[onnx.NodeProto]] = {}  # node key -> nodes in its place
+        self._remove: set[str] = set()  # keys of nodes dropped without replacement
         self.opsets: dict[str, int] = {}
+
+    # -- nodes -------------------------------------------------------------------------------------
+    @staticmethod
+    def _key(node: onnx.NodeProto) -> str:
+        """A node's identity: its first output (unique in a valid graph; names may be empty)."""
+        return node.output[0]
+
+    def replace_node(self, node: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
+        self._replace[self._key(node)] = nodes
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        self._remove.add(self._key(node))
 
     # -- initializers --------------------------------------------------------------------------------
     def tensor(self, name: str, array: np.ndarray) -> str:
@@ -108,8 +120,8 @@ class GraphWriter:
             attrs = dict(K=k, N=n, bits=qt.spec.bits, block_size=block)
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
-            self.replace[node.name] = [helper.make_node("MatMulNBits", inputs, list(node.output), node.name + "_Q",
-                                                        domain=MS, **attrs)]
+            self.replace_node(node, [helper.make_node("MatMulNBits", inputs, list(node.output),
+                                                      (node.name or node.output[0]) + "_Q", domain=MS, **attrs)])
             self.opsets[MS] = 1
             return
         block, axis_attrs, scale, zero = self._dq_params(qt, k)
@@ -133,7 +145,7 @@ class GraphWriter:
         w_out = f"{prefix}/DequantizeLinear/output_0"
         nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [w_out], f"{prefix}/DequantizeLinear", **axis_attrs))
         nodes.append(helper.make_node("MatMul", [node.input[0], w_out], list(node.output), node.name))
-        self.replace[node.name] = nodes
+        self.replace_node(node, nodes)
         self.opsets[""] = max(self.opsets.get("", 0), 21)  # blocked Q/DQ, int4 types, output_dtype
 
     @staticmethod
@@ -158,9 +170,9 @@ class GraphWriter:
         source = self.decoder
         nodes = []
         for node in source.graph.node:
-            if node.name in self.remove:
+            if self._key(node) in self._remove:
                 continue
-            nodes.extend(self.replace.get(node.name, [node]) if node.name else [node])
+            nodes.extend(self._replace.get(self._key(node), [node]))
         used = {i for n in nodes for i in n.input} | {o.name for o in source.graph.output}
         initializers = []
         for name in sorted(used):

@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,19 +45,27 @@ RUNNER = {"modelopt": "onnx_modelopt.py", "ort": "onnx_ort.py", "builder": "onnx
           "inc": "onnx_inc.py", "quark": "onnx_quark.py"}
 DEFAULT_LOWBIT = ("rtn:w_int4_per_group_sym,rtn:w_uint4_per_group_asym,awq:w_uint4_per_group_asym,"
                   "gptq:w_uint4_per_group_asym,awq,gptq:w_uint4_per_group_asym")
-DEFAULT_PEERS = ("modelopt:awq_lite:asym,modelopt:awq_clip:asym,modelopt:rtn_dq:sym,ort:rtn:asym,ort:rtn:sym,"
-                 "ort:hqq:asym,builder:default:sym,inc:rtn:asym,inc:gptq:asym,inc:awq:asym,quark:rtn:asym")
+DEFAULT_PEERS = ("modelopt:awq_lite:asym,modelopt:rtn_dq:sym,ort:rtn:asym,ort:rtn:sym,ort:hqq:asym,"
+                 "builder:default:asym,builder:default:sym,inc:rtn:sym,inc:rtn:asym,quark:rtn:asym,quark:gptq:sym")
+# ModelOpt's awq_clip and INC's gptq / awq re-run the whole model per MatMul (estimated 80 min and hours on
+# the demo model on 2 cores): give them with --peers and a --timeout to include them
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[int, float, float, str]:
-    """(exit code, wall seconds, peak RSS MiB of the child, stdout) of a command, stderr to `log`."""
+def run_measured(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, float, float, str]:
+    """(exit code or None when killed at `timeout` s, wall seconds, peak RSS MiB of the child, stdout) of a
+    command, its stderr to `log`."""
     start = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        out = proc.stdout.read()
+    with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024, out
+        killed = not timer.is_alive()
+        timer.cancel()
+        out.seek(0)
+        stdout = out.read()
+    code = None if killed else os.waitstatus_to_exitcode(status)
+    return code, time.perf_counter() - start, usage.ru_maxrss / 1024, stdout
 
 
 def make_data(model: Path, work: Path, calib: int, max_chunks: int) -> Path:
@@ -71,31 +80,38 @@ def make_data(model: Path, work: Path, calib: int, max_chunks: int) -> Path:
     return path
 
 
-def lowbit_row(model: Path, work: Path, algo: str, scheme: str, block: int, calib: int) -> dict:
+def lowbit_row(model: Path, work: Path, algo: str, scheme: str, block: int, calib: int, timeout: float) -> dict:
     out = work / f"lowbit-{algo.replace(',', '+')}-{scheme}"
     cmd = [sys.executable, "-m", "lowbit", "quantize", str(model), "-o", str(out), "--scheme", scheme,
            "--group-size", str(block), "--algo", algo, "--num-calib-data", str(calib), "--json", "--no-progress",
            "--overwrite"]
-    code, wall, rss, stdout = run_measured(cmd, work / f"{out.name}.log")
+    code, wall, rss, stdout = run_measured(cmd, work / f"{out.name}.log", timeout)
     row = {"tool": "lowbit", "algo": algo, "scheme": scheme, "block": block, "out": str(out), "wall_s": round(wall, 1),
            "peak_rss_mib": round(rss), "error": None}
     if code != 0:
-        row["error"] = (work / f"{out.name}.log").read_text().strip().splitlines()[-1:]
+        row["error"] = f"stopped after {timeout:.0f} s" if code is None else \
+            ((work / f"{out.name}.log").read_text().strip().splitlines() or ["?"])[-1]
         return row
     summary = json.loads(stdout.strip().splitlines()[-1])
     row["quantize_seconds"] = summary["seconds"]["quantize"]
     return row
 
 
-def peer_row(model: Path, work: Path, data: Path, tool: str, algo: str, sym: bool, block: int) -> dict:
+def peer_row(model: Path, hf: Path | None, work: Path, data: Path, tool: str, algo: str, sym: bool, block: int,
+             timeout: float) -> dict:
     out = work / f"{tool}-{algo}-{'sym' if sym else 'asym'}"
     python = PEER_PYTHON[tool]
     row = {"tool": tool, "algo": algo, "scheme": "int4 sym" if sym else "uint4 asym", "block": block, "out": str(out)}
     if not Path(python).exists():
         return {**row, "error": f"no environment at {python}"}
-    cmd = [python, str(HERE / "peers" / RUNNER[tool]), "--model", str(model), "--data", str(data), "--algo", algo,
+    source = hf if tool == "builder" else model  # the builder quantizes from the Hugging Face folder
+    if source is None:
+        return {**row, "error": "the builder needs the float Hugging Face folder: give --hf"}
+    cmd = [python, str(HERE / "peers" / RUNNER[tool]), "--model", str(source), "--data", str(data), "--algo", algo,
            "--block", str(block), "--out", str(out)] + (["--symmetric"] if sym else [])
-    code, wall, rss, stdout = run_measured(cmd, work / f"{out.name}.log")
+    code, wall, rss, stdout = run_measured(cmd, work / f"{out.name}.log", timeout)
+    if code is None:
+        return {**row, "wall_s": round(wall, 1), "error": f"stopped after {timeout:.0f} s"}
     try:
         result = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -107,12 +123,17 @@ def peer_row(model: Path, work: Path, data: Path, tool: str, algo: str, sym: boo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="float ONNX folder [default: the builder's fp32 demo export]")
+    ap.add_argument("--hf", default=None, help="its float Hugging Face folder, for the builder's own int4 "
+                                                "[default: the demo's]")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per quantization [default: 1800]")
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens [default: 32]")
     ap.add_argument("--max-chunks", type=int, default=16, help="evaluation windows of 512 tokens [default: 16]")
     ap.add_argument("--lowbit", default=DEFAULT_LOWBIT, help="ALGO:SCHEME,... ('' for none)")
     ap.add_argument("--peers", default=DEFAULT_PEERS, help="TOOL:ALGO:sym|asym,... ('' for none)")
     ap.add_argument("--decode", action="store_true", help="also measure onnxruntime-genai decode speed")
+    ap.add_argument("--rows", default=None, help="also take the quantized rows of an earlier run (its JSON lines, "
+                                                 "as printed on stderr) and measure them again beside this run's")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--work", default=None, help="keep outputs here [default: a temporary folder]")
     args = ap.parse_args()
@@ -123,20 +144,27 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="onnx-frontend-"))
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else demo_fp32(work)
+    hf = Path(args.hf) if args.hf else (None if args.model else demo_hf(work))
     data = make_data(model, work, args.calib, args.max_chunks)
     windows = torch.from_numpy(np.load(data)["eval"])
     rows = [{"tool": "float", "algo": "", "scheme": "fp32", "block": None, "out": str(model), "error": None}]
+    if args.rows:
+        rows += [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.startswith("{")]
     for item in filter(None, args.lowbit.split(",")):
         algo, _, scheme = item.rpartition(":")
-        rows.append(lowbit_row(model, work, algo.replace("+", ","), scheme, args.block, args.calib))
+        rows.append(lowbit_row(model, work, algo.replace("+", ","), scheme, args.block, args.calib, args.timeout))
         print(json.dumps(rows[-1]), file=sys.stderr)
     for item in filter(None, args.peers.split(",")):
         tool, algo, sym = item.split(":")
-        rows.append(peer_row(model, work, data, tool, algo, sym == "sym", args.block))
+        rows.append(peer_row(model, hf, work, data, tool, algo, sym == "sym", args.block, args.timeout))
         print(json.dumps(rows[-1]), file=sys.stderr)
     for row in rows:
         if row.get("error") is None:
-            row["perplexity"] = round(onnx_perplexity(row["out"], windows, progress=False).perplexity, 4)
+            try:
+                row["perplexity"] = round(onnx_perplexity(row["out"], windows, progress=False).perplexity, 4)
+            except Exception as exc:  # a peer's model onnxruntime refuses to load
+                row["error"] = f"onnxruntime: {str(exc).strip().splitlines()[0][:200]}"
+                continue
             row["size_mib"] = round(folder_bytes(Path(row["out"])) / 2**20, 1)
     if args.decode:
         ok = {f"{r['tool']} {r['algo']} {r['scheme']}": Path(r["out"]) for r in rows if r.get("error") is None}
@@ -159,15 +187,22 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
-def demo_fp32(work: Path) -> Path:
-    """The builder's fp32 CPU export of the demo model (its float folder from lowbit's demo cache)."""
+def demo_hf(work: Path) -> Path:
+    """The demo model's float Hugging Face folder as the builder reads it."""
     from onnx_export import builder_input
 
     from lowbit.hf.source import resolve_source
 
+    if (work / "builder-input").is_dir():
+        return work / "builder-input"
+    return builder_input(resolve_source("demo"), work)
+
+
+def demo_fp32(work: Path) -> Path:
+    """The builder's fp32 CPU export of the demo model."""
     out = work / "demo-fp32"
     if not (out / "model.onnx").is_file():
-        src = builder_input(resolve_source("demo"), work)
+        src = demo_hf(work)
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
                         "-p", "fp32", "-e", "cpu", "-c", str(work / "builder-cache")], check=True,
                        stdout=subprocess.DEVNULL)

@@ -273,11 +273,12 @@ def test_modelopt_cli_spellings_and_genai(models, text_file, tmp_path, capsys):
 @pytest.mark.parametrize("args,match", [
     (["--scheme", "w_uint4_per_group_asym", "--block-size", "24"], "power-of-two block"),
     (["--scheme", "w_uint3_per_group_asym"], "2, 4 or 8 bits"),
-    (["--scheme", "w_int8_a_int8_per_tensor_sym"], "weights only"),
+    (["--scheme", "w_int8_a_int8_per_token_dynamic"], "weights only"),
     (["--scheme", "w_mxfp4"], "not an integer scheme"),
     (["--scheme", "w_uint4_per_group_asym", "--layers-8bit", "nothing_like_this"], "matches no weight MatMul"),
     (["--scheme", "w_uint4_per_group_asym", "--quantize-embedding", "4", "--gather-block-size", "20"], "power-of-two"),
     (["--scheme", "w_uint4_per_group_asym", "--algo", "rotation,gptq"], "not available for ONNX"),
+    (["--scheme", "w_int8_a_int8_per_tensor_sym", "--algo", "gptq"], "static INT8"),
     (["--scheme", "w_uint4_per_group_asym", "--calibration-eps", "nosuch"], "not in this onnxruntime"),
 ])
 def test_refusals_write_nothing(models, tmp_path, capsys, args, match):

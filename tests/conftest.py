@@ -137,3 +137,40 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("\n\n".join(list(topics.values())[40:80]))
     return path
+
+
+# Tiny Llama decoders for the ONNX front end: GroupQueryAttention needs head_dim a multiple of 8; hidden 96
+# leaves a partial last group of 32 at group 64
+ONNX_TINY = {"gqa": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+             "mha": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False)}
+
+
+def builder_export(hf, out):
+    """onnxruntime-genai's model builder: the fp32 CPU ONNX decoder of a Hugging Face folder."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                          "-p", "fp32", "-e", "cpu", "-c", str(out) + "-cache"],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_tiny(tmp_path_factory, tokenizer_dir):
+    """kind ("gqa": tied, grouped queries; "mha") -> (HF float folder, the builder's fp32 ONNX folder of it)."""
+    import transformers as tf
+
+    vocab = len(tf.AutoTokenizer.from_pretrained(tokenizer_dir))
+    out = {}
+    for kind, extra in ONNX_TINY.items():
+        config = tf.LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                                architectures=["LlamaForCausalLM"], **extra)
+        base = tmp_path_factory.mktemp(f"onnx-tiny-{kind}")
+        hf = save_random_model(config, base / "hf", tokenizer_dir, randomize_1d=True)
+        out[kind] = (hf, builder_export(hf, base / "onnx"))
+    return out
+

@@ -6,10 +6,6 @@ spellings, the output loading in onnxruntime-genai, and refusals that write noth
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -29,39 +25,14 @@ from lowbit.onnx.mixed import default_8bit_layers  # noqa: E402
 from lowbit.onnx.run import OnnxOptions  # noqa: E402
 from lowbit.onnx.write import GraphWriter  # noqa: E402
 from lowbit.spec import QuantSpec  # noqa: E402
-from .conftest import save_random_model  # noqa: E402
 
 IDS = torch.randint(3, 300, (1, 19), generator=torch.Generator().manual_seed(1))
 CALIB = dict(num_calib_data=4, seq_len=64, progress=False, quiet=True)
 
-# GroupQueryAttention needs head_dim a multiple of 8; hidden 96 leaves a partial last group of 32 at group 64
-CONFIGS = {"gqa": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-           "mha": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False)}
-
-
-def _builder(hf, out):
-    run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                          "-p", "fp32", "-e", "cpu", "-c", str(out) + "-cache"],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    return out
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer_dir):
+def models(onnx_tiny):
     """kind -> (HF float folder, the builder's fp32 ONNX folder of it)."""
-    import transformers as tf
-
-    vocab = len(tf.AutoTokenizer.from_pretrained(tokenizer_dir))
-    out = {}
-    for kind, extra in CONFIGS.items():
-        config = tf.LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-                                architectures=["LlamaForCausalLM"], **extra)
-        base = tmp_path_factory.mktemp(f"onnx-front-{kind}")
-        hf = save_random_model(config, base / "hf", tokenizer_dir, randomize_1d=True)
-        out[kind] = (hf, _builder(hf, base / "onnx"))
-    return out
+    return onnx_tiny
 
 
 # onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits at accuracy level 4 (int8 activations) unless

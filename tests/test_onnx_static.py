@@ -7,9 +7,6 @@ refusals that write nothing."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,40 +23,16 @@ from lowbit.onnx.graph import OnnxDecoder  # noqa: E402
 from lowbit.onnx.rotate import plan_rotation, write_rotated  # noqa: E402
 from lowbit.onnx.run import OnnxOptions  # noqa: E402
 from lowbit.onnx.static_int8 import smooth_graph  # noqa: E402
-from .conftest import save_random_model  # noqa: E402
 
 IDS = torch.randint(3, 300, (1, 19), generator=torch.Generator().manual_seed(1))
 CALIB = dict(num_calib_data=4, seq_len=64, progress=False, quiet=True)
 
-CONFIGS = {"gqa": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-           "mha": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False)}
-
-
-def _builder(hf, out):
-    run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                          "-p", "fp32", "-e", "cpu", "-c", str(out) + "-cache"],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    return out
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer_dir):
+def models(onnx_tiny, tmp_path_factory):
     """kind -> (HF float folder, the builder's fp32 ONNX folder of it); "outlier": the GQA model with a few norm
     gain channels scaled up (activation outlier channels, as in real LLMs)."""
-    import transformers as tf
-
-    vocab = len(tf.AutoTokenizer.from_pretrained(tokenizer_dir))
-    out = {}
-    for kind, extra in CONFIGS.items():
-        config = tf.LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-                                architectures=["LlamaForCausalLM"], **extra)
-        base = tmp_path_factory.mktemp(f"onnx-static-{kind}")
-        hf = save_random_model(config, base / "hf", tokenizer_dir, randomize_1d=True)
-        out[kind] = (hf, _builder(hf, base / "onnx"))
-        if kind == "gqa":
-            out["outlier"] = (None, _with_outliers(out[kind][1], base / "outlier"))
+    out = dict(onnx_tiny)
+    out["outlier"] = (None, _with_outliers(onnx_tiny["gqa"][1], tmp_path_factory.mktemp("onnx-outlier") / "m"))
     return out
 
 

@@ -106,3 +106,20 @@ def gather_stats(decoder: OnnxDecoder, units: list[dict[str, int]], windows: tor
                 stats[name].add(torch.from_numpy(value))
         del session
         consume(indices, stats)
+
+
+def calibration_windows(decoder: OnnxDecoder, recipe) -> torch.Tensor:
+    """lowbit's calibration windows (the recipe's dataset, calib split) tokenized by the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ..data import calib_windows, load_text, tokenize
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(decoder.folder)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LowbitError(f"calibration needs the tokenizer beside {decoder.path} ({first}); copy "
+                          f"tokenizer.json and tokenizer_config.json into {decoder.folder}") from None
+    cal = recipe.calibration
+    return calib_windows(tokenize(tokenizer, load_text(cal["dataset"], "calib")), cal["num_samples"],
+                         cal["seq_len"], cal["seed"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..algorithms import parse_chain
-from ..data import calib_windows, load_text, tokenize
+from ..data import load_text, tokenize
 from ..errors import LowbitError
 from ..export.output import check_output, staged_output
 from ..recipe import Recipe, format_plan, resolve_plan, validate_plan
@@ -80,7 +80,7 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
     """Quantize an ONNX decoder (model.onnx or its folder) into a new ONNX folder `output`; returns
     (output path, summary dict, OnnxReport)."""
     from .quantize import OnnxQuantizer, carry_files, quantize_embedding
-    from .calibrate import providers_for
+    from .calibrate import calibration_windows, providers_for
 
     t0 = time.perf_counter()
     options = options or OnnxOptions()
@@ -119,19 +119,8 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
     providers = providers_for(options.execution_provider)
     _log(format_plan(plan), quiet)
 
-    calib = None
     cal = recipe.calibration
-    if any(a.needs_calibration for a in chain):
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(decoder.folder)
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LowbitError(f"calibration needs the tokenizer beside {decoder.path} ({first}); copy "
-                              f"tokenizer.json and tokenizer_config.json into {decoder.folder}") from None
-        calib = calib_windows(tokenize(tokenizer, load_text(cal["dataset"], "calib")), cal["num_samples"],
-                              cal["seq_len"], cal["seed"])
+    calib = calibration_windows(decoder, recipe) if any(a.needs_calibration for a in chain) else None
     t_loaded = time.perf_counter()
     summary = {"lowbit_version": __version__, "source": str(model), "scheme": recipe.scheme.name,
                "algorithms": [a.name for a in chain], "onnx_format": options.onnx_format,
@@ -167,7 +156,9 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
             from ..data import eval_windows
             from ..eval.onnx_perplexity import onnx_perplexity
 
-            ids = tokenize(AutoTokenizer_for(tmp), load_text(eval_dataset or "pydoc", "eval"))
+            from transformers import AutoTokenizer
+
+            ids = tokenize(AutoTokenizer.from_pretrained(tmp), load_text(eval_dataset or "pydoc", "eval"))
             result = onnx_perplexity(tmp, eval_windows(ids, eval_seq_len or cal["seq_len"], max_chunks),
                                      progress=progress)
             summary["perplexity"] = result.to_dict()
@@ -188,12 +179,6 @@ def _with_8bit_layers(recipe: Recipe, options: OnnxOptions, decoder: OnnxDecoder
         return recipe
     extra = tuple(Override.parse(o) for o in eight_bit_overrides(patterns, list(decoder.linears())))
     return replace(recipe, overrides=recipe.overrides + extra)
-
-
-def AutoTokenizer_for(folder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def _peak_rss() -> int:

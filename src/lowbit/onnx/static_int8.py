@@ -239,23 +239,6 @@ def _drop_activation_qdq(path: Path, names: set[str]) -> None:
     onnx.save_model(model, str(path))
 
 
-def calibration_windows(decoder: OnnxDecoder, recipe) -> torch.Tensor:
-    """lowbit's calibration windows (the recipe's dataset, calib split) tokenized by the model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    from ..data import calib_windows, load_text, tokenize
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(decoder.folder)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LowbitError(f"calibration needs the tokenizer beside {decoder.path} ({first}); copy "
-                          f"tokenizer.json and tokenizer_config.json into {decoder.folder}") from None
-    cal = recipe.calibration
-    return calib_windows(tokenize(tokenizer, load_text(cal["dataset"], "calib")), cal["num_samples"],
-                         cal["seq_len"], cal["seed"])
-
-
 def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan, options, overwrite: bool = False,
                          progress: bool = True, quiet: bool = False, evaluate_after: bool = False,
                          eval_dataset: str | None = None, eval_seq_len: int | None = None,
@@ -265,7 +248,7 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
     from .. import __version__
     from ..export.output import staged_output
     from ..eval.onnx_perplexity import genai_decoder
-    from .calibrate import providers_for
+    from .calibrate import calibration_windows, providers_for
 
     t0 = time.perf_counter() if t0 is None else t0
     _check(recipe, chain, options, plan)

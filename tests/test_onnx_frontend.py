@@ -250,6 +250,7 @@ def test_modelopt_cli_spellings_and_genai(models, text_file, tmp_path, capsys):
     (["--scheme", "w_uint4_per_group_asym", "--quantize-embedding", "4", "--gather-block-size", "20"], "power-of-two"),
     (["--scheme", "w_uint4_per_group_asym", "--algo", "rotation,gptq"], "not available for ONNX"),
     (["--scheme", "w_int8_a_int8_per_tensor_sym", "--algo", "gptq"], "static INT8"),
+    (["--scheme", "w_uint4_per_group_asym", "--int16-inputs", "down_proj"], "apply to static INT8"),
     (["--scheme", "w_uint4_per_group_asym", "--calibration-eps", "nosuch"], "not in this onnxruntime"),
 ])
 def test_refusals_write_nothing(models, tmp_path, capsys, args, match):

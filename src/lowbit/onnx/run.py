@@ -50,6 +50,10 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def _check_options(options: OnnxOptions, decoder: OnnxDecoder) -> None:
+    """Refuse, before any work, weight-only options that cannot apply (static INT8's are checked there)."""
+    if options.int16_inputs or options.float_inputs or options.reduce_range or options.calibrate_method != "minmax":
+        raise LowbitError("--int16-inputs, --float-inputs, --reduce-range and --calibrate-method apply to static INT8 "
+                          "(--scheme w_int8_a_int8_per_tensor_sym); drop them for weight-only quantization")
     if options.onnx_format not in ONNX_FORMATS:
         raise LowbitError(f"unknown ONNX output form {options.onnx_format!r}; use one of {', '.join(ONNX_FORMATS)}")
     if options.onnx_format != "matmulnbits" and decoder.opset() < 21 and decoder.opset() != 0:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..algorithms import Algorithm
 from ..algorithms.stats import MIN_CALIBRATION_TOKENS, InputStats
+from ..engine import LayerReport
 from ..formats import Quantized
 from ..recipe import LayerPlan
 from .fold import find_fold, fold
@@ -35,16 +36,8 @@ CARRIED = ("genai_config.json", "config.json", "generation_config.json", "tokeni
 
 
 @dataclass
-class OnnxLayerReport:
-    name: str
-    spec: str
-    relative_error: float
-    note: str = ""
-
-
-@dataclass
 class OnnxReport:
-    layers: list[OnnxLayerReport] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)
     calibration_seconds: float = 0.0
     embeddings: list[str] = field(default_factory=list)
 
@@ -168,7 +161,7 @@ class OnnxQuantizer:
                torch.linalg.vector_norm(w).clamp_min(1e-30)).item()
         note = "; ".join(x for x in (self.notes.get(mm.name, ""),
                                      getattr(self.quantizer, "notes", {}).get(mm.name, "")) if x)
-        self.report.layers.append(OnnxLayerReport(mm.name, qt.spec.short_name, err, note))
+        self.report.layers.append(LayerReport(mm.name, qt.spec.short_name, err, note))
         self.writer.quantized_matmul(mm, qt, self.onnx_format, self.accuracy_level)
 
 

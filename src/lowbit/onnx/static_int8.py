@@ -38,7 +38,8 @@ from ..errors import LowbitError
 from ..recipe import matches
 from .fold import find_fold, fold
 from .graph import OnnxDecoder
-from .quantize import OnnxLayerReport, OnnxReport, carry_files, layer_units
+from ..engine import LayerReport
+from .quantize import OnnxReport, carry_files, layer_units
 from .write import GraphWriter
 
 STATIC_SCHEMES = ("w_int8_a_int8_per_tensor_sym", "w_int8_a_int8_per_channel_sym")
@@ -312,7 +313,7 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
             note = "; ".join(x for x in (notes.get(mm.name, ""),
                                          "float inputs" if mm.node.name in float_inputs else "",
                                          "int16 inputs" if mm.node.name in int16_inputs else "") if x)
-            report.layers.append(OnnxLayerReport(mm.name, recipe.scheme.name, 0.0, note))
+            report.layers.append(LayerReport(mm.name, recipe.scheme.name, 0.0, note))
         summary = {"lowbit_version": __version__, "source": str(decoder.path), "scheme": recipe.scheme.name,
                    "algorithms": names, "onnx_format": "qdq", "static_int8": {
                        "calibrate_method": method, "per_channel_weights": per_channel,

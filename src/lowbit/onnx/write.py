@@ -124,7 +124,7 @@ class GraphWriter:
                                                       (node.name or node.output[0]) + "_Q", domain=MS, **attrs)])
             self.opsets[MS] = 1
             return
-        block, axis_attrs, scale, zero = self._dq_params(qt, k)
+        axis_attrs, scale, zero = self._dq_params(qt)
         itype = onnx_int_type(qt.spec)
         codes = qt.codes.T.contiguous().numpy()
         dq_inputs = [None, self.tensor(f"{base}_scale", scale.astype(scale_dtype))]
@@ -149,8 +149,8 @@ class GraphWriter:
         self.opsets[""] = max(self.opsets.get("", 0), 21)  # blocked Q/DQ, int4 types, output_dtype
 
     @staticmethod
-    def _dq_params(qt: Quantized, k: int):
-        """(block, DequantizeLinear attributes, scale, zero point) of a weight stored transposed (K, N)."""
+    def _dq_params(qt: Quantized):
+        """(DequantizeLinear attributes, scale, zero point) of a weight stored transposed (K, N)."""
         spec = qt.spec
         scale = qt.scale.T.contiguous().numpy()  # (k_blocks, N) or (1, N) or (1, 1)
         zero = None if qt.zero is None else qt.zero.T.contiguous().numpy().astype(np.int64)
@@ -162,7 +162,7 @@ class GraphWriter:
         else:
             attrs = {}
             scale, zero = scale.reshape(()), None if zero is None else zero.reshape(())
-        return attrs.get("block_size"), attrs, scale, zero
+        return attrs, scale, zero
 
     # -- the model -----------------------------------------------------------------------------------
     def write(self, extra_outputs=()) -> Path:

@@ -5,9 +5,9 @@ __version__ = "0.1.0"
 import os  # noqa: E402
 
 # OpenMP threads that wait for work by sleeping rather than spinning, unless the user chose otherwise (read
-# when torch's OpenMP runtime starts, so before torch is imported). Spinning threads stall every parallel
-# region as soon as another process or onnxruntime's own threads want the cores: ONNX AWQ on the demo model
-# with 32 windows on 2 busy cores took 674 s spinning and 192 s passive (docs/BENCHMARKS.md, issue #7).
+# when torch's OpenMP runtime starts, so before torch is imported). Spinning threads stall parallel regions
+# when other processes (or onnxruntime's own threads) want the cores: AWQ's searches ran 1.3-3.3x faster
+# passive beside busy processes and the same on an idle machine (benchmarks/omp_wait.py, docs/BENCHMARKS.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import LowbitError  # noqa: E402

@@ -23,7 +23,7 @@ EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|a
 def _add_data_args(p, purpose: str) -> None:
     use = ("calibration text (its calibration split) and, with --eval, evaluation text (its evaluation split)"
            if purpose == "quantize" else "evaluation text (its evaluation split)")
-    p.add_argument("--dataset", default="pydoc",
+    p.add_argument("--dataset", default=None if purpose == "eval" else "pydoc",
                    help=f"{use}: a .txt/.jsonl/.parquet file (used whole), pydoc (built in, offline), wikitext2, "
                         f"pileval, c4 or cnn_dailymail (Hugging Face hub) [default: pydoc]")
     p.add_argument("--seq-len", "--seq_len", type=int, default=512, help="tokens per window [default: 512]")
@@ -60,6 +60,17 @@ def _add_export_options(p) -> None:
                         "1 fp32, 2 fp16, 3 bf16, 4 int8) [default: 0, unset]")
     p.add_argument("--quantize-embedding", type=int, default=None, choices=[4, 8], metavar="BITS",
                    help="onnx: store the embedding table with BITS-bit blocks (GatherBlockQuantized) [default: float]")
+
+
+def _add_task_args(p) -> None:
+    p.add_argument("--tasks", default=None, metavar="TASKS",
+                   help="also (or, without --dataset, only) measure lm-eval-harness task accuracy: comma-separated "
+                        "task names (lambada_openai,hellaswag) or task YAML files; needs pip install lm_eval")
+    p.add_argument("--task-dir", "--task_dir", "--include-path", "--include_path", default=None, metavar="DIR",
+                   help="a folder of extra lm-eval task YAML files (local datasets for offline use; see README)")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="lm-eval few-shot examples")
+    p.add_argument("--limit", type=float, default=None,
+                   help="lm-eval: at most this many documents per task (a fraction below 1) [default: all]")
 
 
 def _export_options(args) -> dict:
@@ -137,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch (any source, dequantized; ONNX models run in onnxruntime), llama.cpp (a .gguf file "
                         "run by llama-cpp-python) or onnxruntime-genai (an ONNX folder with genai_config.json) "
                         "[default: torch]")
+    _add_task_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -230,21 +242,50 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from . import api
 
-    result = api.evaluate(args.model, dataset=args.dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,
-                          batch_size=getattr(args, "batch_size", 4), progress=not args.no_progress,
-                          dtype=getattr(args, "dtype", "float32"), runtime=getattr(args, "runtime", "torch"))
+    tasks = getattr(args, "tasks", None)
+    dataset = args.dataset if args.dataset is not None or tasks else "pydoc"
+    result = perplexity = {}
+    if dataset is not None:
+        result = perplexity = api.evaluate(args.model, dataset=dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,
+                              batch_size=getattr(args, "batch_size", 4), progress=not args.no_progress,
+                              dtype=getattr(args, "dtype", "float32"), runtime=getattr(args, "runtime", "torch"))
+    if tasks:
+        from .eval.tasks import evaluate_tasks
+
+        task_result = evaluate_tasks(args.model, tasks, runtime=getattr(args, "runtime", "torch"),
+                                     task_dir=args.task_dir, num_fewshot=args.num_fewshot, limit=args.limit,
+                                     dtype=getattr(args, "dtype", "float32"))
+        result = {**task_result, **result, "tasks": task_result["tasks"]}
     if args.json:
         print(json.dumps(result))
-    elif "runtime" in result:
-        print(f"{args.model} (in {result['runtime']}): perplexity {result['perplexity']:.4f} on {args.dataset} "
+        return 0
+    if perplexity:
+        _print_perplexity(args.model, dataset, perplexity)
+    if tasks:
+        print(format_tasks(args.model, result))
+    return 0
+
+
+def _print_perplexity(model, dataset: str, result: dict) -> None:
+    if "runtime" in result:
+        print(f"{model} (in {result['runtime']}): perplexity {result['perplexity']:.4f} on {dataset} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['tokens']} predicted tokens); "
               f"size {_fmt_size(result['size_bytes'])}")
     else:
         kind = f"quantized, {result['scheme']}" if result["quantized"] else "float"
-        print(f"{args.model} ({kind}): perplexity {result['perplexity']:.4f} on {args.dataset} in {result['dtype']} "
+        print(f"{model} ({kind}): perplexity {result['perplexity']:.4f} on {dataset} in {result['dtype']} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['tokens']} predicted tokens); "
               f"size {_fmt_size(result['size_bytes'])}, {result['parameters'] / 1e6:.1f} M parameters")
-    return 0
+
+
+def format_tasks(model, result: dict) -> str:
+    """One line per lm-eval task: its headline metric with the standard error and the number of documents."""
+    lines = [f"{model} (in {result['runtime']}, lm-eval {result['lm_eval_version']}, "
+             f"{result['num_fewshot'] or 0}-shot):"]
+    for task, r in result["tasks"].items():
+        stderr = f" +- {r['stderr']:.4f}" if r["stderr"] is not None else ""
+        lines.append(f"  {task:<24} {r['metric']:<12} {r['value']:.4f}{stderr}  ({r['samples']} documents)")
+    return "\n".join(lines)
 
 
 def cmd_export(args) -> int:

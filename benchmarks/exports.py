@@ -109,7 +109,7 @@ def evaluate_compressed_tensors(folder: Path, windows):
     import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from lowbit.eval import perplexity
+    from lowbit.eval.perplexity import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  quantization_config=CompressedTensorsConfig(dequantize=True))

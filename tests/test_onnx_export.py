@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from lowbit.api import load, quantize  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.eval import perplexity  # noqa: E402
+from lowbit.eval.perplexity import perplexity  # noqa: E402
 from lowbit.eval.onnx_perplexity import onnx_perplexity  # noqa: E402
 from lowbit.export.native import pack_linear  # noqa: E402
 from lowbit.export.onnx import check_onnx, export_onnx  # noqa: E402

@@ -20,7 +20,7 @@ from .arch import describe, linear_modules
 from .data import calib_windows, eval_windows, load_text, tokenize
 from .engine import Engine, EngineReport
 from .errors import LowbitError
-from .eval import perplexity
+from .eval.perplexity import perplexity
 from .export.native import NativeSink, write_metadata
 from .export.output import check_output, staged_output
 from .export.source import PlannedModel

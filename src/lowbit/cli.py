@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 
 from .errors import LowbitError
@@ -71,6 +72,23 @@ def _add_task_args(p) -> None:
     p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="lm-eval few-shot examples")
     p.add_argument("--limit", type=float, default=None,
                    help="lm-eval: at most this many documents per task (a fraction below 1) [default: all]")
+
+
+def _add_speed_args(p) -> None:
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length [default: 512]")
+    p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens per run [default: 128]")
+    p.add_argument("--runs", type=int, default=3, help="timed runs; the median and spread are reported [default: 3]")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first [default: 1]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads [default: every CPU available]")
+    if "--runtime" not in p._option_string_actions:
+        p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime-genai", "llama.cpp"],
+                       help="auto: onnxruntime-genai for ONNX folders, torch otherwise; llama.cpp for .gguf files "
+                            "[default: auto]")
+
+
+def _speed_args(args) -> dict:
+    return {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
+            "warmup": args.warmup, "threads": args.threads}
 
 
 def _export_options(args) -> dict:
@@ -151,6 +169,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench", help="prefill and decode speed, peak memory and size of a model",
+                       description="Time prefill (a PROMPT_TOKENS prompt from the built-in text) and greedy decode "
+                                   "(NEW_TOKENS tokens, batch 1, KV cache) over --runs runs after --warmup, in a "
+                                   "fresh process per model; prints the median and spread, peak memory and size.")
+    b.add_argument("model", help="Hugging Face folder, .gguf file, `demo`, a lowbit output folder or an ONNX folder")
+    _add_speed_args(b)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("compare", help="measure several models side by side: table, JSON, PNG and HTML",
+                       description="Measure each MODEL the way `lowbit eval` and `lowbit bench` do (perplexity on "
+                                   "--dataset, lm-eval --tasks, speed, size, bits per weight, per-layer errors from "
+                                   "lowbit's summary.json) and write OUT/compare.json, compare.png and "
+                                   "compare.html. The first model is the reference for the changes shown.")
+    c.add_argument("models", nargs="+", metavar="MODEL", help="models to compare, each PATH or NAME=PATH")
+    c.add_argument("-o", "--output", required=True, help="report folder")
+    _add_data_args(c, "eval")
+    _add_task_args(c)
+    c.add_argument("--onnx-runtime", default="onnxruntime", choices=["onnxruntime", "onnxruntime-genai"],
+                   help="where ONNX models are evaluated (speed always uses onnxruntime-genai for ONNX folders) "
+                        "[default: onnxruntime]")
+    c.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    _add_speed_args(c)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing report in the folder")
+    c.add_argument("--json", action="store_true", help="print the rows as one JSON object")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="re-export a lowbit folder in another layout (no re-quantization)",
                        description="Write the quantized weights of a lowbit output folder in a layout other "
@@ -288,6 +333,48 @@ def format_tasks(model, result: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(args) -> int:
+    from .eval.speed import measure_speed
+
+    r = measure_speed(args.model, runtime=args.runtime, progress=not args.no_progress, **_speed_args(args))
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    pre, dec = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
+    print(f"{args.model} in {r['runtime']} ({r['threads']} threads, {r['runs']} runs, median [min-max]):")
+    print(f"  prefill {r['prompt_tokens']} tokens: {pre['median']:.1f} tokens/s [{pre['min']:.1f}-{pre['max']:.1f}]")
+    print(f"  decode {r['new_tokens']} tokens:  {dec['median']:.1f} tokens/s [{dec['min']:.1f}-{dec['max']:.1f}]")
+    print(f"  peak memory {_fmt_size(r['peak_rss_bytes'])}; size on disk {_fmt_size(r['size_bytes'])}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import platform
+
+    from . import __version__
+    from .eval.compare import compare
+    from .eval.report import check_report_dir, format_table, write_report
+
+    check_report_dir(args.output, args.overwrite)
+    dataset = args.dataset if args.dataset is not None or args.tasks else "pydoc"
+    speed_args = {**_speed_args(args), "runtime": args.runtime}
+    rows = compare(args.models, dataset=dataset, seq_len=args.seq_len, max_chunks=args.max_chunks, tasks=args.tasks,
+                   task_dir=args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot, speed=not args.no_speed,
+                   speed_args=speed_args, onnx_runtime=args.onnx_runtime, progress=not args.no_progress)
+    meta = {"command": "lowbit " + shlex.join(args.argv),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "lowbit_version": __version__, "python": platform.python_version(), "dataset": dataset,
+            "seq_len": args.seq_len, "max_chunks": args.max_chunks, "tasks": args.tasks, "limit": args.limit,
+            "num_fewshot": args.num_fewshot, "speed": None if args.no_speed else speed_args}
+    paths = write_report(rows, args.output, meta=meta, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"rows": rows, "files": {k: str(v) for k, v in paths.items()}}))
+        return 0
+    print(format_table(rows))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from . import api
 
@@ -324,13 +411,15 @@ def cmd_inspect(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "bench": cmd_bench,
+                "compare": cmd_compare}[args.command](args)
     except LowbitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -102,3 +102,11 @@ def test_bench_cli_json(three_models, capsys):
         assert result["decode_tokens_per_s"]["median"] > 0 and len(result["decode_tokens_per_s"]["all"]) == 2
     assert main(["bench", str(awq), "--runs", "0"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_export_cli_json(three_models, tmp_path, capsys):
+    _, awq, _, _ = three_models
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(awq), "-f", "gguf", "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"output": str(out), "format": "gguf", "size_bytes": out.stat().st_size}

@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{n}: {get_format_help(n)}" for n in EXPORT_NAMES))
     x.add_argument("-o", "--output", required=True, help="output folder (a .gguf file for gguf)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.add_argument("--json", action="store_true", help="print one JSON object (output path, format, size)")
     _add_export_options(x)
 
     i = sub.add_parser("inspect", help="architecture, layers, shapes and what a scheme would do",
@@ -379,7 +380,12 @@ def cmd_export(args) -> int:
     from . import api
 
     options = _export_options(args).get(args.format, {})
-    out = api.export(args.model, args.output, args.format, overwrite=args.overwrite, **options)
+    out = api.export(args.model, args.output, args.format, overwrite=args.overwrite, quiet=args.json, **options)
+    if args.json:
+        from .eval.speed import size_on_disk
+
+        print(json.dumps({"output": str(out), "format": args.format, "size_bytes": size_on_disk(out)}))
+        return 0
     print(f"wrote {out} ({args.format})")
     return 0
 

@@ -72,8 +72,7 @@ def measure_model(name: str, path: str, *, dataset: str | None, seq_len: int, ma
         result = measure_speed(path, progress=progress, **speed_args)
         row.update(prefill_tokens_per_s=result["prefill_tokens_per_s"]["median"],
                    decode_tokens_per_s=result["decode_tokens_per_s"]["median"], speed=result,
-                   peak_rss_bytes=result["peak_rss_bytes"], size_bytes=result["size_bytes"],
-                   speed_runtime=result["runtime"])
+                   peak_rss_bytes=result["peak_rss_bytes"], speed_runtime=result["runtime"])
     if row.get("size_bytes") is None:
         from .speed import size_on_disk
 

@@ -51,7 +51,7 @@ def measure_speed(model, runtime: str = "auto", prompt_tokens: int = 512, new_to
         "decode_tokens_per_s": spread([new_tokens / s for s in child["decode_seconds"]]),
         "load_seconds": round(child["load_seconds"], 3),
         "peak_rss_bytes": child["peak_rss_bytes"], "rss_before_load_bytes": child["rss_before_load_bytes"],
-        "size_bytes": size_on_disk(model),
+        "size_bytes": size_on_disk(model, runtime),
     }
 
 
@@ -158,14 +158,18 @@ def _check_genai_context(folder: Path, length: int) -> None:
                           f"({context}); ask for fewer tokens")
 
 
-def size_on_disk(model) -> int:
-    """Bytes of the weight files as given: a .gguf file (demo's too), an ONNX model with its external data, or
-    a folder's *.safetensors."""
+def size_on_disk(model, runtime: str = "torch") -> int:
+    """Bytes of the weight files the runtime reads: a .gguf file, an ONNX model with its external data, or a
+    folder's *.safetensors (demo: its shipped .gguf in llama.cpp, its float32 conversion in torch)."""
     from ..api import is_onnx_model
     from ..hf.source import DEMO, demo_gguf
 
     if str(model) == DEMO:
-        return demo_gguf().stat().st_size
+        if runtime == "llama.cpp":
+            return demo_gguf().stat().st_size
+        from ..hf.model import open_model
+
+        return open_model(DEMO).size_bytes()
     path = Path(str(model))
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path.stat().st_size

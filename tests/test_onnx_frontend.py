@@ -248,7 +248,7 @@ def test_modelopt_cli_spellings_and_genai(models, text_file, tmp_path, capsys):
     (["--scheme", "w_mxfp4"], "not an integer scheme"),
     (["--scheme", "w_uint4_per_group_asym", "--layers-8bit", "nothing_like_this"], "matches no weight MatMul"),
     (["--scheme", "w_uint4_per_group_asym", "--quantize-embedding", "4", "--gather-block-size", "20"], "power-of-two"),
-    (["--scheme", "w_uint4_per_group_asym", "--algo", "rotation,gptq"], "not available for ONNX"),
+    (["--scheme", "w_uint4_per_group_asym", "--algo", "smoothquant,gptq"], "not available for ONNX"),
     (["--scheme", "w_int8_a_int8_per_tensor_sym", "--algo", "gptq"], "static INT8"),
     (["--scheme", "w_uint4_per_group_asym", "--int16-inputs", "down_proj"], "apply to static INT8"),
     (["--scheme", "w_uint4_per_group_asym", "--calibration-eps", "nosuch"], "not in this onnxruntime"),
@@ -354,3 +354,83 @@ def test_unnamed_nodes(models, tmp_path):
         api.quantize(folder, outs[name], scheme="w_uint4_per_group_asym", group_size=32, progress=False, quiet=True)
     assert _ops(outs["bare"]).count("MatMulNBits") == 10
     assert np.array_equal(_logits(outs["bare"]), _logits(outs["named"]))
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_rotation_weight_only(models, tmp_path, kind):
+    """rotation,rtn on the ONNX graph: R1 (rotate.py) once, then RTN of the rotated weights, written as a normal
+    quantized folder (MatMulNBits, tied table untied, genai_config carried, rotation in summary.json, no rotated
+    float copy left behind) that runs in onnxruntime and equals RTN of the separately rotated float graph."""
+    from lowbit.onnx.rotate import write_rotated
+
+    _, src = models[kind]
+    out = tmp_path / "q"
+    api.quantize(src, out, scheme="w_uint4_per_group_asym", group_size=32, algo="rotation,rtn", progress=False,
+                 quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert {"genai_config.json", "model.onnx", "model.onnx.data", "summary.json", "recipe.yaml"} <= \
+        {p.name for p in out.iterdir()} and not [p for p in out.iterdir() if p.is_dir()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algorithms"] == ["rotation", "rtn"] and summary["rotation"]["seed"] == 0
+    assert summary["quantized_modules"] == 10 and "rotation" in summary["seconds"]
+    ops = _ops(out)
+    assert ops.count("MatMulNBits") == 10 and "Transpose" not in ops
+    rotated, _ = write_rotated(OnnxDecoder(src), tmp_path / "rotated", 0)
+    reference = tmp_path / "reference"
+    api.quantize(rotated.parent, reference, scheme="w_uint4_per_group_asym", group_size=32, progress=False,
+                 quiet=True)
+    got = _logits(out)
+    assert np.isfinite(got).all() and np.abs(got - _logits(reference)).max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_rotation_alone_at_8_bits_stays_close_to_float(models, tmp_path, kind):
+    """Rotation is function-preserving: rotation alone (implicit rtn) at 8 bits per channel keeps the logits as
+    close to float as plain 8-bit RTN does (within a factor 2)."""
+    _, src = models[kind]
+    base = _logits(src)
+    errors = {}
+    for algo in ("rtn", "rotation"):
+        out = tmp_path / algo
+        api.quantize(src, out, scheme="w_int8_per_channel_sym", algo=algo, progress=False, quiet=True)
+        errors[algo] = float(np.abs(_logits(out) - base).max())
+    assert errors["rotation"] < 0.05 * float(np.abs(base).max())
+    assert errors["rotation"] < 2 * errors["rtn"]
+
+
+def test_rotation_calibrated_chains(models, text_file, tmp_path):
+    """rotation,awq,gptq: the statistics come from the rotated graph, AWQ folds into the (now unit) norm gains."""
+    _, src = models["mha"]
+    out = tmp_path / "q"
+    api.quantize(src, out, scheme="w_uint4_per_group_asym", group_size=32, algo="rotation,awq,gptq",
+                 dataset=str(text_file), **CALIB)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algorithms"] == ["rotation", "awq", "gptq"] and summary["rotation"]["norms"] == 5
+    assert "not scaled" not in summary["layer_notes"].get("model.layers.0.attn.qkv_proj", "")
+    assert _ops(out).count("MatMulNBits") == 10 and np.isfinite(_logits(out)).all()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--algo", "smoothquant,rtn"], "smoothquant is not available for ONNX weight-only"),
+    (["--algo", "rotation,gptq", "--algo-arg", "rotation:r4=true"], "R1 only"),
+])
+def test_rotation_refusals_write_nothing(models, tmp_path, capsys, args, match):
+    _, src = models["gqa"]
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "-o", str(out), "--scheme", "w_uint4_per_group_asym", "--group-size", "32",
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rotation_refused_on_a_graph_it_cannot_rotate(torch_exported, tmp_path, capsys):
+    """A decomposed RMS norm (torch.onnx: Pow / ReduceMean on the residual stream) is refused by rotate.py's
+    check, as one error line, before anything is written."""
+    _, src = torch_exported
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "-o", str(out), "--scheme", "w_uint4_per_group_asym", "--group-size", "32",
+                 "--algo", "rotation,rtn"]) == 2
+    err = capsys.readouterr().err
+    assert "rotation on the ONNX graph" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -1,13 +1,17 @@
 """`lowbit quantize model.onnx`: the ONNX front end's entry, with the same recipe, checks and output
 conventions as the torch path (plan printed and validated first, staged output folder, recipe.yaml and
-summary.json beside model.onnx)."""
+summary.json beside model.onnx). Weight-only chains may start with `rotation` (QuaRot R1, rotate.py): the float
+graph is rotated into a folder inside the staged output, the other steps run on that graph, and the folder is
+removed before the output is renamed into place."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,16 +108,24 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
         _log(format_plan(plan), quiet)
         return quantize_static_int8(decoder, output, recipe, chain, plan, options, overwrite,
                                     progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks, t0)
-    unsupported = [a.name for a in chain if a.role == "rotation" or a.name == "smoothquant"]
+    unsupported = [a.name for a in chain if a.name == "smoothquant"]
     if unsupported:
-        raise LowbitError(f"{', '.join(unsupported)} is not available for ONNX weight-only quantization; use "
-                          f"rtn, awq (awq_lite / awq_clip) or gptq")
+        raise LowbitError(f"{', '.join(unsupported)} is not available for ONNX weight-only quantization (it "
+                          f"smooths activations for static INT8); use rtn, awq (awq_lite / awq_clip) or gptq, "
+                          f"optionally after rotation")
+    rot = next((a for a in chain if a.role == "rotation"), None)
+    if rot is not None and (rot.r2 or rot.r4):
+        raise LowbitError("rotation r2 / r4 is not available on the ONNX graph (R1 only); drop r2=true / r4=true")
     if recipe.scheme.input is not None or recipe.kv_cache is not None:
         raise LowbitError(f"scheme {recipe.scheme.name} quantizes activations; the ONNX front end quantizes weights "
                           f"only (w_uint4_per_group_asym, w_int4_per_group_sym, w_int8_per_channel_sym, ...) or "
                           f"static INT8 (w_int8_a_int8_per_tensor_sym / _per_channel_sym with rtn, smoothquant, "
                           f"rotation or rotation,smoothquant)")
     _check_options(options, decoder)
+    if rot is not None:
+        from .rotate import plan_rotation
+
+        plan_rotation(decoder)  # a graph R1 cannot rotate is refused before any work
     recipe = _with_8bit_layers(recipe, options, decoder)
     plan = resolve_plan(recipe, decoder.linears())
     validate_plan(plan, recipe.scheme)
@@ -131,21 +143,39 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
                "accuracy_level": options.accuracy_level, "python": platform.python_version()}
     if calib is not None:
         summary["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+    rotation_seconds = None
     with staged_output(output, overwrite) as tmp:
-        writer = GraphWriter(decoder, tmp, decoder.path.name)
-        runner = OnnxQuantizer(decoder, plan, chain, writer, options.onnx_format, options.accuracy_level, progress)
-        report = runner.run(calib, providers, options.memory_budget)
-        if options.embedding_bits is not None:
-            report.embeddings = [quantize_embedding(decoder, emb, writer, options.embedding_bits,
-                                                    options.embedding_block, options.embedding_axis)
-                                 for emb in decoder.embeddings]
-        t_quant = time.perf_counter()
-        writer.write()
+        # rotation: R1 written (in float) into a folder inside the staged output, removed when this block ends
+        # (or with the staged output on failure); the chain's other steps then run on the rotated graph
+        with contextlib.ExitStack() as rotated:
+            source = decoder
+            if rot is not None:
+                from .rotate import write_rotated
+
+                t = time.perf_counter()
+                _log("rotating the residual stream (QuaRot R1)", quiet)
+                folder = Path(rotated.enter_context(tempfile.TemporaryDirectory(prefix=".rotated-", dir=tmp)))
+                _, summary["rotation"] = write_rotated(decoder, folder, rot.seed)
+                source = OnnxDecoder(folder)
+                rotation_seconds = round(time.perf_counter() - t, 3)
+            writer = GraphWriter(source, tmp, decoder.path.name)
+            runner = OnnxQuantizer(source, plan, chain, writer, options.onnx_format, options.accuracy_level,
+                                   progress)
+            report = runner.run(calib, providers, options.memory_budget)
+            if options.embedding_bits is not None:
+                report.embeddings = [quantize_embedding(source, emb, writer, options.embedding_bits,
+                                                        options.embedding_block, options.embedding_axis)
+                                     for emb in source.embeddings]
+            t_quant = time.perf_counter()
+            writer.write()
+            del source, writer, runner
         summary["carried_files"] = carry_files(decoder, tmp)
         recipe.save(tmp / "recipe.yaml")
         errors = {r.name: round(r.relative_error, 6) for r in report.layers}
         summary.update({
-            "seconds": {"prepare": round(t_loaded - t0, 3), "quantize": round(t_quant - t_loaded, 3),
+            "seconds": {"prepare": round(t_loaded - t0, 3),
+                        **({"rotation": rotation_seconds} if rotation_seconds is not None else {}),
+                        "quantize": round(t_quant - t_loaded, 3),
                         "calibration": round(report.calibration_seconds, 3),
                         "total": round(time.perf_counter() - t0, 3)},
             "peak_rss_bytes": _peak_rss(), "source_size_bytes": decoder.size_bytes(),

@@ -154,7 +154,8 @@ def onnx_lm(path, runtime: str = "onnxruntime", max_length: int | None = None, t
                 raise LowbitError(f"{folder} has no tokenizer transformers can read ({exc}); put the model's "
                                   f"tokenizer files beside model.onnx") from None
             self.runner = _GenaiRunner(folder) if runtime == "onnxruntime-genai" else _OrtRunner(path_, threads)
-            self.max_length = max_length or _context_length(folder)
+            # onnxruntime-genai counts the token it would generate next against the context
+            self.max_length = max_length or _context_length(folder) - (runtime == "onnxruntime-genai")
 
         @property
         def eot_token_id(self) -> int:

@@ -110,3 +110,19 @@ def test_export_cli_json(three_models, tmp_path, capsys):
     assert main(["export", str(awq), "-f", "gguf", "-o", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == {"output": str(out), "format": "gguf", "size_bytes": out.stat().st_size}
+
+
+def test_compressed_tensors_export_evaluates_through_transformers(three_models, tmp_path, capsys):
+    """A compressed-tensors export (loaded by transformers, decompressed) scores as its lowbit folder does."""
+    pytest.importorskip("compressed_tensors")
+    from lowbit.api import export
+    from lowbit.eval.tasks import evaluate_tasks
+
+    _, awq, _, tasks = three_models
+    ct = export(awq, tmp_path / "ct", "compressed-tensors", quiet=True)
+    ours, theirs = (_eval_json(capsys, str(m), "--dataset", "pydoc", *EVAL) for m in (awq, ct))
+    assert theirs["runtime"] == "transformers" and theirs["quantized"]
+    assert abs(theirs["perplexity"] / ours["perplexity"] - 1) < 1e-5
+    task = {m: evaluate_tasks(m, "lastword", task_dir=tasks, limit=4)["tasks"]["lastword"]["metrics"]
+            for m in (awq, ct)}
+    assert abs(task[ct]["perplexity,none"] / task[awq]["perplexity,none"] - 1) < 1e-5

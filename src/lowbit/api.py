@@ -24,7 +24,7 @@ from .eval.perplexity import perplexity
 from .export.native import NativeSink, write_metadata
 from .export.output import check_output, staged_output
 from .export.source import PlannedModel
-from .hf.model import LoadedModel, open_model
+from .hf.model import LoadedModel, foreign_quantization, load_with_transformers, open_model
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
                      validate_plan)
 from .arch.moe import EXPERT_PATTERN
@@ -226,6 +226,8 @@ def load(path, dtype: torch.dtype | str | None = None) -> tuple[torch.nn.Module,
     """(model, tokenizer) for any source: a float HF folder, a GGUF file, `demo`, or a lowbit output
     (its packed linears dequantized, rounded to the source dtype, into ordinary nn.Linear weights).
     dtype None or "auto" keeps the stored dtype."""
+    if foreign_quantization(path):
+        return load_with_transformers(path, _dtype(dtype))
     loaded = open_model(path, _dtype(dtype))
     return loaded.load_all(), loaded.tokenizer()
 
@@ -253,6 +255,8 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         raise LowbitError(f"--runtime onnxruntime-genai runs an ONNX folder with genai_config.json; {model} is not one")
     if is_onnx_model(model) or runtime == "llama.cpp":
         return _evaluate_in_runtime(Path(str(model)), runtime, dataset, seq_len, max_chunks, progress)
+    if foreign_quantization(model):
+        return _evaluate_foreign(Path(model), dataset, seq_len, max_chunks, batch_size, progress, dtype)
     loaded = open_model(model, _dtype(dtype))
     ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
     windows = eval_windows(ids, seq_len, max_chunks)
@@ -266,6 +270,23 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         "scheme": (loaded.quantization_config or {}).get("scheme"), "load_seconds": round(load_s, 3),
         "dtype": str(loaded.dtype).replace("torch.", ""),
     })
+    return result
+
+
+def _evaluate_foreign(folder: Path, dataset: str, seq_len: int, max_chunks, batch_size: int, progress: bool,
+                      dtype) -> dict:
+    """Perplexity of a compressed-tensors folder (e.g. lowbit's export) loaded by transformers itself."""
+    t0 = time.perf_counter()
+    net, tokenizer = load_with_transformers(folder, _dtype(dtype))
+    load_s = time.perf_counter() - t0
+    windows = eval_windows(tokenize(tokenizer, load_text(dataset, "eval")), seq_len, max_chunks)
+    result = perplexity(net, windows, batch_size, progress).to_dict()
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    result.update({"model": str(folder), "dataset": dataset, "runtime": "transformers",
+                   "size_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+                   "parameters": describe(net)["parameters"], "quantized": True,
+                   "scheme": qconfig.get("quant_method"), "load_seconds": round(load_s, 3),
+                   "dtype": str(next(net.parameters()).dtype).replace("torch.", "")})
     return result
 
 

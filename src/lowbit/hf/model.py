@@ -155,6 +155,34 @@ def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:
     return LoadedModel(folder, model, find_layout(model), ckpt, dtype, source_dtype, quantized, qconfig)
 
 
+TRANSFORMERS_LOADED = ("compressed-tensors",)  # other tools' layouts transformers dequantizes on the CPU
+
+
+def foreign_quantization(source) -> str | None:
+    """The quant_method of a folder quantized by another tool's layout that transformers loads here
+    (compressed-tensors, e.g. lowbit's own export), else None."""
+    config = Path(str(source)) / "config.json"
+    if not config.is_file():
+        return None
+    method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
+    return method if method in TRANSFORMERS_LOADED else None
+
+
+def load_with_transformers(folder, dtype: torch.dtype | None = None):
+    """(model, tokenizer) of a compressed-tensors folder through transformers, its weights decompressed to
+    ordinary float linears (the same values lowbit's own folder dequantizes to)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
+                                                     quantization_config=CompressedTensorsConfig(run_compressed=False))
+    except ImportError as exc:
+        raise LowbitError(f"{folder} is in the compressed-tensors layout; loading it needs the compressed-tensors "
+                          f"package ({exc}): pip install compressed-tensors") from None
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     """The transformers causal-LM module for folder's config.json, parameters on the meta device."""
     from accelerate import init_empty_weights

@@ -80,10 +80,16 @@ def _add_speed_args(p) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs; the median and spread are reported [default: 3]")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first [default: 1]")
     p.add_argument("--threads", type=int, default=None, help="CPU threads [default: every CPU available]")
-    if "--runtime" not in p._option_string_actions:
-        p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime-genai", "llama.cpp"],
-                       help="auto: onnxruntime-genai for ONNX folders, torch otherwise; llama.cpp for .gguf files "
-                            "[default: auto]")
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime-genai", "llama.cpp"],
+                   help="where speed is measured: auto = onnxruntime-genai for ONNX folders, torch otherwise; "
+                        "llama.cpp for .gguf files [default: auto]")
+
+
+def _perplexity_dataset(args) -> str | None:
+    """The text perplexity is measured on: --dataset, else pydoc, else (with --tasks alone) none."""
+    if args.dataset is not None or not getattr(args, "tasks", None):
+        return args.dataset or "pydoc"
+    return None
 
 
 def _speed_args(args) -> dict:
@@ -289,7 +295,7 @@ def cmd_eval(args) -> int:
     from . import api
 
     tasks = getattr(args, "tasks", None)
-    dataset = args.dataset if args.dataset is not None or tasks else "pydoc"
+    dataset = _perplexity_dataset(args)
     result = perplexity = {}
     if dataset is not None:
         result = perplexity = api.evaluate(args.model, dataset=dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,
@@ -357,7 +363,7 @@ def cmd_compare(args) -> int:
     from .eval.report import check_report_dir, format_table, write_report
 
     check_report_dir(args.output, args.overwrite)
-    dataset = args.dataset if args.dataset is not None or args.tasks else "pydoc"
+    dataset = _perplexity_dataset(args)
     speed_args = {**_speed_args(args), "runtime": args.runtime}
     rows = compare(args.models, dataset=dataset, seq_len=args.seq_len, max_chunks=args.max_chunks, tasks=args.tasks,
                    task_dir=args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot, speed=not args.no_speed,

@@ -134,8 +134,10 @@ def _tokenizer(model, runtime: str):
         except (OSError, ValueError) as exc:
             raise LowbitError(f"no tokenizer transformers can read for {target} ({exc}); put the model's "
                               f"tokenizer files beside it") from None
-    from ..hf.model import open_model
+    from ..hf.model import foreign_quantization, open_model
 
+    if foreign_quantization(model):  # a compressed-tensors folder: its own tokenizer files
+        return AutoTokenizer.from_pretrained(model)
     return open_model(model).tokenizer()
 
 

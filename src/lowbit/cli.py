@@ -296,6 +296,10 @@ def cmd_eval(args) -> int:
 
     tasks = getattr(args, "tasks", None)
     dataset = _perplexity_dataset(args)
+    if tasks:
+        from .eval.tasks import check_tasks
+
+        check_tasks(tasks, args.task_dir)  # before the perplexity run
     result = perplexity = {}
     if dataset is not None:
         result = perplexity = api.evaluate(args.model, dataset=dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,

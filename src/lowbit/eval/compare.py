@@ -105,9 +105,9 @@ def compare(models, *, dataset: str | None = "pydoc", seq_len: int = 512, max_ch
         raise LowbitError(f"ONNX models run in onnxruntime or onnxruntime-genai, not {onnx_runtime!r}")
     _check_models(pairs)
     if tasks:
-        from .tasks import task_manager
+        from .tasks import check_tasks
 
-        task_manager(task_dir)  # a bad --task-dir fails now, not after the first model's perplexity
+        check_tasks(tasks, task_dir)  # a bad task fails now, not after the first model's perplexity
     rows = []
     for name, path in pairs:
         print(f"[compare] {name}: {path}", file=sys.stderr, flush=True)

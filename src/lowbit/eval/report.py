@@ -454,7 +454,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def check_report_dir(out_dir, overwrite: bool = False) -> None:
-    """Refuse, before any measuring, a report folder that is a file or already holds a report (unless overwrite)."""
+    """Refuse, before any measuring, a report folder that is a file or already holds a report (unless overwrite),
+    and a machine without matplotlib."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise LowbitError("the report's plot needs matplotlib: pip install matplotlib (or lowbit[eval])")
     out_dir = Path(out_dir)
     _check_dir(out_dir, report_paths(out_dir), overwrite)
 

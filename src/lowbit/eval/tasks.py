@@ -256,11 +256,9 @@ def _primary(metrics: dict) -> tuple[str, float, float | None]:
     return name, float(values[name]), float(stderr) if isinstance(stderr, (int, float)) else None
 
 
-def run_tasks(lm, tasks, task_dir=None, num_fewshot: int | None = None, limit: float | None = None,
-              seed: int = 1234, batch_size: int = 1) -> dict:
-    """lm-eval's simple_evaluate of an LM on tasks; {task: {"metric", "value", "stderr", "metrics", ...}}."""
-    from lm_eval import simple_evaluate
-
+def check_tasks(tasks, task_dir=None) -> tuple[list[str], object]:
+    """(task names, lm-eval's task index): lm-eval installed, --task-dir a folder, every task known; called
+    before any model is loaded so that a typo costs nothing."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
         raise LowbitError("--tasks is empty; give lm-eval task names (lambada_openai,hellaswag) or task YAML files")
@@ -269,6 +267,15 @@ def run_tasks(lm, tasks, task_dir=None, num_fewshot: int | None = None, limit: f
     if unknown:
         raise LowbitError(f"unknown lm-eval task {unknown[0]!r}; see `lm_eval ls tasks`, or put its YAML file in "
                           f"--task-dir")
+    return names, manager
+
+
+def run_tasks(lm, tasks, task_dir=None, num_fewshot: int | None = None, limit: float | None = None,
+              seed: int = 1234, batch_size: int = 1) -> dict:
+    """lm-eval's simple_evaluate of an LM on tasks; {task: {"metric", "value", "stderr", "metrics", ...}}."""
+    from lm_eval import simple_evaluate
+
+    names, manager = check_tasks(tasks, task_dir)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress notes; stdout stays for --json

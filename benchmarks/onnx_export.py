@@ -104,8 +104,8 @@ def main() -> None:
     from lowbit.api import evaluate, quantize
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.eval.onnx_perplexity import onnx_perplexity
-    from lowbit.export.hf_int import export_hf_int
-    from lowbit.export.onnx import export_onnx
+    from lowbit.exporters.hf_int import export_hf_int
+    from lowbit.exporters.onnx import export_onnx
     from lowbit.hf.model import open_model
 
     load_before = os.getloadavg()

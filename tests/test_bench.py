@@ -83,7 +83,7 @@ def test_onnxruntime_genai_runtime(onnx_tiny):
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
 def test_llama_cpp_runtime(tiny, lowbit_out, tmp_path):
-    from lowbit.export.gguf import export_gguf
+    from lowbit.exporters.gguf import export_gguf
 
     path = export_gguf(lowbit_out(tiny, "w_int8_per_group_sym", group_size=32), tmp_path / "m.gguf")
     result = measure_speed(path, runtime="llama.cpp", prompt_tokens=PROMPT, new_tokens=NEW, runs=RUNS,

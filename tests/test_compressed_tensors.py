@@ -4,6 +4,7 @@ NVFP4, whose decoder rounds the weights to bfloat16), and every unsupported case
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: 
 
 from lowbit.api import load, quantize  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.export.compressed_tensors import export_compressed_tensors, pack_int32_rows  # noqa: E402
+from lowbit.exporters.compressed_tensors import export_compressed_tensors, pack_int32_rows  # noqa: E402
 from lowbit.hf.actquant import detach_output_quant  # noqa: E402
 from lowbit.hf.checkpoint import LazyCheckpoint  # noqa: E402
 from .conftest import save_random_model  # noqa: E402
@@ -95,13 +96,56 @@ def test_nvfp4_equals_lowbit_rounded_to_bfloat16(tiny_models, lowbit_out, tmp_pa
     assert (logits(ct) - logits(ref)).abs().max().item() <= 1e-3
 
 
-def test_fp8_kv_cache_scales(tiny_models, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def kv_export(tiny_models, tmp_path_factory):
+    """(lowbit folder, its compressed-tensors export) of a W8A8 FP8 model with an FP8 KV cache."""
+    tmp = tmp_path_factory.mktemp("kv")
+    quantize(tiny_models["llama"], tmp / "lowbit", scheme="w_fp8_a_fp8", kv_cache_dtype="fp8", progress=False,
+             quiet=True, num_calib_data=4, seq_len=64)
+    return tmp / "lowbit", export_compressed_tensors(tmp / "lowbit", tmp / "ct")
+
+
+def test_fp8_kv_cache_scales_in_the_file(kv_export):
+    """The names and values every compressed-tensors consumer reads (vLLM, and transformers where compressed-tensors
+    hooks the attention): `k_scale` / `v_scale` on the attention module, and a kv_cache_scheme that
+    compressed-tensors' own QuantizationConfig parses."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.quant_metadata import KVCacheScaleType
+
+    src, out = kv_export
+    ckpt, ct = LazyCheckpoint(src), LazyCheckpoint(out)
+    for i in range(2):
+        for kv, scale in (("k", KVCacheScaleType.KEY.value), ("v", KVCacheScaleType.VALUE.value)):
+            stored = ckpt.get(f"model.layers.{i}.self_attn.{kv}_proj.output_scale")
+            assert torch.equal(ct.get(f"model.layers.{i}.self_attn.{scale}"), stored.float().reshape(1))
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qconfig).kv_cache_scheme
+    assert (parsed.num_bits, parsed.type, parsed.strategy, parsed.dynamic) == (8, "float", "tensor", False)
+
+
+def _ct_hooks_attention() -> str | None:
+    """Why the installed compressed-tensors cannot apply a KV-cache scheme in the installed transformers, or None.
+    (compressed-tensors 0.20.1 looks for a `past_key_values` argument, which transformers 5.24 renamed `cache`.)"""
+    import compressed_tensors
+    import transformers
+    from compressed_tensors.quantization.lifecycle.initialize import is_cached_attention_module
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    attention = LlamaAttention(LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1), 0)
+    if is_cached_attention_module(attention):
+        return None
+    return (f"compressed-tensors {compressed_tensors.__version__} does not recognise transformers "
+            f"{transformers.__version__}'s attention as cached, so transformers cannot load any KV-cache scale")
+
+
+def test_fp8_kv_cache_scales_loaded_by_transformers(kv_export, monkeypatch):
     import compressed_tensors.modeling.kvcache as kvcache
 
-    src = tmp_path / "lowbit"
-    quantize(tiny_models["llama"], src, scheme="w_fp8_a_fp8", kv_cache_dtype="fp8", progress=False, quiet=True,
-             num_calib_data=4, seq_len=64)
-    out = export_compressed_tensors(src, tmp_path / "ct")
+    reason = _ct_hooks_attention()
+    if reason:
+        pytest.skip(reason)
+    src, out = kv_export
     ckpt = LazyCheckpoint(src)
     ct = load_ct(out)
     for i, layer in enumerate(ct.model.layers):

@@ -16,10 +16,10 @@ from gguf.quants import dequantize
 
 from lowbit.api import load, quantize
 from lowbit.errors import LowbitError
-from lowbit.export.gguf import check_gguf, export_gguf
-from lowbit.export.gguf_blocks import pack_exact
-from lowbit.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_id
-from lowbit.export.source import LowbitFolder, PlannedModel
+from lowbit.exporters.gguf import check_gguf, export_gguf
+from lowbit.exporters.gguf_blocks import pack_exact
+from lowbit.exporters.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_id
+from lowbit.exporters.source import LowbitFolder, PlannedModel
 from lowbit.formats import Quantized
 from lowbit.spec import parse_scheme
 
@@ -155,7 +155,7 @@ def test_llama3_rope_factors_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from lowbit.export.gguf_meta import llama3_rope_factors, rope
+    from lowbit.exporters.gguf_meta import llama3_rope_factors, rope
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -280,7 +280,7 @@ def test_cli_eval_runs_gguf_in_llama_cpp(tiny64, lowbit_out, text_file, tmp_path
 def test_permutation_is_what_llama_cpp_needs(tiny64, lowbit_out, tmp_path, monkeypatch):
     """Negative control for LOGIT_TOL: without the q/k row permutation llama.cpp's logits are far off."""
     pytest.importorskip("llama_cpp")
-    import lowbit.export.gguf as exporter
+    import lowbit.exporters.gguf as exporter
 
     src = lowbit_out(tiny64["llama"], "w_int4_per_group_sym", group_size=32)
     monkeypatch.setattr(exporter, "_permute_rows", lambda rows, n_head: rows)

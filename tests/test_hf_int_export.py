@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lowbit.api import export, load, quantize
 from lowbit.errors import LowbitError
-from lowbit.export.hf_int import AWQ_ORDER, pack_int32, unpack_int32
+from lowbit.exporters.hf_int import AWQ_ORDER, pack_int32, unpack_int32
 
 from .conftest import save_random_model
 

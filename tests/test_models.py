@@ -146,7 +146,7 @@ def test_sharded_source_and_output(tiny_models, tmp_path, ids):
         (src / f.name).write_bytes(f.read_bytes())
     assert (src / "model.safetensors.index.json").is_file()
     out = tmp_path / "q"
-    from lowbit.export import native
+    from lowbit.exporters import native
 
     old = native.NativeSink.__init__.__defaults__
     native.NativeSink.__init__.__defaults__ = (50_000,)  # small shards for the test

@@ -220,7 +220,7 @@ def test_r1_rotated_int4_exports_to_compressed_tensors_and_r4_is_refused(gained_
     from transformers import AutoModelForCausalLM
 
     from lowbit.api import load
-    from lowbit.export.compressed_tensors import export_compressed_tensors
+    from lowbit.exporters.compressed_tensors import export_compressed_tensors
 
     _quantize(gained_models["qwen2"], tmp_path / "r1", scheme="w_int4_per_group_sym", group_size=16,
               algo="rotation", algo_args=["rotation:r2=true"])

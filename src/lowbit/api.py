@@ -21,9 +21,9 @@ from .data import calib_windows, eval_windows, load_text, tokenize
 from .engine import Engine, EngineReport
 from .errors import LowbitError
 from .eval.perplexity import perplexity
-from .export.native import NativeSink, write_metadata
-from .export.output import check_output, staged_output
-from .export.source import PlannedModel
+from .exporters.native import NativeSink, write_metadata
+from .exporters.output import check_output, staged_output
+from .exporters.source import PlannedModel
 from .hf.model import LoadedModel, foreign_quantization, load_with_transformers, open_model
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
                      validate_plan)
@@ -171,8 +171,8 @@ def _check_exports(export, output, overwrite: bool, planned, quiet: bool) -> lis
     """The export formats asked for, each checked against the plan and its output path before any work."""
     if not export:
         return []
-    from .export.formats import parse_formats
-    from .export.output import check_output, check_output_file
+    from .exporters.formats import parse_formats
+    from .exporters.output import check_output, check_output_file
 
     if output is None:
         raise LowbitError("--export needs an output folder (-o OUT): the exports are written beside it")
@@ -344,10 +344,10 @@ def inspect(model, recipe: Recipe | None = None) -> dict:
 def export(model, output, fmt: str = "compressed-tensors", overwrite: bool = False, quiet: bool = False,
            **options) -> Path:
     """Re-export a lowbit output folder in another layout without re-quantizing (the stored codes and scales
-    move as they are, except where a format warns that it re-quantizes). Formats: lowbit.export.formats.NAMES;
+    move as they are, except where a format warns that it re-quantizes). Formats: lowbit.exporters.formats.NAMES;
     options go to the format's writer (gguf: quant_type; onnx: accuracy_level, quantize_embedding)."""
-    from .export.formats import get_format
-    from .export.source import LowbitFolder
+    from .exporters.formats import get_format
+    from .exporters.source import LowbitFolder
 
     form = get_format(fmt)
     for warning in form.check(LowbitFolder(Path(model))):

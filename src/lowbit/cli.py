@@ -10,7 +10,7 @@ import shlex
 import sys
 
 from .errors import LowbitError
-from .export.formats import NAMES as EXPORT_NAMES, help_text as get_format_help
+from .exporters.formats import NAMES as EXPORT_NAMES, help_text as get_format_help
 from .onnx.options import ONNX_ONLY, add_onnx_args, normalize_modelopt_args, onnx_options
 from .recipe import DEFAULT_CALIBRATION
 

@@ -11,7 +11,6 @@ weight-only) runs no forward pass at all.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from contextlib import contextmanager
@@ -352,7 +351,7 @@ class Engine:
         for name, (linear, cache, length) in self._replays.items():
             module = block.get_submodule(name)
             patched.append((module, module.__dict__.get("forward")))
-            module.forward = functools.partial(self._replay, linear, cache, length)
+            module.forward = self._replay(linear, cache, length)
         try:
             yield
         finally:
@@ -362,9 +361,14 @@ class Engine:
                 else:
                     module.forward = original
 
-    def _replay(self, linear: nn.Module, cache: list, length: int | None, *args, **kwargs):
-        y = linear(cache[self._chunk])
-        return y if length is None else (y,) + (None,) * (length - 1)
+    def _replay(self, linear: nn.Module, cache: list, length: int | None):
+        """A replayed module's forward: the linear on its cached input of the current chunk, whatever arguments
+        (and argument names, which change between transformers releases) the caller passes."""
+        def forward(*args, **kwargs):
+            y = linear(cache[self._chunk])
+            return y if length is None else (y,) + (None,) * (length - 1)
+
+        return forward
 
     # -- transforms (AWQ, SmoothQuant) ---------------------------------------------------------------
     def _fold_map(self, block: nn.Module, prefix: str, stages, inputs) -> dict[tuple, Fold | None]:

@@ -51,7 +51,7 @@ class LoadedModel:
         """A parameter's float value from disk (dequantizing lowbit-packed linears)."""
         module_name, _, attr = name.rpartition(".")
         if attr == "weight" and module_name in self.quantized:
-            from ..export.native import read_linear
+            from ..exporters.native import read_linear
 
             shape = tuple(self.model.get_parameter(name).shape)
             return read_linear(self.ckpt, module_name, self.quantized[module_name], shape).to(self.source_dtype)

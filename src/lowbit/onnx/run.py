@@ -20,7 +20,7 @@ from .. import __version__
 from ..algorithms import parse_chain
 from ..data import load_text, tokenize
 from ..errors import LowbitError
-from ..export.output import check_output, staged_output
+from ..exporters.output import check_output, staged_output
 from ..recipe import Recipe, format_plan, resolve_plan, validate_plan
 from .graph import OnnxDecoder
 from .write import ONNX_FORMATS, GraphWriter, check_format

@@ -247,7 +247,7 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
     """The static INT8 flow (module docstring) from a checked plan to the output folder; returns
     (output, summary, OnnxReport)."""
     from .. import __version__
-    from ..export.output import staged_output
+    from ..exporters.output import staged_output
     from ..eval.onnx_perplexity import genai_decoder
     from .calibrate import calibration_windows, providers_for
 

@@ -2,7 +2,7 @@
 initializers (folded scales) substituted, and every initializer streamed into one new external-data file.
 
 Three forms of a quantized weight MatMul Y = X @ W (FORMATS.md 1.1 and 1.4), chosen with `onnx_format`:
-- "matmulnbits": com.microsoft MatMulNBits, B from lowbit's packed rows (export/onnx_tensors.py), the form
+- "matmulnbits": com.microsoft MatMulNBits, B from lowbit's packed rows (exporters/onnx_tensors.py), the form
   onnxruntime and onnxruntime-genai run fastest on CPU;
 - "dq": W stored as int4/uint4/int8/uint8 (K, N) with block-wise scales, DequantizeLinear (opset 21, blocked
   along K) -> MatMul: ModelOpt's rtn_dq / awq output, what DirectML and TensorRT fuse;
@@ -19,8 +19,8 @@ import torch
 from onnx import TensorProto, helper
 
 from ..errors import LowbitError
-from ..export.native import pack_linear
-from ..export.onnx_tensors import ExternalData, matmul_block_size, matmul_nbits_tensors
+from ..exporters.native import pack_linear
+from ..exporters.onnx_tensors import ExternalData, matmul_block_size, matmul_nbits_tensors
 from ..formats import Quantized
 from ..spec import QuantSpec
 from .graph import OnnxDecoder, WeightMatMul

@@ -23,7 +23,7 @@ def one_error_line(err: str) -> str:
 
 
 def leftovers(folder):
-    return [p.name for p in folder.iterdir() if "lowbit-tmp" in p.name or "lowbit-old" in p.name]
+    return [p.name for p in folder.iterdir() if any(k in p.name for k in ("lowbit-tmp", "lowbit-old", "lowbit-lock"))]
 
 
 @pytest.mark.parametrize("command", ["quantize", "eval", "inspect"])
@@ -69,8 +69,18 @@ def test_existing_output_refused_then_overwritten(capsys, tiny_models, tmp_path)
     code, _, err = run(capsys, *args)
     assert code == 2 and "already exists" in one_error_line(err) and "--overwrite" in err
     assert (out / "mine.txt").read_text() == "precious"
+    # --overwrite replaces a whole folder: not one holding files lowbit does not write
     code, _, err = run(capsys, *args, "--overwrite")
-    assert code == 0 and (out / "config.json").is_file() and not (out / "mine.txt").exists()
+    assert code == 2 and "holds files lowbit does not write (mine.txt" in one_error_line(err)
+    assert (out / "mine.txt").read_text() == "precious"
+    (out / "mine.txt").unlink()
+    code, _, err = run(capsys, *args)  # even an empty folder is replaced only with --overwrite
+    assert code == 2 and "already exists" in one_error_line(err)
+    code, _, err = run(capsys, *args, "--overwrite")
+    assert code == 0 and (out / "config.json").is_file()
+    first = (out / "model.safetensors").stat().st_ino
+    code, _, err = run(capsys, *args, "--overwrite", "--algo", "awq", "--num-calib-data", "2", "--seq-len", "32")
+    assert code == 0 and (out / "model.safetensors").stat().st_ino != first  # a lowbit output is replaced
     assert leftovers(tmp_path) == []
 
 
@@ -179,9 +189,9 @@ def test_failure_mid_run_leaves_nothing(capsys, tiny_models, tmp_path, monkeypat
 
     monkeypatch.setattr(engine.Engine, "_finish_outside_blocks", fail)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", "w_uint4_per_group_asym",
-              "--group-size", "32", "--no-progress"])
+    code, _, err = run(capsys, "quantize", tiny_models["llama"], "-o", out, "--scheme", "w_uint4_per_group_asym",
+                       "--group-size", "32", "--no-progress")
+    assert code == 1 and "internal error (RuntimeError: disk on fire)" in one_error_line(err)
     assert not out.exists() and leftovers(tmp_path) == []
 
 

@@ -196,10 +196,15 @@ def test_refuses_folders_it_cannot_read_or_replace(tiny_models, lowbit_out, tmp_
     with pytest.raises(LowbitError, match="already exists"):
         export_compressed_tensors(src, existing)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
-    with pytest.raises(LowbitError, match="the lowbit folder itself"):
+    with pytest.raises(LowbitError, match="is the source model"):
         export_compressed_tensors(src, src, overwrite=True)
+    with pytest.raises(LowbitError, match="holds files lowbit does not write"):
+        export_compressed_tensors(src, existing, overwrite=True)
+    (existing / "keep.txt").unlink()
     export_compressed_tensors(src, existing, overwrite=True)
-    assert (existing / "model.safetensors").is_file() and not (existing / "keep.txt").exists()
+    assert (existing / "model.safetensors").is_file()
+    export_compressed_tensors(src, existing, overwrite=True)  # an export is replaced by a new one
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_cli_export(tiny_models, lowbit_out, tmp_path, capsys):

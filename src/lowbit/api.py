@@ -16,13 +16,15 @@ import torch
 
 from . import __version__
 from .algorithms import parse_algo_args, parse_chain
-from .arch import describe, linear_modules
-from .data import calib_windows, eval_windows, load_text, tokenize
+from .arch import check_seq_len, describe, linear_modules
+from .data import calib_windows, check_count, eval_windows, load_text, tokenize
 from .engine import Engine, EngineReport
 from .errors import LowbitError
 from .eval.perplexity import perplexity
 from .exporters.native import NativeSink, write_metadata
-from .exporters.output import check_output, staged_output
+from .hf.source import DEMO, demo_gguf
+from .results import warn_fallbacks, write_json
+from .staging import check_output, claim, staged
 from .exporters.source import PlannedModel
 from .hf.model import LoadedModel, foreign_quantization, load_with_transformers, open_model
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
@@ -98,6 +100,10 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     """
     t0 = time.perf_counter()
     recipe = recipe or make_recipe(**recipe_args)
+    if max_chunks is not None:
+        check_count("--max-chunks", max_chunks)
+    if eval_seq_len is not None:
+        check_count("--seq-len", eval_seq_len, 2)
     if is_onnx_model(model):
         from .onnx.run import quantize_onnx
 
@@ -109,37 +115,67 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if onnx_options is not None:
         raise LowbitError(f"onnx_options apply to ONNX models only, and {model} is not one")
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
+    sources = source_paths(model)
     if output is not None:
-        check_output(Path(output), overwrite)
+        check_output(Path(output), overwrite, sources)
     loaded = open_model(model)
     if loaded.quantized:
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
     plan = plan_for(loaded, recipe)
     _log(format_plan(plan), quiet)
-    exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet)
+    exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,
+                             sources + [loaded.folder])
+    with contextlib.ExitStack() as claims:  # every output held from here on: a second run is refused now
+        for path in ([output] if output is not None else []) + [f.default_output(output) for f in exports]:
+            claims.enter_context(claim(path))
+        run = _Run(str(model), output, overwrite, keep_in_memory or evaluate_after, evaluate_after, eval_dataset,
+                   eval_seq_len, max_chunks, progress, quiet, t0)
+        summary, report = _quantize_loaded(loaded, recipe, plan, chain, run)
+        for form in exports:
+            path = form.write(Path(output), form.default_output(output), overwrite,
+                              **(export_options or {}).get(form.name, {}))
+            summary.setdefault("exports", {})[form.name] = str(path)
+        if exports:
+            write_json(Path(output) / "summary.json", summary)
+    model_out = loaded.model.eval() if keep_in_memory or evaluate_after else None
+    return QuantizeResult(Path(output) if output is not None else None, summary, report, model_out, plan)
 
+
+@dataclass
+class _Run:
+    """How one quantize call runs, once its checks have passed."""
+    source: str
+    output: Path | None
+    overwrite: bool
+    keep: bool  # keep the fake-quant model in memory
+    evaluate_after: bool
+    eval_dataset: str | None
+    eval_seq_len: int | None
+    max_chunks: int | None
+    progress: bool
+    quiet: bool
+    t0: float
+
+
+def _quantize_loaded(loaded: LoadedModel, recipe: Recipe, plan, chain, run: _Run) -> tuple[dict, EngineReport]:
+    """Calibrate, run the engine and write the lowbit folder (staged); (summary, engine report)."""
     calib = None
     cal = recipe.calibration
     if has_static_inputs(plan) or any(a.needs_calibration for a in chain):
-        tokenizer = loaded.tokenizer()
-        ids = tokenize(tokenizer, load_text(cal["dataset"], "calib"))
-        calib = calib_windows(ids, cal["num_samples"], cal["seq_len"], cal["seed"])
+        calib = calibration_data(loaded, cal)
     t_loaded = time.perf_counter()
-
-    keep = keep_in_memory or evaluate_after
     tied_lm_head = any(t.rpartition(".")[0] in plan and plan[t.rpartition(".")[0]].spec is not None
                        for t in loaded.layout.tied)
-    summary = {"lowbit_version": __version__, "source": str(model), "source_folder": str(loaded.folder),
+    summary = {"lowbit_version": __version__, "source": run.source, "source_folder": str(loaded.folder),
                "scheme": recipe.scheme.name, "algorithms": [a.name for a in chain], "seed": cal.get("seed", 0),
                "torch_version": torch.__version__, "python": platform.python_version()}
     if calib is not None:
         summary["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
-
-    staging = staged_output(Path(output), overwrite) if output is not None else contextlib.nullcontext(None)
+    staging = staged(Path(run.output), run.overwrite) if run.output is not None else contextlib.nullcontext(None)
     with staging as tmp:
         sink = NativeSink(tmp) if tmp is not None else None
-        engine = Engine(loaded, plan, chain, calib, sink, keep_in_memory=keep, batch_size=cal.get("batch_size", 8),
-                        progress=progress, propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"]))
+        engine = Engine(loaded, plan, chain, calib, sink, keep_in_memory=run.keep, batch_size=cal.get("batch_size", 8),
+                        progress=run.progress, propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"]))
         report = engine.run()
         t_quant = time.perf_counter()
         online = engine.rotator.online if engine.rotator is not None else {}
@@ -151,28 +187,38 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
                            untie=tied_lm_head or bool(loaded.untied), input_specs=sink.input_specs,
                            output_specs=sink.output_specs, online_rotations=online)
             recipe.save(tmp / "recipe.yaml")
-        summary.update(_measures(loaded, report, plan, t0, t_loaded, t_quant, tmp))
-        if evaluate_after:
-            summary["perplexity"] = _eval_model(loaded, eval_dataset or "pydoc", eval_seq_len or cal["seq_len"],
-                                                max_chunks, progress)
+        summary.update(_measures(loaded, report, plan, run.t0, t_loaded, t_quant, tmp))
+        warn_fallbacks(summary["layer_notes"], summary["quantized_modules"], chain[-1].name)
+        if run.evaluate_after:
+            summary["perplexity"] = _eval_model(loaded, run.eval_dataset or "pydoc", run.eval_seq_len or cal["seq_len"],
+                                                run.max_chunks, run.progress)
         if tmp is not None:
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    for form in exports:
-        path = form.write(Path(output), form.default_output(output), overwrite,
-                          **(export_options or {}).get(form.name, {}))
-        summary.setdefault("exports", {})[form.name] = str(path)
-    if exports:
-        (Path(output) / "summary.json").write_text(json.dumps(summary, indent=2))
-    model_out = loaded.model.eval() if keep else None
-    return QuantizeResult(Path(output) if output is not None else None, summary, report, model_out, plan)
+            write_json(tmp / "summary.json", summary)
+    return summary, report
 
 
-def _check_exports(export, output, overwrite: bool, planned, quiet: bool) -> list:
+def calibration_data(loaded: LoadedModel, cal: dict) -> torch.Tensor:
+    """The calibration windows of a recipe's calibration settings, tokenized by the model's tokenizer."""
+    check_seq_len(cal["seq_len"], loaded.model, "calibration")
+    ids = tokenize(loaded.tokenizer(), load_text(cal["dataset"], "calib"))
+    return calib_windows(ids, cal["num_samples"], cal["seq_len"], cal["seed"])
+
+
+def source_paths(model) -> list[Path]:
+    """The files and folders a model source consists of, which no output may replace, enter or contain."""
+    if str(model) == DEMO:
+        return [demo_gguf()]
+    path = Path(str(model)).expanduser()
+    if is_onnx_model(path) and path.is_file():
+        return [path.parent]  # its external data and tokenizer live beside it
+    return [path] if path.exists() else []
+
+
+def _check_exports(export, output, overwrite: bool, planned, quiet: bool, sources) -> list:
     """The export formats asked for, each checked against the plan and its output path before any work."""
     if not export:
         return []
     from .exporters.formats import parse_formats
-    from .exporters.output import check_output, check_output_file
 
     if output is None:
         raise LowbitError("--export needs an output folder (-o OUT): the exports are written beside it")
@@ -180,7 +226,7 @@ def _check_exports(export, output, overwrite: bool, planned, quiet: bool) -> lis
     for form in formats:
         for warning in form.check(planned):
             _log(f"warning ({form.name}): {warning}", quiet)
-        (check_output_file if form.is_file else check_output)(form.default_output(output), overwrite)
+        check_output(form.default_output(output), overwrite, sources, is_file=form.is_file)
     return formats
 
 
@@ -247,8 +293,10 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
     dtype "auto" computes in the stored dtype. ONNX models (a file or a folder) run in onnxruntime, or with
     runtime "onnxruntime-genai" in onnxruntime-genai; runtime "llama.cpp" runs a .gguf file in llama.cpp itself
     instead of dequantizing it for torch."""
-    if seq_len < 2:
-        raise LowbitError(f"--seq-len must be at least 2, got {seq_len}")
+    check_count("--seq-len", seq_len, 2)
+    check_count("--batch-size", batch_size)
+    if max_chunks is not None:
+        check_count("--max-chunks", max_chunks)
     if runtime not in RUNTIMES:
         raise LowbitError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if runtime == "onnxruntime-genai" and not is_onnx_model(model):
@@ -258,6 +306,7 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
     if foreign_quantization(model):
         return _evaluate_foreign(Path(model), dataset, seq_len, max_chunks, batch_size, progress, dtype)
     loaded = open_model(model, _dtype(dtype))
+    check_seq_len(seq_len, loaded.model, "evaluation")
     ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
     windows = eval_windows(ids, seq_len, max_chunks)
     t0 = time.perf_counter()

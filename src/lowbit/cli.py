@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 
+from .argtypes import count, positive_number
 from .errors import LowbitError
 from .exporters.formats import NAMES as EXPORT_NAMES, help_text as get_format_help
 from .onnx.options import ONNX_ONLY, add_onnx_args, normalize_modelopt_args, onnx_options
 from .recipe import DEFAULT_CALIBRATION
+from .results import to_json
 
 EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym} (e.g. w_uint4_per_group_asym, "
                   "w_int8_per_channel_sym); with int8 activations: w_int8_a_int8_per_tensor_sym (static, calibrated "
@@ -27,16 +31,16 @@ def _add_data_args(p, purpose: str) -> None:
     p.add_argument("--dataset", default=None if purpose == "eval" else "pydoc",
                    help=f"{use}: a .txt/.jsonl/.parquet file (used whole), pydoc (built in, offline), wikitext2, "
                         f"pileval, c4 or cnn_dailymail (Hugging Face hub) [default: pydoc]")
-    p.add_argument("--seq-len", "--seq_len", type=int, default=512, help="tokens per window [default: 512]")
+    p.add_argument("--seq-len", "--seq_len", type=count(2), default=512, help="tokens per window [default: 512]")
     if purpose in ("eval", "quantize"):
-        p.add_argument("--max-chunks", "--max_chunks", type=int, default=None,
+        p.add_argument("--max-chunks", "--max_chunks", type=count(1), default=None,
                        help="evaluate at most this many windows [default: all]")
 
 
 def _add_recipe_args(p, required: bool) -> None:
     p.add_argument("--scheme", "--quant-scheme", "--quant_scheme", required=required, default=None,
                    help="quantization scheme, Quark spelling (e.g. w_uint4_per_group_asym)")
-    p.add_argument("--group-size", "--group_size", type=int, default=None,
+    p.add_argument("--group-size", "--group_size", type=count(1), default=None,
                    help="group size for *_per_group_* schemes [default: 128]; need not divide the layer width")
     p.add_argument("--exclude-layers", "--exclude_layers", nargs="*", default=None, metavar="PATTERN",
                    help="layers kept in float: names, globs or re:REGEX [default: lm_head]; "
@@ -69,17 +73,17 @@ def _add_task_args(p) -> None:
                         "task names (lambada_openai,hellaswag) or task YAML files; needs pip install lm_eval")
     p.add_argument("--task-dir", "--task_dir", "--include-path", "--include_path", default=None, metavar="DIR",
                    help="a folder of extra lm-eval task YAML files (local datasets for offline use; see README)")
-    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="lm-eval few-shot examples")
-    p.add_argument("--limit", type=float, default=None,
+    p.add_argument("--num-fewshot", "--num_fewshot", type=count(0), default=None, help="lm-eval few-shot examples")
+    p.add_argument("--limit", type=positive_number, default=None,
                    help="lm-eval: at most this many documents per task (a fraction below 1) [default: all]")
 
 
 def _add_speed_args(p) -> None:
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length [default: 512]")
-    p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens per run [default: 128]")
-    p.add_argument("--runs", type=int, default=3, help="timed runs; the median and spread are reported [default: 3]")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first [default: 1]")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads [default: every CPU available]")
+    p.add_argument("--prompt-tokens", type=count(1), default=512, help="prefill prompt length [default: 512]")
+    p.add_argument("--new-tokens", type=count(1), default=128, help="decoded tokens per run [default: 128]")
+    p.add_argument("--runs", type=count(1), default=3, help="timed runs; the median and spread are reported [default: 3]")
+    p.add_argument("--warmup", type=count(0), default=1, help="untimed runs first [default: 1]")
+    p.add_argument("--threads", type=count(1), default=None, help="CPU threads [default: every CPU available]")
     p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime-genai", "llama.cpp"],
                    help="where speed is measured: auto = onnxruntime-genai for ONNX folders, torch otherwise; "
                         "llama.cpp for .gguf files [default: auto]")
@@ -112,7 +116,7 @@ def _export_options(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization of causal LMs.",
+    parser = _Parser(prog="lowbit", description="Post-training quantization of causal LMs.",
                                      epilog="Run `lowbit COMMAND --help` for each command's options.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -135,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an algorithm option, e.g. gptq:damp=0.05, gptq:act_order=false, awq:clip=false, "
                         "smoothquant:alpha=0.6; repeatable (options are listed in the README)")
     q.add_argument("--recipe", default=None, help="a recipe.yaml/.json (replaces the scheme/layer/algo options)")
-    q.add_argument("--num-calib-data", "--num_calib_data", type=int, default=128,
+    q.add_argument("--num-calib-data", "--num_calib_data", type=count(1), default=128,
                    help="calibration windows, for calibrated algorithms [default: 128]")
-    q.add_argument("--seed", type=int, default=0, help="seed for calibration window sampling [default: 0]")
-    q.add_argument("--batch-size", "--batch_size", type=int, default=8, help="calibration batch size [default: 8]")
+    q.add_argument("--seed", type=count(0), default=0, help="seed for calibration window sampling [default: 0]")
+    q.add_argument("--batch-size", "--batch_size", type=count(1), default=8, help="calibration batch size [default: 8]")
     q.add_argument("--propagate", choices=["quantized", "float"], default=DEFAULT_CALIBRATION["propagate"],
                    help="next block's calibration inputs: outputs of the float block, taken from the statistics "
                         "pass, or of the quantized block (one more forward per block; always so for "
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(a folder with genai_config.json / model.onnx, as lowbit's onnx export and "
                                  "onnxruntime-genai's builder write, or an .onnx file)")
     _add_data_args(e, "eval")
-    e.add_argument("--batch-size", "--batch_size", type=int, default=4, help="windows per forward [default: 4]")
+    e.add_argument("--batch-size", "--batch_size", type=count(1), default=4, help="windows per forward [default: 4]")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype; auto = as stored [default: float32, so copies of one model agree]")
     e.add_argument("--runtime", default="torch", choices=["torch", "llama.cpp", "onnxruntime-genai"],
@@ -277,7 +281,7 @@ def cmd_quantize(args) -> int:
                           export=args.export, export_options=_export_options(args), onnx_options=onnx)
     s = result.summary
     if args.json:
-        print(json.dumps({"output": str(result.output), **s}))
+        print(to_json({"output": str(result.output), **s}))
         return 0
     print(f"wrote {result.output}: {s['quantized_modules']} linears quantized ({s['scheme']}, "
           f"{'+'.join(s['algorithms'])}) in {s['seconds']['quantize']:.1f} s "
@@ -313,7 +317,7 @@ def cmd_eval(args) -> int:
                                      dtype=getattr(args, "dtype", "float32"))
         result = {**task_result, **result, "tasks": task_result["tasks"]}
     if args.json:
-        print(json.dumps(result))
+        print(to_json(result))
         return 0
     if perplexity:
         _print_perplexity(args.model, dataset, perplexity)
@@ -349,7 +353,7 @@ def cmd_bench(args) -> int:
 
     r = measure_speed(args.model, runtime=args.runtime, progress=not args.no_progress, **_speed_args(args))
     if args.json:
-        print(json.dumps(r))
+        print(to_json(r))
         return 0
     pre, dec = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
     print(f"{args.model} in {r['runtime']} ({r['threads']} threads, {r['runs']} runs, median [min-max]):")
@@ -379,7 +383,7 @@ def cmd_compare(args) -> int:
             "num_fewshot": args.num_fewshot, "speed": None if args.no_speed else speed_args}
     paths = write_report(rows, args.output, meta=meta, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps({"rows": rows, "files": {k: str(v) for k, v in paths.items()}}))
+        print(to_json({"rows": rows, "files": {k: str(v) for k, v in paths.items()}}))
         return 0
     print(format_table(rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -394,7 +398,7 @@ def cmd_export(args) -> int:
     if args.json:
         from .eval.speed import size_on_disk
 
-        print(json.dumps({"output": str(out), "format": args.format, "size_bytes": size_on_disk(out)}))
+        print(to_json({"output": str(out), "format": args.format, "size_bytes": size_on_disk(out)}))
         return 0
     print(f"wrote {out} ({args.format})")
     return 0
@@ -406,7 +410,7 @@ def cmd_inspect(args) -> int:
     info = api.inspect(args.model, _recipe_from_args(args))
     if args.json:
         info.pop("plan_table", None)
-        print(json.dumps(info))
+        print(to_json(info))
         return 0
     print(f"{info['architecture']} ({info['model_type']}): {info['num_layers']} blocks at {info['blocks']}, "
           f"hidden {info['hidden_size']}, vocab {info['vocab_size']}, {info['parameters'] / 1e6:.1f} M parameters "
@@ -424,27 +428,75 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: `error: argument --seq-len: ... (see lowbit eval --help)`."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: stop like Ctrl-C (staged outputs are removed on the way out)."""
+
+
+def _on_signal(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once; the next run cleans up
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed on one line
+        return exc.code if isinstance(exc.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect,
-                "export": cmd_export, "bench": cmd_bench,
-                "compare": cmd_compare}[args.command](args)
+        return COMMANDS[args.command](args)
     except LowbitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
+    except Terminated as exc:
+        return _fail(f"stopped by {exc}; nothing was written (an unfinished output is removed)", 128 + getattr(
+            signal, str(exc), signal.SIGTERM))
     except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return _fail("interrupted; nothing was written (an unfinished output is removed)", 130)
     except MemoryError:
-        print("error: out of memory; use a smaller --batch-size or --num-calib-data", file=sys.stderr)
-        return 1
+        return _fail("out of memory; use a smaller --batch-size or --num-calib-data", 1)
+    except OSError as exc:
+        return _fail(_os_error(exc), 2)
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _fail(f"internal error ({type(exc).__name__}: {first}); please report it, with the traceback that "
+                     f"LOWBIT_DEBUG=1 shows", 1)
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for a system error while reading or writing: what failed, where, and what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"no space left to write{where}: {exc.strerror}; nothing was written (an unfinished output is "
+                f"removed); free some space or choose an output on another disk")
+    return f"{exc.strerror or exc}{where}; nothing was written (an unfinished output is removed)"
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export,
+            "bench": cmd_bench, "compare": cmd_compare}
 
 
 if __name__ == "__main__":

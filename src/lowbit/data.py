@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LowbitError
+from .errors import LowbitError, warn
 
 BUILTIN = "pydoc"
 HF_DATASETS = {
@@ -31,6 +31,12 @@ HF_DATASETS = {
     "cnn_dailymail": ("abisee/cnn_dailymail", "3.0.0", {"calib": "train", "eval": "test"}, "article", {}),
 }
 _MAX_DATASET_CHARS = 4_000_000  # enough text for any calibration/evaluation run; avoids joining all of C4
+
+
+def check_count(flag: str, value, least: int = 1) -> None:
+    """Refuse a count (windows, tokens, a batch) that is not a whole number of at least `least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise LowbitError(f"{flag} must be a whole number of at least {least}, got {value!r}")
 
 
 def source_names() -> str:
@@ -75,7 +81,7 @@ def _file_text(path: Path) -> str:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json"):
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = _read_utf8(path).splitlines()
             if suffix == ".json" and lines and lines[0].lstrip().startswith("["):
                 records = json.loads("\n".join(lines))
             else:
@@ -91,11 +97,25 @@ def _file_text(path: Path) -> str:
             if column is None:
                 raise LowbitError(f"{path}: no string column; give the parquet file a \"text\" column")
             return "\n\n".join(t for t in table.column(column).to_pylist() if t)
-        return path.read_text(encoding="utf-8", errors="replace")
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        return _read_utf8(path)
+    except (json.JSONDecodeError, OSError) as exc:
         raise LowbitError(f"cannot read dataset file {path}: {exc}") from None
     except ImportError:
         raise LowbitError("reading parquet files needs pyarrow: pip install pyarrow") from None
+
+
+def _read_utf8(path: Path) -> str:
+    """A text file's contents; bytes that are not UTF-8 become U+FFFD, with a warning saying how many and where."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = data.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+        warn(f"{path} is not valid UTF-8 ({bad} undecodable byte sequence(s), the first at byte {exc.start}); they "
+             f"are read as U+FFFD, which tokenizes unlike the intended text: convert the file to UTF-8 (e.g. iconv "
+             f"-f latin1 -t utf-8)")
+        return text
 
 
 def _hf_text(name: str, purpose: str) -> str:
@@ -135,6 +155,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_chunks: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of seq_len tokens from the start of the text (at most max_chunks)."""
+    check_count("--seq-len", seq_len, 2)
+    if max_chunks is not None:
+        check_count("--max-chunks", max_chunks)
     n = ids.numel() // seq_len
     if max_chunks is not None:
         n = min(n, max_chunks)
@@ -146,6 +169,8 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_chunks: int | None = None)
 
 def calib_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """num_samples windows of seq_len tokens at random offsets drawn with the seed (deterministic)."""
+    check_count("--num-calib-data", num_samples)
+    check_count("--seq-len", seq_len, 2)
     if ids.numel() < seq_len:
         raise LowbitError(f"the calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
                           f"use a longer text or a smaller --seq-len")

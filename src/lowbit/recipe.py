@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import check_count
 from .errors import LowbitError
 from .arch.moe import EXPERT_PATTERN, is_router
 from .spec import QuantSpec, Scheme, parse_scheme
@@ -36,6 +37,34 @@ def matches(pattern: str, name: str) -> bool:
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(name, pattern)
     return f".{pattern}." in f".{name}."
+
+
+def check_pattern(pattern) -> None:
+    """Refuse a layer pattern that is not text, or a re: pattern that is not a valid regular expression."""
+    if not isinstance(pattern, str) or not pattern:
+        raise LowbitError(f"layer pattern {pattern!r} is not a name, glob or re:REGEX")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise LowbitError(f"layer pattern {pattern!r} is not a valid regular expression ({exc}); fix it or use "
+                              f"a glob such as '*.mlp.*'") from None
+
+
+def check_calibration(cal: dict) -> None:
+    """Refuse calibration settings that cannot run, before any work."""
+    unknown = set(cal) - set(DEFAULT_CALIBRATION)
+    if unknown:
+        raise LowbitError(f"unknown calibration setting {sorted(unknown)[0]!r}; the settings are "
+                          f"{', '.join(DEFAULT_CALIBRATION)}")
+    check_count("--num-calib-data", cal["num_samples"])
+    check_count("--seq-len", cal["seq_len"], 2)
+    check_count("--batch-size", cal["batch_size"])
+    check_count("--seed", cal["seed"], 0)
+    if not isinstance(cal["dataset"], str) or not cal["dataset"]:
+        raise LowbitError(f"the calibration dataset must be a file path or a dataset name, got {cal['dataset']!r}")
+    if cal["propagate"] not in ("float", "quantized"):
+        raise LowbitError(f"--propagate must be float or quantized, got {cal['propagate']!r}")
 
 
 def split_assignments(text: str, what: str, example: str) -> tuple[str, list[tuple[str, str]]]:
@@ -65,9 +94,16 @@ class Override:
     def parse(cls, text: str) -> "Override":
         """Parse 'PATTERN:key=value[,key=value...]', e.g. 'down_proj:bits=8' or 'lm_head:group_size=32'."""
         pattern, pairs = split_assignments(text, "override pattern", "down_proj:bits=8")
+        check_pattern(pattern)
         return cls(pattern, tuple((key, _coerce(key, value, text)) for key, value in pairs))
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
+        try:
+            return self._apply(spec)
+        except LowbitError as exc:
+            raise LowbitError(f"override {self.to_text()!r} on {spec.short_name}: {exc}") from None
+
+    def _apply(self, spec: QuantSpec) -> QuantSpec:
         changes = dict(self.changes)
         if "scheme" in changes:  # a per-group scheme without its own group_size keeps the current one
             inherited = spec.group_size if spec.granularity == "group" else None
@@ -89,18 +125,10 @@ def _coerce(key: str, value: str, text: str):
     if key not in QuantSpec.__dataclass_fields__:
         valid = ", ".join(["scheme", *QuantSpec.__dataclass_fields__])
         raise LowbitError(f"override {text!r}: unknown key {key!r}; valid keys: {valid}")
-    if key in ("bits", "group_size", "exponent_bits", "mantissa_bits"):
-        if value.lower() in ("none", "-1") and key == "group_size":
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            raise LowbitError(f"override {text!r}: {key} must be an integer, got {value!r}") from None
-    if key in ("signed", "symmetric", "tensor_scale", "dynamic"):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise LowbitError(f"override {text!r}: {key} must be true or false, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    return value
+    try:
+        return QuantSpec.parse_field(key, value)
+    except LowbitError as exc:
+        raise LowbitError(f"override {text!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -124,6 +152,11 @@ class Recipe:
     algorithms: tuple[AlgoStep, ...] = (AlgoStep("rtn"),)
     calibration: dict = field(default_factory=lambda: dict(DEFAULT_CALIBRATION))
     kv_cache: QuantSpec | None = None  # the K / V projections' outputs (--kv-cache-dtype)
+
+    def __post_init__(self):
+        for pattern in [*self.exclude, *(o.pattern for o in self.overrides)]:
+            check_pattern(pattern)
+        check_calibration(self.calibration)
 
     def to_dict(self) -> dict:
         return {
@@ -153,8 +186,18 @@ class Recipe:
 
     @classmethod
     def load(cls, path: Path) -> "Recipe":
-        text = Path(path).read_text()
-        return cls.from_dict(json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text))
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+            if not isinstance(data, dict):
+                raise TypeError("not a mapping of settings")
+            return cls.from_dict(data)
+        except LowbitError as exc:
+            raise LowbitError(f"recipe {path}: {exc}") from None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LowbitError(f"recipe {path} cannot be read as a lowbit recipe ({type(exc).__name__}: {first}); "
+                              f"give a recipe.yaml that lowbit wrote, or edit one") from None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import LowbitError
 
@@ -48,6 +48,13 @@ class QuantSpec:
     subblock_size: int = 0  # block floating point with shared microexponents (MX6/MX9): 1-bit shift per sub-block
 
     def __post_init__(self):
+        for f in fields(self):
+            _check_type(f.name, f.type, getattr(self, f.name))
+        if self.bits < 1 or self.subblock_size < 0 or any(
+                v is not None and v < 0 for v in (self.exponent_bits, self.mantissa_bits)):
+            raise LowbitError(f"bits must be positive and exponent_bits, mantissa_bits and subblock_size not "
+                              f"negative, got {self.bits}, {self.exponent_bits}, {self.mantissa_bits}, "
+                              f"{self.subblock_size}")
         if self.kind not in ("int", "float", "bfp"):
             raise LowbitError(f"unknown quantization kind {self.kind!r}; use int, float or bfp")
         if self.kind == "int" and not 2 <= self.bits <= 8:
@@ -132,6 +139,40 @@ class QuantSpec:
 
     def with_changes(self, **changes) -> "QuantSpec":
         return replace(self, **changes)
+
+    @classmethod
+    def parse_field(cls, key: str, text: str):
+        """A field's value from its text (an override such as bits=8, fnuz=true, group_size=none), typed by
+        the field's annotation; anything that is not a value of that type is refused."""
+        kind = cls.__dataclass_fields__[key].type
+        word = text.strip().lower()
+        if "None" in kind and word in ("none", "null", "-1"):
+            return None
+        if kind == "bool":
+            if word not in _BOOLS:
+                raise LowbitError(f"{key} must be true or false, got {text!r}")
+            return _BOOLS[word]
+        if kind.startswith("int"):
+            if not re.fullmatch(r"[+-]?\d+", word):
+                raise LowbitError(f"{key} must be a whole number, got {text!r}")
+            return int(word)
+        return text.strip()
+
+
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+_TYPES = {"bool": (bool,), "int": (int,), "str": (str,)}
+
+
+def _check_type(name: str, annotation: str, value) -> None:
+    """Refuse a field value of the wrong type (from a recipe file or code): annotations here are 'bool',
+    'int', 'str' and 'int | None'."""
+    base, _, optional = annotation.partition(" | ")
+    if value is None and optional == "None":
+        return
+    ok = isinstance(value, _TYPES[base]) and not (base == "int" and isinstance(value, bool))
+    if not ok:
+        raise LowbitError(f"{name} must be {'true or false' if base == 'bool' else 'a whole number' if base == 'int' else 'text'}"
+                          f"{' or none' if optional else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)

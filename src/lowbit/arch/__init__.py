@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import LowbitError
+from ..errors import LowbitError, warn
 
 
 @dataclass
@@ -102,6 +102,32 @@ def describe(model: nn.Module) -> dict:
         "parameters": parameter_count(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
+
+
+def position_limit(model: nn.Module) -> tuple[int | None, bool]:
+    """(the most positions the model was built for, whether going beyond fails outright): the config's
+    max_position_embeddings (n_positions for GPT-2-style configs); beyond it a model with a learned position
+    table (an embedding other than the token embedding, e.g. OPT's) has no row to look up, while rotary or
+    ALiBi models run but were not trained there."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    learned = any(isinstance(m, nn.Embedding) and m is not tokens for m in model.modules())
+    return (int(limit) if isinstance(limit, int) else None), learned
+
+
+def check_seq_len(seq_len: int, model: nn.Module, purpose: str) -> None:
+    """Refuse a window longer than a learned position table; warn when it is beyond what the model was built for."""
+    limit, learned = position_limit(model)
+    if limit is None or seq_len <= limit:
+        return
+    if learned:
+        raise LowbitError(f"--seq-len {seq_len} is longer than the {limit} positions this model's learned position "
+                          f"table holds; use --seq-len {limit} or less")
+    warn(f"--seq-len {seq_len} is beyond the model's {limit} positions (max_position_embeddings): {purpose} on "
+         f"positions it was not trained for; use --seq-len {limit} or less unless the model really handles more")
 
 
 def set_module_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

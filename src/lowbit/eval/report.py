@@ -13,7 +13,6 @@ import base64
 import datetime
 import html
 import io
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..results import to_json
 
 MISSING = "-"
 CHANGES_NOTE = ("changes (in brackets) are against the first row: perplexity in %, task metrics in points; "
@@ -494,7 +494,7 @@ def write_report(rows: list[dict], out_dir, title: str = "lowbit compare", meta:
     _prepare_dir(out_dir, paths, overwrite)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **(meta or {})}
     document = {"title": title, "meta": meta, "rows": rows}
-    blobs = {"json": (json.dumps(document, indent=2, default=str) + "\n").encode("utf-8")}
+    blobs = {"json": (to_json(document, indent=2) + "\n").encode("utf-8")}
     blobs["png"] = render_png(rows, title)
     blobs["html"] = render_html(rows, blobs["png"], title, meta).encode("utf-8")
     try:

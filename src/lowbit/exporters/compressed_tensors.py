@@ -52,7 +52,8 @@ from ..formats import pack_rows
 from ..hf.checkpoint import LazyCheckpoint
 from ..spec import QuantSpec
 from .native import TOKENIZER_FILES, stored_names, unpack_linear
-from .output import ShardWriter, staged_output
+from ..staging import check_output, staged
+from .output import ShardWriter
 from .source import read_lowbit_config
 
 PACK_QUANTIZED = "pack-quantized"
@@ -87,12 +88,11 @@ def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> 
     src, out = Path(src), Path(out)
     config = read_lowbit_config(src)
     qconfig = config["quantization_config"]
-    if out.resolve() == src.resolve():
-        raise LowbitError(f"the output {out} is the lowbit folder itself; choose another output path")
+    check_output(out, overwrite, [src])
     linears = _plan_linears(qconfig)
     kv_scales = _plan_kv_cache(qconfig.get("outputs") or {})
     ckpt = LazyCheckpoint(src)
-    with staged_output(out, overwrite) as tmp:
+    with staged(out, overwrite, [src]) as tmp:
         writer = ShardWriter(tmp)
         _write_tensors(writer, ckpt, linears, kv_scales)
         writer.close()

@@ -38,7 +38,7 @@ from ..spec import QuantSpec
 from .gguf_blocks import BLOCK, exact_type, fallback_type, pack_exact, requantize, row_bytes
 from .gguf_meta import add_hparams, config_warnings, llama3_rope_factors, n_vocab, rope
 from .gguf_vocab import GGUFVocab, read_vocab
-from .output import check_output_file, staged_file
+from ..staging import check_output, staged
 from .source import LowbitFolder, PlannedModel
 
 QUANT_TYPES = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "mxfp4": T.MXFP4}
@@ -99,12 +99,12 @@ def export_gguf(src: Path, out: Path, overwrite: bool = False, quant_type: str |
     written beside `out` and renamed into place only when complete. Warnings are check_gguf's to show."""
     folder = LowbitFolder(src)
     out = Path(out)
-    _check_target(out, overwrite)
+    _check_target(out, overwrite, folder.folder)
     plan = plan_gguf(folder, quant_type)
     vocab = read_vocab(folder.folder, n_vocab(plan.config))
     tensors = _tensors(folder, plan)
     plan.warnings += vocab.warnings  # the caller shows check_gguf's; the file keeps them as lowbit.warnings
-    with staged_file(out, overwrite) as tmp:
+    with staged(out, overwrite, [folder.folder], is_file=True) as tmp:
         _write(tmp, folder, plan, vocab, tensors)
     return out
 
@@ -301,8 +301,8 @@ def _add_general(writer: gguf.GGUFWriter, plan: GGUFPlan, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def _check_target(out: Path, overwrite: bool, src: Path) -> None:
     """Refuse, before any work, an output that is not a .gguf file path or that exists (unless overwrite)."""
     if out.suffix.lower() != ".gguf":
         raise LowbitError(f"the GGUF output {out} must be a file path ending in .gguf")
-    check_output_file(out, overwrite)
+    check_output(out, overwrite, [src], is_file=True)

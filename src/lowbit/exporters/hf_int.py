@@ -26,7 +26,8 @@ import torch
 from ..errors import LowbitError
 from ..formats import Quantized
 from ..spec import QuantSpec
-from .output import ShardWriter, staged_output
+from ..staging import check_output, staged
+from .output import ShardWriter
 from .source import LowbitFolder
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # slot i of a packed AWQ word holds column 8c + AWQ_ORDER[i]
@@ -202,10 +203,9 @@ def export_hf_int(src: Path, out: Path, fmt: str, overwrite: bool = False) -> Pa
     check, convert, make_config = LAYOUTS[fmt]
     src, out = Path(src), Path(out)
     folder = LowbitFolder(src)
-    if out.resolve() == src.resolve():
-        raise LowbitError(f"the output {out} is the lowbit folder itself; choose another output path")
+    check_output(out, overwrite, [src])
     check(folder)
-    with staged_output(out, overwrite) as tmp:
+    with staged(out, overwrite, [src]) as tmp:
         writer = ShardWriter(tmp)
         for name in folder.float_tensor_names():
             writer.add(name, folder.ckpt.get(name))

@@ -28,7 +28,7 @@ from .. import __version__
 from ..errors import LowbitError
 from .onnx_graph import DecoderBuilder, DecoderShape, GraphOptions
 from .onnx_tensors import MATMUL_BITS, ExternalData, matmul_block_size, quantize_table, rope_caches
-from .output import check_output, staged_output
+from ..staging import check_output, staged
 from .source import LowbitFolder
 
 QK_NORM_ARCHS = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}  # model_type -> q/k norm
@@ -132,9 +132,7 @@ def export_onnx(src, out, overwrite: bool = False, accuracy_level: int = 0, quan
     3 bf16, 4 int8: fastest on CPU). quantize_embedding: 4 or 8 for a GatherBlockQuantized embedding."""
     folder = src if isinstance(src, LowbitFolder) else LowbitFolder(Path(src))
     out = Path(out)
-    if out.resolve() == folder.folder.resolve():
-        raise LowbitError(f"the output {out} is the lowbit folder itself; choose another output path")
-    check_output(out, overwrite)
+    check_output(out, overwrite, [folder.folder])
     if accuracy_level not in range(5):
         raise LowbitError(f"accuracy_level must be 0 to 4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), got "
                           f"{accuracy_level}")
@@ -152,7 +150,7 @@ def export_onnx(src, out, overwrite: bool = False, accuracy_level: int = 0, quan
                                     embedding_block_size)
         embedding = {"tensors": tensors, "bits": quantize_embedding, "block_size": embedding_block_size}
     options = GraphOptions(accuracy_level=accuracy_level, embedding=embedding)
-    with staged_output(out, overwrite) as tmp:
+    with staged(out, overwrite, [folder.folder]) as tmp:
         data = ExternalData(tmp / f"{MODEL_FILE}.data")
         try:
             model = DecoderBuilder(folder, shape, options, rope, data).build()

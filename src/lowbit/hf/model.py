@@ -77,6 +77,7 @@ class LoadedModel:
                 set_module_tensor(self.model, name, self.model.get_parameter(source))
                 continue
             tensor = self.read(name)
+            check_finite(name, tensor, self.folder)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise LowbitError(f"tensor {name} has shape {tuple(tensor.shape)} in {self.folder} but the config "
                                   f"asks for {tuple(param.shape)}; the checkpoint does not match its config.json")
@@ -133,6 +134,15 @@ class LoadedModel:
 
     def size_bytes(self) -> int:
         return self.ckpt.size_bytes()
+
+
+def check_finite(name: str, tensor: torch.Tensor, folder) -> None:
+    """Refuse a weight holding NaN or infinite values, naming it: quantizing it would fail obscurely or write a
+    model that computes NaN."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise LowbitError(f"{name} in {folder} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the "
+                          f"checkpoint is damaged (or was saved after training diverged): restore a healthy copy")
 
 
 def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:

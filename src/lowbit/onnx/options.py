@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from ..argtypes import count
 from ..errors import LowbitError
 from .run import OnnxOptions
 
@@ -35,9 +36,9 @@ def add_onnx_args(p) -> None:
                    help="form of each quantized MatMul: matmulnbits (com.microsoft MatMulNBits), dq (int weights -> "
                         "DequantizeLinear -> MatMul) or qdq (float weights -> QuantizeLinear -> DequantizeLinear) "
                         "[default: matmulnbits; ModelOpt's form for its --algo names when --onnx_path is used]")
-    g.add_argument("--calib_size", "--calib-size", type=int, default=None, dest="calib_size",
+    g.add_argument("--calib_size", "--calib-size", type=count(1), default=None, dest="calib_size",
                    help="calibration windows (ModelOpt's spelling of --num-calib-data)")
-    g.add_argument("--block-size", "--block_size", type=int, default=None, dest="block_size",
+    g.add_argument("--block-size", "--block_size", type=count(1), default=None, dest="block_size",
                    help="quantization block along K (ModelOpt's spelling of --group-size)")
     g.add_argument("--use_zero_point", "--use-zero-point", default=None, type=_bool, metavar="BOOL",
                    help="asymmetric uint4 with zero points (True) or symmetric int4 (False), when no --scheme is "
@@ -50,7 +51,7 @@ def add_onnx_args(p) -> None:
     g.add_argument("--gather_quantize_axis", "--gather-quantize-axis", type=int, default=None, choices=[0, 1],
                    help="quantize the embedding Gather (GatherBlockQuantized) in blocks along this axis of the "
                         "(vocab, hidden) table: 1 along hidden, 0 along vocab [default: not quantized]")
-    g.add_argument("--gather_block_size", "--gather-block-size", type=int, default=None,
+    g.add_argument("--gather_block_size", "--gather-block-size", type=count(1), default=None,
                    help="block size of the quantized embedding [default: 32]")
     g.add_argument("--calibration_eps", "--calibration-eps", default="cpu",
                    help="onnxruntime execution providers for calibration, comma-separated (cpu, cuda, dml) "

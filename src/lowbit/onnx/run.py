@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import platform
 import sys
 import tempfile
@@ -20,8 +19,9 @@ from .. import __version__
 from ..algorithms import parse_chain
 from ..data import load_text, tokenize
 from ..errors import LowbitError
-from ..exporters.output import check_output, staged_output
+from ..staging import check_output, staged
 from ..recipe import Recipe, format_plan, resolve_plan, validate_plan
+from ..results import write_json
 from .graph import OnnxDecoder
 from .write import ONNX_FORMATS, GraphWriter, check_format
 
@@ -95,7 +95,7 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
     if output is None:
         raise LowbitError("quantizing an ONNX model needs an output folder (-o OUT)")
     output = Path(output)
-    check_output(output, overwrite)
+    check_output(output, overwrite, [Path(model) if Path(model).is_dir() else Path(model).parent])
     decoder = OnnxDecoder(model)
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
     from .static_int8 import static_int8_applies
@@ -144,7 +144,7 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
     if calib is not None:
         summary["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
     rotation_seconds = None
-    with staged_output(output, overwrite) as tmp:
+    with staged(output, overwrite, [decoder.folder]) as tmp:
         # rotation: R1 written (in float) into a folder inside the staged output, removed when this block ends
         # (or with the staged output on failure); the chain's other steps then run on the rotated graph
         with contextlib.ExitStack() as rotated:
@@ -196,7 +196,7 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
             result = onnx_perplexity(tmp, eval_windows(ids, eval_seq_len or cal["seq_len"], max_chunks),
                                      progress=progress)
             summary["perplexity"] = result.to_dict()
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(tmp / "summary.json", summary)
     return output, summary, report
 
 

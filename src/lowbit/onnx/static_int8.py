@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import platform
 import sys
@@ -36,6 +35,7 @@ from ..algorithms.smoothquant import smooth_scales
 from ..algorithms.stats import MIN_CALIBRATION_TOKENS, InputStats
 from ..errors import LowbitError
 from ..recipe import matches
+from ..results import write_json
 from .fold import find_fold, fold
 from .graph import OnnxDecoder
 from ..engine import LayerReport
@@ -247,7 +247,7 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
     """The static INT8 flow (module docstring) from a checked plan to the output folder; returns
     (output, summary, OnnxReport)."""
     from .. import __version__
-    from ..exporters.output import staged_output
+    from ..staging import staged
     from ..eval.onnx_perplexity import genai_decoder
     from .calibrate import calibration_windows, providers_for
 
@@ -277,8 +277,9 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
     report = OnnxReport()
     notes: dict[str, str] = {}
     extra: dict = {}
-    with tempfile.TemporaryDirectory(prefix="lowbit-static-", dir=Path(output).resolve().parent) as work, \
-            staged_output(Path(output), overwrite) as tmp:
+    # intermediate graphs go in a folder inside the staged output (removed with it, even on a crash)
+    with staged(Path(output), overwrite, [decoder.folder]) as tmp, \
+            tempfile.TemporaryDirectory(prefix=".work-", dir=tmp) as work:
         work = Path(work)
         current = decoder
         if rot is not None:
@@ -343,7 +344,7 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
             result = onnx_perplexity(tmp, eval_windows(ids, eval_seq_len or recipe.calibration["seq_len"],
                                                        max_chunks), progress=progress)
             summary["perplexity"] = result.to_dict()
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(tmp / "summary.json", summary)
     return Path(output), summary, report
 
 

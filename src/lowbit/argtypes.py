@@ -1,0 +1,32 @@
+"""Argument types for the command line: numbers are checked when parsed, so a bad one is refused at once with
+argparse's one line (`error: argument --seq-len: must be at least 2, got 0`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def count(least: int = 1):
+    """An argparse type: a whole number of at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {least}"
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a number above 0 (lm-eval's --limit: a count, or a fraction of each task below 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value

@@ -399,6 +399,7 @@ def export(model, output, fmt: str = "compressed-tensors", overwrite: bool = Fal
     from .exporters.source import LowbitFolder
 
     form = get_format(fmt)
+    check_output(Path(output), overwrite, [Path(model)], is_file=form.is_file)
     for warning in form.check(LowbitFolder(Path(model))):
         _log(f"warning: {warning}", quiet)
     return form.write(Path(model), Path(output), overwrite, **options)

@@ -18,6 +18,7 @@ def count(least: int = 1):
         return value
 
     parse.__name__ = f"whole number >= {least}"
+    parse.least = least  # for tests that try every count option
     return parse
 
 

@@ -77,7 +77,7 @@ def split_assignments(text: str, what: str, example: str) -> tuple[str, list[tup
     for item in body.split(","):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise LowbitError(f"{what} {text!r}: {item!r} is not key=value")
+            raise LowbitError(f"{what} {text!r}: {item!r} is not key=value; e.g. {example}")
         pairs.append((key.strip().replace("-", "_"), value.strip()))
     return head.strip(), pairs
 

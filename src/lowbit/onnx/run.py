@@ -21,7 +21,7 @@ from ..data import load_text, tokenize
 from ..errors import LowbitError
 from ..staging import check_output, staged
 from ..recipe import Recipe, format_plan, resolve_plan, validate_plan
-from ..results import write_json
+from ..results import warn_fallbacks, write_json
 from .graph import OnnxDecoder
 from .write import ONNX_FORMATS, GraphWriter, check_format
 
@@ -186,6 +186,7 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
         })
         if errors:
             summary["mean_layer_error"] = round(sum(errors.values()) / len(errors), 6)
+        warn_fallbacks(summary["layer_notes"], len(report.layers), chain[-1].name)
         if evaluate_after:
             from ..data import eval_windows
             from ..eval.onnx_perplexity import onnx_perplexity

@@ -184,3 +184,38 @@ def test_readme_python_api(tiny_models, tmp_path):
     out = lowbit.export(tmp_path / "w4", tmp_path / "w4-gptq", "gptq", quiet=True)
     assert (out / "model.safetensors").is_file()
     assert lowbit.parse_scheme("w_int4_per_group_sym", 64).weight.group_size == 64
+
+
+@pytest.mark.parametrize("option,message", [
+    ("gptq:damp=abc", "gptq option damp must be a number, got 'abc'"),
+    ("gptq:damp=-1", "gptq option damp must be between"),
+    ("gptq:damp=nan", "gptq option damp must be a number"),
+    ("gptq:block_size=0", "gptq option block_size must be at least 1"),
+    ("gptq:act_order=2", "gptq option act_order must be true or false"),
+    ("gptq:colour=red", "gptq has no option 'colour'; its options: block_size, damp"),
+    ("awq:grid=0", "awq option grid must be at least 1"),
+    ("awq:max_shrink=2", "awq option max_shrink must be between"),
+    ("awq:clip_skip=re:[", "not a valid regular expression"),
+    ("smoothquant:alpha=7", "alpha must lie in"),
+    ("rotation:seed=x", "rotation option seed must be a whole number"),
+])
+def test_algorithm_options_are_typed_and_bounded(option, message, tiny_models, tmp_path, capsys):
+    algo = option.split(":")[0]
+    chain = {"gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant", "rotation": "rotation,gptq"}[algo]
+    assert_refused(["quantize", tiny_models["llama"], "-o", tmp_path / "out", *RTN, "--algo", chain, "--algo-arg",
+                    option], capsys, message.replace("(", r"\(").replace("[", r"\["), absent=[tmp_path / "out"])
+
+
+def test_bad_text_and_config_files(tiny_models, tmp_path, capsys):
+    parquet = tmp_path / "bad.parquet"
+    parquet.write_text("not parquet")
+    assert_refused(["eval", tiny_models["llama"], "--dataset", parquet], capsys, "cannot read .*bad.parquet as a parquet")
+    assert_refused(["eval", tiny_models["llama"], "--dataset", tmp_path], capsys, "cannot read dataset file")
+    folder = tmp_path / "listcfg"
+    folder.mkdir()
+    (folder / "config.json").write_text("[]")
+    (folder / "model.safetensors").write_bytes(b"")
+    for command in ("eval", "inspect"):
+        assert_refused([command, folder], capsys, "holds a JSON list, not the object", unchanged=[folder])
+    assert_refused(["quantize", tiny_models["llama"], "-o", tmp_path / "o", *RTN, "--seed", str(2**64)], capsys,
+                   "argument --seed: must be at most", absent=[tmp_path / "o"])

@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 
 
-def count(least: int = 1):
-    """An argparse type: a whole number of at least `least`."""
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
+
+
+def count(least: int = 1, most: int | None = None):
+    """An argparse type: a whole number of at least `least` (and at most `most`)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -15,6 +18,8 @@ def count(least: int = 1):
             raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
         return value
 
     parse.__name__ = f"whole number >= {least}"

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from .argtypes import count, positive_number
+from .argtypes import MAX_SEED, count, positive_number
 from .errors import LowbitError
 from .exporters.formats import NAMES as EXPORT_NAMES, help_text as get_format_help
 from .onnx.options import ONNX_ONLY, add_onnx_args, normalize_modelopt_args, onnx_options
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default=None, help="a recipe.yaml/.json (replaces the scheme/layer/algo options)")
     q.add_argument("--num-calib-data", "--num_calib_data", type=count(1), default=128,
                    help="calibration windows, for calibrated algorithms [default: 128]")
-    q.add_argument("--seed", type=count(0), default=0, help="seed for calibration window sampling [default: 0]")
+    q.add_argument("--seed", type=count(0, MAX_SEED), default=0, help="seed for calibration window sampling [default: 0]")
     q.add_argument("--batch-size", "--batch_size", type=count(1), default=8, help="calibration batch size [default: 8]")
     q.add_argument("--propagate", choices=["quantized", "float"], default=DEFAULT_CALIBRATION["propagate"],
                    help="next block's calibration inputs: outputs of the float block, taken from the statistics "
@@ -235,7 +235,7 @@ def _recipe_from_args(args):
 
     if getattr(args, "recipe", None):
         if not os.path.isfile(args.recipe):
-            raise LowbitError(f"recipe file {args.recipe} not found")
+            raise LowbitError(f"recipe file {args.recipe} {'is not a file' if os.path.exists(args.recipe) else 'not found'}")
         return Recipe.load(args.recipe)
     if not args.scheme:
         return None

@@ -33,10 +33,11 @@ HF_DATASETS = {
 _MAX_DATASET_CHARS = 4_000_000  # enough text for any calibration/evaluation run; avoids joining all of C4
 
 
-def check_count(flag: str, value, least: int = 1) -> None:
-    """Refuse a count (windows, tokens, a batch) that is not a whole number of at least `least`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise LowbitError(f"{flag} must be a whole number of at least {least}, got {value!r}")
+def check_count(flag: str, value, least: int = 1, most: int | None = None) -> None:
+    """Refuse a count (windows, tokens, a batch, a seed) that is not a whole number in [least, most]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least or (most is not None and value > most):
+        span = f"of at least {least}" + (f" and at most {most}" if most is not None else "")
+        raise LowbitError(f"{flag} must be a whole number {span}, got {value!r}")
 
 
 def source_names() -> str:
@@ -88,9 +89,13 @@ def _file_text(path: Path) -> str:
                 records = [json.loads(line) for line in lines if line.strip()]
             return "\n\n".join(_first_string_field(r, path) for r in records)
         if suffix == ".parquet":
+            import pyarrow
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except pyarrow.ArrowException as exc:
+                raise LowbitError(f"cannot read {path} as a parquet file ({str(exc).splitlines()[0]})") from None
             names = table.column_names
             column = "text" if "text" in names else next(
                 (n for n in names if str(table.schema.field(n).type) in ("string", "large_string")), None)

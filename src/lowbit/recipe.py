@@ -60,17 +60,18 @@ def check_calibration(cal: dict) -> None:
     check_count("--num-calib-data", cal["num_samples"])
     check_count("--seq-len", cal["seq_len"], 2)
     check_count("--batch-size", cal["batch_size"])
-    check_count("--seed", cal["seed"], 0)
+    check_count("--seed", cal["seed"], 0, 2**63 - 1)
     if not isinstance(cal["dataset"], str) or not cal["dataset"]:
         raise LowbitError(f"the calibration dataset must be a file path or a dataset name, got {cal['dataset']!r}")
     if cal["propagate"] not in ("float", "quantized"):
         raise LowbitError(f"--propagate must be float or quantized, got {cal['propagate']!r}")
 
 
-def split_assignments(text: str, what: str, example: str) -> tuple[str, list[tuple[str, str]]]:
-    """Split 'HEAD:key=value[,key=value...]' (the head may itself hold ':', as in re:...) into the head and
-    (key, value) strings; `what` and `example` word the error."""
-    head, sep, body = text.rpartition(":")
+def split_assignments(text: str, what: str, example: str, head_colons: bool = True) -> tuple[str, list[tuple[str, str]]]:
+    """Split 'HEAD:key=value[,key=value...]' into the head and (key, value) strings; `what` and `example` word
+    the error. With head_colons the head may itself hold ':' (a pattern such as re:...) and values may not;
+    without, the head is a plain name and values may (awq:clip_skip=re:...)."""
+    head, sep, body = text.rpartition(":") if head_colons else text.partition(":")
     if not sep or not head.strip() or not body:
         raise LowbitError(f"{what} {text!r} is not {what.split()[-1].upper()}:key=value[,key=value]; e.g. {example}")
     pairs = []

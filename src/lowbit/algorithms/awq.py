@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import block_amax, fake_quant
-from ..recipe import matches
+from ..recipe import check_pattern, matches
 from ..spec import QuantSpec
 from .base import Transform, register
 from .stats import InputStats, output_error
@@ -92,12 +92,16 @@ class AWQ(Transform):
     name = "awq"
     needs_calibration = True
 
+    LIMITS = {"grid": (1, None), "clip_grid": (1, None), "max_shrink": (0.0, 0.99)}
+
     def __init__(self, grid: int = 20, duo_scaling: bool = True, clip: bool = True, clip_grid: int = 20,
                  max_shrink: float = 0.5, clip_skip: str = "", scale: bool = True):
         self.grid, self.duo_scaling, self.clip = int(grid), bool(duo_scaling), bool(clip)
         self.scale = bool(scale)  # False: the clipping search alone (ModelOpt's awq_clip)
         self.clip_grid, self.max_shrink = int(clip_grid), float(max_shrink)
         self.clip_skip = tuple(p for p in str(clip_skip).split("|") if p)
+        for pattern in self.clip_skip:
+            check_pattern(pattern)
         self.notes: dict[str, str] = {}
 
     def args(self) -> dict:

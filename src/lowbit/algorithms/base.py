@@ -8,6 +8,9 @@ return plain data; none reads or writes files.
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 
 from ..errors import LowbitError
@@ -83,7 +86,7 @@ def parse_algo_args(items) -> dict[str, dict]:
     """Options per algorithm from 'NAME:KEY=VALUE[,KEY=VALUE]' strings, e.g. 'gptq:damp=0.05,act_order=false'."""
     out: dict[str, dict] = {}
     for text in items or ():
-        name, pairs = split_assignments(text, "algorithm option name", "gptq:damp=0.05")
+        name, pairs = split_assignments(text, "algorithm option name", "gptq:damp=0.05", head_colons=False)
         out.setdefault(name.lower(), {}).update((key, _value(value)) for key, value in pairs)
     return out
 
@@ -98,6 +101,34 @@ def _value(text: str):
         except ValueError:
             pass
     return text
+
+
+def check_options(cls: type[Algorithm], options: dict) -> dict:
+    """An algorithm's options checked against its constructor: known names, values of the annotated type
+    (bool, int, float, str) and within the limits it declares in LIMITS ({option: (least, most)}, either None)."""
+    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    out = {}
+    for key, value in options.items():
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise LowbitError(f"{cls.name} has no option {key!r}; its options: {known}")
+        kind = params[key].annotation
+        if kind == "str":
+            out[key] = str(value)
+            continue
+        ok = {"bool": isinstance(value, bool), "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+        if not ok.get(kind, True):
+            what = {"bool": "true or false", "int": "a whole number", "float": "a number"}[kind]
+            raise LowbitError(f"{cls.name} option {key} must be {what}, got {value!r}")
+        least, most = getattr(cls, "LIMITS", {}).get(key, (None, None))
+        if (least is not None and value < least) or (most is not None and value > most):
+            span = f"between {least} and {most}" if least is not None and most is not None else \
+                f"at least {least}" if least is not None else f"at most {most}"
+            raise LowbitError(f"{cls.name} option {key} must be {span}, got {value!r}")
+        out[key] = value
+    return out
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
@@ -120,10 +151,8 @@ def parse_chain(text_or_steps, options: dict[str, dict] | None = None) -> list[A
     for name in names:
         if name not in REGISTRY:
             raise LowbitError(f"unknown algorithm {name!r}; available in this version: {', '.join(sorted(REGISTRY))}")
-        try:
-            chain.append(REGISTRY[name](**options.get(name, {})))
-        except TypeError as exc:
-            raise LowbitError(f"bad options for {name!r} ({exc}); see the algorithm table in the README") from None
+        cls = REGISTRY[name]
+        chain.append(cls(**check_options(cls, options.get(name, {}))))
     rotations = [i for i, a in enumerate(chain) if a.role == "rotation"]
     if rotations and rotations != [0]:
         raise LowbitError(f"in chain {','.join(names)} rotation must come first: it changes the whole model, "

@@ -112,6 +112,8 @@ class GPTQ(Quantizer):
     name = "gptq"
     needs_calibration = True
 
+    LIMITS = {"block_size": (1, None), "damp": (1e-8, 10.0)}
+
     def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True,
                  true_sequential: bool = False, clip: bool = True):
         self.block_size, self.damp, self.act_order = int(block_size), float(damp), bool(act_order)

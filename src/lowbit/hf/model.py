@@ -174,7 +174,11 @@ def foreign_quantization(source) -> str | None:
     config = Path(str(source)) / "config.json"
     if not config.is_file():
         return None
-    method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
+    try:
+        qconfig = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+        method = qconfig.get("quant_method")
+    except (ValueError, AttributeError):  # not JSON, not an object: the folder checks say so
+        return None
     return method if method in TRANSFORMERS_LOADED else None
 
 

@@ -67,9 +67,12 @@ def check_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path} has no config.json; give a Hugging Face model folder (config.json + *.safetensors)")
     try:
-        json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LowbitError(f"{path / 'config.json'} is not valid JSON ({exc}); restore the file") from None
+    if not isinstance(config, dict):
+        raise LowbitError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not the object of settings a "
+                          f"model config is; restore the file")
     if not list(path.glob("*.safetensors")):
         hint = " (only PyTorch .bin weights found: convert them to safetensors)" if list(path.glob("*.bin")) else ""
         raise LowbitError(f"{path} has no .safetensors weights{hint}")

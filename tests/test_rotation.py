@@ -156,7 +156,7 @@ def test_rotation_must_come_first_in_the_chain():
         parse_chain("smoothquant,rotation,rtn")
     chain = parse_chain("rotation,smoothquant,gptq", {"rotation": {"seed": 3, "r2": True}})
     assert [a.name for a in chain] == ["rotation", "smoothquant", "gptq"] and chain[0].args()["seed"] == 3
-    with pytest.raises(LowbitError, match="seed must be an integer"):
+    with pytest.raises(LowbitError, match="seed must be a whole number"):
         parse_chain("rotation", {"rotation": {"seed": "x"}})
 
 

@@ -20,6 +20,7 @@ from .arch import check_seq_len, describe, linear_modules
 from .data import calib_windows, check_count, eval_windows, load_text, tokenize
 from .engine import Engine, EngineReport
 from .errors import LowbitError
+from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
 from .eval.perplexity import perplexity
 from .exporters.native import NativeSink, write_metadata
 from .hf.source import DEMO, demo_gguf
@@ -119,9 +120,14 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if output is not None:
         check_output(Path(output), overwrite, sources)
     loaded = open_model(model)
+    check_carried(loaded.folder)  # the files the output copies lie inside the source folder
     if loaded.quantized:
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
     plan = plan_for(loaded, recipe)
+    calibrated = has_static_inputs(plan) or any(a.needs_calibration for a in chain)
+    if calibrated:  # refusals about the windows and the tokenizer come before any output is claimed
+        check_seq_len(recipe.calibration["seq_len"], loaded.model, "calibration")
+        loaded.tokenizer()
     _log(format_plan(plan), quiet)
     exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,
                              sources + [loaded.folder])
@@ -199,7 +205,6 @@ def _quantize_loaded(loaded: LoadedModel, recipe: Recipe, plan, chain, run: _Run
 
 def calibration_data(loaded: LoadedModel, cal: dict) -> torch.Tensor:
     """The calibration windows of a recipe's calibration settings, tokenized by the model's tokenizer."""
-    check_seq_len(cal["seq_len"], loaded.model, "calibration")
     ids = tokenize(loaded.tokenizer(), load_text(cal["dataset"], "calib"))
     return calib_windows(ids, cal["num_samples"], cal["seq_len"], cal["seed"])
 
@@ -342,16 +347,11 @@ def _evaluate_foreign(folder: Path, dataset: str, seq_len: int, max_chunks, batc
 def _evaluate_in_runtime(path: Path, runtime: str, dataset: str, seq_len: int, max_chunks, progress) -> dict:
     """Perplexity of an ONNX model in onnxruntime, or of a GGUF file in llama.cpp, on lowbit's token windows."""
     if runtime != "llama.cpp":
-        from transformers import AutoTokenizer
+        from .eval.onnx_perplexity import genai_perplexity, onnx_model_path, onnx_perplexity
 
-        from .eval.onnx_perplexity import genai_perplexity, onnx_perplexity
-
+        check_onnx_file(onnx_model_path(path))  # external data inside the folder, present and whole
         folder = path if path.is_dir() else path.parent
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as exc:
-            raise LowbitError(f"{folder} has no tokenizer transformers can read ({exc}); put the model's tokenizer "
-                              f"files beside model.onnx") from None
+        tokenizer = load_tokenizer(folder, hint="put the model's tokenizer files beside model.onnx")
         windows = eval_windows(tokenize(tokenizer, load_text(dataset, "eval")), seq_len, max_chunks)
         if runtime == "onnxruntime-genai":
             result = genai_perplexity(folder, windows, progress=progress).to_dict()
@@ -409,7 +409,7 @@ def planned_model(loaded: LoadedModel, plan: dict, chain) -> PlannedModel:
     """What the quantized model will be, for export checks before calibration."""
     r4 = any(a.name == "rotation" and a.args().get("r4") for a in chain)
     return PlannedModel(
-        config=json.loads((loaded.folder / "config.json").read_text()),
+        config=read_json(loaded.folder / "config.json", "model config"),
         modules={n: (lp.spec, lp.shape) for n, lp in plan.items() if lp.spec is not None},
         inputs={n: lp.input_spec for n, lp in plan.items() if lp.spec is not None and lp.input_spec is not None},
         outputs={n: lp.output_spec for n, lp in plan.items() if lp.spec is not None and lp.output_spec is not None},

@@ -21,14 +21,52 @@ import torch
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 << 20
 
 
+def _check_entry(name: str, entry) -> tuple[int, int]:
+    """(begin, end) of one header entry, refusing (ValueError) anything but a well-formed tensor whose byte range
+    holds exactly shape x dtype."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"tensor {name!r}: its header entry is a {type(entry).__name__}, not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not one lowbit reads ({', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+    need = _DTYPES[dtype].itemsize
+    for d in shape:
+        need *= d
+    if offsets[1] - offsets[0] != need:
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape "
+                         f"{shape} of {dtype} needs {need}")
+    return offsets[0], offsets[1]
+
+
+def _check_layout(header: dict, data_size: int) -> None:
+    """Every entry well formed, inside the data area, and no two overlapping."""
+    spans = sorted((*_check_entry(name, entry), name) for name, entry in header.items())
+    last_end, last_name = 0, None
+    for begin, end, name in spans:
+        if end > data_size:
+            raise ValueError(f"file is truncated: tensor {name!r} needs data bytes {begin}..{end}, the file holds "
+                             f"{data_size}")
+        if begin < last_end:
+            raise ValueError(f"tensors {last_name!r} and {name!r} overlap (data bytes {begin}..{last_end})")
+        if end > begin:
+            last_end, last_name = end, name
+
+
 class SafetensorsFile:
-    """The header of a safetensors file, and positioned reads of its tensors."""
+    """The header of a safetensors file, checked whole when opened, and positioned reads of its tensors.
+    A malformed file raises ValueError saying what is wrong."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -40,13 +78,20 @@ class SafetensorsFile:
             (n,) = struct.unpack("<Q", raw)
             if n > min(size - 8, _MAX_HEADER):
                 raise ValueError("header length is beyond the end of the file")
-            header = json.loads(f.read(n))
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.entries = header
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"the header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict):
+            raise ValueError(f"the header's __metadata__ is a {type(metadata).__name__}, not an object")
+        self.metadata = metadata
         self.data_start = 8 + n
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
-            raise ValueError(f"file is truncated ({size} bytes, data needs {self.data_start + end})")
+        _check_layout(header, size - self.data_start)
+        self.entries = header
 
     def keys(self):
         return self.entries.keys()

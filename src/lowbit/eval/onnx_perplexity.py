@@ -8,13 +8,13 @@ graph takes them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import LowbitError
+from ..model_files import read_json, resolve_inside
 from .perplexity import PerplexityResult, windowed_perplexity
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -26,15 +26,24 @@ def onnx_model_path(path) -> Path:
     if path.is_file():
         return path
     name = genai_decoder(path).get("filename", "model.onnx")
-    if not (path / name).is_file():
+    model = resolve_inside(path, name, f"{path / 'genai_config.json'}: the decoder's filename",
+                           "name the decoder's .onnx file inside the folder")
+    if not model.is_file():
         raise LowbitError(f"{path} has no {name}; give an ONNX model file or a folder holding one")
-    return path / name
+    return model
 
 
 def genai_decoder(folder: Path) -> dict:
     """The decoder section of the folder's genai_config.json, {} without one."""
-    config = folder / "genai_config.json"
-    return json.loads(config.read_text())["model"]["decoder"] if config.is_file() else {}
+    config = Path(folder) / "genai_config.json"
+    if not config.is_file():
+        return {}
+    decoder = read_json(config, "genai_config").get("model", {})
+    decoder = decoder.get("decoder", {}) if isinstance(decoder, dict) else None
+    if not isinstance(decoder, dict):
+        raise LowbitError(f"{config} has no model.decoder object; restore the file (onnxruntime-genai's builder "
+                          f"writes it)")
+    return decoder
 
 
 def _session(model: Path, threads: int | None):

@@ -37,6 +37,11 @@ def measure_speed(model, runtime: str = "auto", prompt_tokens: int = 512, new_to
         raise LowbitError(f"threads must be at least 1 (or None for every available CPU), got {threads}")
     runtime = resolve_runtime(model, runtime)
     target = runtime_target(model, runtime)
+    if runtime == "onnxruntime-genai":
+        from ..model_files import check_onnx_file
+        from .onnx_perplexity import onnx_model_path
+
+        check_onnx_file(onnx_model_path(target))  # external data inside the folder, present and whole
     prompt = prompt_ids(model, runtime, prompt_tokens)
     if runtime == "onnxruntime-genai":
         _check_genai_context(Path(target), prompt_tokens + new_tokens + 1)
@@ -124,20 +129,16 @@ def runtime_target(model, runtime: str) -> str:
 
 def _tokenizer(model, runtime: str):
     """The model's tokenizer (transformers): from the ONNX folder, the GGUF file, or the model source."""
-    from transformers import AutoTokenizer
+    from ..model_files import load_tokenizer
 
     if runtime in ("onnxruntime-genai", "llama.cpp"):
         target = Path(runtime_target(model, runtime))
         folder, extra = (target, {}) if target.is_dir() else (target.parent, {"gguf_file": target.name})
-        try:
-            return AutoTokenizer.from_pretrained(folder, **extra)
-        except (OSError, ValueError) as exc:
-            raise LowbitError(f"no tokenizer transformers can read for {target} ({exc}); put the model's "
-                              f"tokenizer files beside it") from None
+        return load_tokenizer(folder, hint="put the model's tokenizer files beside it", **extra)
     from ..hf.model import foreign_quantization, open_model
 
     if foreign_quantization(model):  # a compressed-tensors folder: its own tokenizer files
-        return AutoTokenizer.from_pretrained(model)
+        return load_tokenizer(model)
     return open_model(model).tokenizer()
 
 

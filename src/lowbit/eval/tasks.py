@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import LowbitError
+from ..model_files import check_onnx_file, load_tokenizer
 from .onnx_perplexity import decoder_feeds, genai_decoder, onnx_model_path
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default context when the model states none
@@ -144,15 +145,10 @@ def onnx_lm(path, runtime: str = "onnxruntime", max_length: int | None = None, t
 
         def __init__(self):
             super().__init__()
-            from transformers import AutoTokenizer
-
             path_ = Path(path)
             folder = path_ if path_.is_dir() else path_.parent
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            except (OSError, ValueError) as exc:
-                raise LowbitError(f"{folder} has no tokenizer transformers can read ({exc}); put the model's "
-                                  f"tokenizer files beside model.onnx") from None
+            check_onnx_file(onnx_model_path(path_))  # external data inside the folder, present and whole
+            self.tokenizer = load_tokenizer(folder, hint="put the model's tokenizer files beside model.onnx")
             self.runner = _GenaiRunner(folder) if runtime == "onnxruntime-genai" else _OrtRunner(path_, threads)
             # onnxruntime-genai counts the token it would generate next against the context
             self.max_length = max_length or _context_length(folder) - (runtime == "onnxruntime-genai")
@@ -226,7 +222,7 @@ def torch_lm(model, dtype: str = "float32", batch_size: int = 1):
     from ..api import load
 
     net, tokenizer = load(model, dtype)
-    return HFLM(pretrained=net.eval(), tokenizer=tokenizer, batch_size=batch_size)
+    return HFLM(pretrained=net.eval(), tokenizer=tokenizer, batch_size=batch_size, trust_remote_code=False)
 
 
 def task_manager(task_dir=None):

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +49,7 @@ import torch
 from ..errors import LowbitError
 from ..formats import pack_rows
 from ..hf.checkpoint import LazyCheckpoint
+from ..model_files import copy_carried
 from ..spec import QuantSpec
 from .native import TOKENIZER_FILES, stored_names, unpack_linear
 from ..staging import check_output, staged
@@ -98,9 +98,7 @@ def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> 
         writer.close()
         config["quantization_config"] = _quantization_config(linears, qconfig, bool(kv_scales))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        copy_carried(src, tmp, TOKENIZER_FILES)
     return out
 
 

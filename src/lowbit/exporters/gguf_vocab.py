@@ -19,6 +19,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import LowbitError
+from ..model_files import load_tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = (int(gguf.TokenType.NORMAL), int(gguf.TokenType.UNKNOWN),
                                                   int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED),
@@ -196,10 +197,8 @@ def _special_vocab(folder: Path, n_vocab: int, merges: bool) -> gguf.SpecialVoca
 def _hf_tokenizer(folder: Path):
     """transformers' tokenizer of the folder (the one lowbit evaluates with), or None when it cannot load."""
     try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception:
+        return load_tokenizer(folder)
+    except Exception:  # the vocabulary is then read from the files alone
         return None
 
 

@@ -20,7 +20,6 @@ inputs: {p: QuantSpec of its input activations}}.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,14 +29,12 @@ from ..engine import Sink
 from ..formats import Quantized, dequantize, pack_rows, unpack_rows
 from ..formats.minifloat import E4M3FN
 from ..formats.scaled import fraction_bits
+from ..model_files import TOKENIZER_FILES, check_carried, copy_carried, read_json
 from ..recipe import LayerPlan
 from ..spec import QuantSpec
 from .output import ShardWriter
 
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
 
 
 class NativeSink(Sink):
@@ -172,7 +169,8 @@ def write_metadata(folder: Path, source_folder: Path, plan: dict[str, LayerPlan]
                    output_specs: dict[str, QuantSpec] | None = None,
                    online_rotations: dict[str, dict] | None = None) -> None:
     """config.json with the quantization_config, plus the source's tokenizer and generation files."""
-    config = json.loads((Path(source_folder) / "config.json").read_text())
+    check_carried(source_folder)  # config.json and the tokenizer files lie inside the source folder
+    config = read_json(Path(source_folder) / "config.json", "model config")
     config["quantization_config"] = quantization_config(plan, recipe_dict, dtype, input_specs, output_specs,
                                                        online_rotations)
     if untie:
@@ -180,7 +178,4 @@ def write_metadata(folder: Path, source_folder: Path, plan: dict[str, LayerPlan]
         if isinstance(config.get("text_config"), dict):
             config["text_config"]["tie_word_embeddings"] = False
     (Path(folder) / "config.json").write_text(json.dumps(config, indent=2))
-    for name in TOKENIZER_FILES:
-        src = Path(source_folder) / name
-        if src.is_file():
-            shutil.copy2(src, Path(folder) / name)
+    copy_carried(source_folder, folder, TOKENIZER_FILES)

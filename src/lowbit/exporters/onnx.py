@@ -26,6 +26,7 @@ import onnx
 
 from .. import __version__
 from ..errors import LowbitError
+from ..model_files import read_json
 from .onnx_graph import DecoderBuilder, DecoderShape, GraphOptions
 from .onnx_tensors import MATMUL_BITS, ExternalData, matmul_block_size, quantize_table, rope_caches
 from ..staging import check_output, staged
@@ -184,7 +185,7 @@ def _token_ids(folder: LowbitFolder) -> dict:
     ids = {k: folder.config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     path = folder.folder / "generation_config.json"
     if path.is_file():
-        generation = json.loads(path.read_text())
+        generation = read_json(path, "generation config")
         ids.update({k: generation[k] for k in ids if generation.get(k) is not None})
     if ids["pad_token_id"] is None:
         eos = ids["eos_token_id"]

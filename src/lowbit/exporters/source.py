@@ -3,8 +3,6 @@ float tensors, read lazily. Every export format reads through this one class, so
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from ..errors import LowbitError
 from ..formats import Quantized
 from ..hf.checkpoint import LazyCheckpoint
+from ..model_files import check_carried, copy_carried, read_json
 from ..spec import QuantSpec
 from .native import FORMAT_VERSION, TOKENIZER_FILES, stored_names, unpack_linear
 
@@ -23,13 +22,12 @@ def read_lowbit_config(src: Path) -> dict:
     path = src / "config.json"
     if not path.is_file():
         raise LowbitError(f"{src} has no config.json; give a folder written by lowbit quantize")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LowbitError(f"{path} is not valid JSON ({exc.msg}); restore the file") from None
+    check_carried(src)  # config.json and the tokenizer files an export copies lie inside the folder
+    config = read_json(path, "model config")
     qconfig = config.get("quantization_config") or {}
-    if qconfig.get("quant_method") != "lowbit":
-        raise LowbitError(f"{src} is not a lowbit output (quant_method {qconfig.get('quant_method')!r}); "
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "lowbit":
+        method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+        raise LowbitError(f"{src} is not a lowbit output (quant_method {method!r}); "
                           f"give a folder written by lowbit quantize")
     if qconfig.get("format_version", 0) > FORMAT_VERSION:
         raise LowbitError(f"{src} uses lowbit format version {qconfig['format_version']}, newer than this lowbit "
@@ -94,9 +92,7 @@ class LowbitFolder:
         return [n for n in self.ckpt.keys() if n not in skip]
 
     def copy_tokenizer(self, dst: Path) -> None:
-        for name in TOKENIZER_FILES:
-            if (self.folder / name).is_file():
-                shutil.copy2(self.folder / name, Path(dst) / name)
+        copy_carried(self.folder, dst, TOKENIZER_FILES)
 
     def hf_config(self):
         """The transformers config of the model (quantization_config removed)."""
@@ -106,4 +102,8 @@ class LowbitFolder:
         model_type = plain.pop("model_type", None)
         if not model_type:
             raise LowbitError(f"{self.folder}/config.json has no model_type; restore the file")
-        return AutoConfig.for_model(model_type, **plain)
+        try:
+            return AutoConfig.for_model(model_type, **plain)
+        except ValueError as exc:
+            raise LowbitError(f"{self.folder}/config.json has model_type {model_type!r}, which the installed "
+                              f"transformers does not know ({str(exc).splitlines()[0]}); restore the file") from None

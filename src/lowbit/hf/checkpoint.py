@@ -2,41 +2,57 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import LowbitError
+from ..model_files import read_json, resolve_inside
 from ..safetensors_io import SafetensorsFile
+
+SHARD_TODO = "name each shard by its plain file name inside the model folder (copy the file into the folder)"
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map of model.safetensors.index.json: tensor name -> shard file name, every one checked."""
+    weight_map = read_json(index, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LowbitError(f"{index} has no weight_map object of tensor name -> shard file name; restore the file")
+    for shard in set(weight_map.values()):
+        tensor = next(k for k, v in weight_map.items() if v == shard)
+        resolve_inside(index.parent, shard, f"{index}: weight_map shard of tensor {tensor!r}:", SHARD_TODO)
+    return weight_map
 
 
 class LazyCheckpoint:
-    """Reads tensors one at a time (one positioned read each); nothing is loaded or mapped up front."""
+    """Reads tensors one at a time (one positioned read each); nothing is loaded or mapped up front. Every
+    shard's header is checked when opened, and an index's names must lie inside the folder and agree with the
+    shards."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise LowbitError(f"{index} is corrupt ({exc}); restore the file") from None
+            weight_map = _read_index(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             weight_map = None
         self._handles = {}
         for name in files:
-            path = self.folder / name
+            path = resolve_inside(self.folder, name, "the weight file", SHARD_TODO)
             if not path.is_file():
                 raise LowbitError(f"checkpoint shard {path} is missing; the model folder is incomplete")
             try:
                 self._handles[name] = SafetensorsFile(path)
-            except (ValueError, OSError, UnicodeDecodeError) as exc:
+            except (ValueError, OSError) as exc:
                 raise LowbitError(f"cannot read {path} ({exc}); the file is corrupt or truncated") from None
         if weight_map is None:
             weight_map = {k: n for n, h in self._handles.items() for k in h.keys()}
+        for tensor, shard in weight_map.items():
+            if tensor not in self._handles[shard].entries:
+                raise LowbitError(f"{index} places tensor {tensor!r} in {shard!r}, which does not hold it; the index "
+                                  f"does not match its shards: restore the folder")
         self.weight_map = weight_map
 
     def __contains__(self, name: str) -> bool:

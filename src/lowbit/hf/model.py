@@ -8,8 +8,8 @@ linears are dequantized as they are loaded.
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from torch import nn
 from ..arch import Layout, find_layout, set_module_tensor
 from ..arch.moe import read_aliased, unfuse_experts
 from ..errors import LowbitError
+from ..model_files import custom_code_error, is_custom_code, load_config, load_tokenizer, read_json
 from ..spec import QuantSpec
 from .checkpoint import LazyCheckpoint
 from .source import resolve_source
@@ -123,14 +124,7 @@ class LoadedModel:
         return {n: QuantSpec.from_dict(d) for n, d in (self.quantization_config or {}).get("inputs", {}).items()}
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.folder)
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LowbitError(f"cannot load the tokenizer from {self.folder} ({first}); "
-                              f"copy the tokenizer files (tokenizer.json, tokenizer_config.json) into the folder") from None
+        return load_tokenizer(self.folder)
 
     def size_bytes(self) -> int:
         return self.ckpt.size_bytes()
@@ -149,16 +143,19 @@ def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:
     """Open any model source lazily: the skeleton is built (in `dtype`, default the stored dtype), no weight
     is read."""
     folder = resolve_source(source)
-    config_dict = json.loads((folder / "config.json").read_text())
+    config_dict = read_json(folder / "config.json", "model config")
     qconfig = config_dict.get("quantization_config")
     quantized = {}
     ckpt = LazyCheckpoint(folder)
     source_dtype = ckpt.dtype()
     if qconfig is not None:
+        if not isinstance(qconfig, dict) or not isinstance(qconfig.get("modules", {}), dict):
+            raise LowbitError(f"{folder / 'config.json'} has a malformed quantization_config (not an object of "
+                              f"quant_method, modules, ...); restore the file")
         if qconfig.get("quant_method") != QUANT_METHOD:
             raise LowbitError(f"{folder} is quantized with {qconfig.get('quant_method')!r}, which lowbit cannot "
                               f"read yet; give the float model")
-        quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig["modules"].items()}
+        quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig.get("modules", {}).items()}
         source_dtype = getattr(torch, qconfig.get("dtype", "float32"))
     dtype = dtype or source_dtype
     model = build_skeleton(folder, dtype)
@@ -174,49 +171,116 @@ def foreign_quantization(source) -> str | None:
     config = Path(str(source)) / "config.json"
     if not config.is_file():
         return None
-    try:
-        qconfig = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
-        method = qconfig.get("quant_method")
-    except (ValueError, AttributeError):  # not JSON, not an object: the folder checks say so
-        return None
+    qconfig = read_json(config, "model config").get("quantization_config")
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
     return method if method in TRANSFORMERS_LOADED else None
 
 
 def load_with_transformers(folder, dtype: torch.dtype | None = None):
-    """(model, tokenizer) of a compressed-tensors folder through transformers, its weights decompressed to
-    ordinary float linears (the same values lowbit's own folder dequantizes to)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of a compressed-tensors folder through transformers. Weights are decompressed to
+    ordinary float linears (the same values lowbit's own folder dequantizes to); a folder with static input
+    activations loads in compressed-tensors' own (compressed) mode instead, the one that applies its input scales
+    (the decompressed mode drops them). Every tensor of the folder must load: KV-cache scales the installed
+    versions leave unused are reported (one warning), any other key that does not match is refused."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
+    config = load_config(folder)
+    refuse_encoder_decoder(config, folder)
+    qconfig = read_json(Path(folder) / "config.json", "model config").get("quantization_config")
+    groups = qconfig.get("config_groups") if isinstance(qconfig, dict) else None
+    with_inputs = isinstance(groups, dict) and any(isinstance(g, dict) and g.get("input_activations")
+                                                   for g in groups.values())
+    mode = {} if with_inputs else {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # its load report: check_loading_info says it
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
-                                                     quantization_config=CompressedTensorsConfig(run_compressed=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
+                                                               trust_remote_code=False, output_loading_info=True,
+                                                               **mode)
     except ImportError as exc:
         raise LowbitError(f"{folder} is in the compressed-tensors layout; loading it needs the compressed-tensors "
                           f"package ({exc}): pip install compressed-tensors") from None
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if is_custom_code(exc):
+            raise custom_code_error(folder, "model") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LowbitError(f"transformers cannot load {folder} ({first}); the folder does not match its "
+                          f"config.json") from None
+    refuse_bidirectional(model, model.config, folder)
+    check_loading_info(info, folder)
+    return model.eval(), load_tokenizer(folder)
+
+
+KV_SCALE_SUFFIXES = ("k_scale", "v_scale", "k_proj.output_scale", "v_proj.output_scale")
+
+
+def check_loading_info(info: dict, folder) -> None:
+    """transformers' loading report of a folder: KV-cache scales left unused give one warning line (the
+    result is then measured without KV-cache quantization); any other unused, missing or mismatched tensor is
+    refused."""
+    unexpected = list(info.get("unexpected_keys") or [])
+    kv = [k for k in unexpected if k.endswith(KV_SCALE_SUFFIXES)]
+    other = [k for k in unexpected if k not in kv]
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys") or []]
+    problems = [(other, "unused"), (list(info.get("missing_keys") or []), "missing"), (mismatched, "mis-shaped")]
+    for keys, kind in problems:
+        if keys:
+            raise LowbitError(f"{folder} does not match its config.json: {len(keys)} {kind} tensor(s) when "
+                              f"transformers loads it ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}"
+                              f"); restore the folder or its config.json")
+    if kv:
+        import compressed_tensors
+        import transformers
+
+        print(f"warning: the installed transformers {transformers.__version__} + compressed-tensors "
+              f"{compressed_tensors.__version__} do not apply the KV-cache scales of {folder} ({len(kv)} tensors "
+              f"unused), so this result is measured without KV-cache quantization", file=sys.stderr, flush=True)
+
+
+def refuse_encoder_decoder(config, folder) -> None:
+    """Refuse an encoder-decoder config (T5, BART, Whisper, ...): not a causal language model. Read before a
+    model is built (transformers' *ForCausalLM of such a config turns the config's flags to a decoder's)."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise LowbitError(f"{folder} holds {getattr(config, 'model_type', '?')!r}, an encoder-decoder model, not a "
+                          f"causal language model; lowbit quantizes decoder-only causal LMs (Llama, Qwen, Mistral, "
+                          f"...)")
+
+
+def refuse_bidirectional(model: nn.Module, config, folder) -> None:
+    """Refuse a model whose attention sees the whole sequence. transformers marks its attention layers (or the
+    layers holding them) with `is_causal` / `is_decoder`; a BERT / RoBERTa / ELECTRA config, built as a causal LM,
+    has every such flag False (is_decoder unset), while a decoder has at least one True (a multimodal model's
+    vision encoder may add False ones). A model without such flags (Mamba, RWKV, ...) passes."""
+    flags = {getattr(m, attr) for m in model.modules() for attr in ("is_causal", "is_decoder")
+             if isinstance(getattr(m, attr, None), bool)}
+    if flags == {False}:
+        raise LowbitError(f"{folder} holds {getattr(config, 'model_type', '?')!r}, whose attention is bidirectional "
+                          f"(an encoder such as BERT), not a causal language model; lowbit quantizes decoder-only "
+                          f"causal LMs (Llama, Qwen, Mistral, ...)")
 
 
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """The transformers causal-LM module for folder's config.json, parameters on the meta device."""
+    """The transformers causal-LM module for folder's config.json, parameters on the meta device. Configs that
+    need the folder's own code, encoder-decoder and bidirectional (encoder) models are refused."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LowbitError(f"cannot read the config in {folder} ({first}); the architecture may be unknown to the "
-                          f"installed transformers") from None
+    config = load_config(folder)
+    refuse_encoder_decoder(config, folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     try:
         with init_empty_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     except ValueError as exc:
+        if is_custom_code(exc):
+            raise custom_code_error(folder, "model") from None
         raise LowbitError(f"unsupported architecture {getattr(config, 'model_type', '?')!r} in {folder}: "
                           f"transformers has no causal LM for it ({str(exc).splitlines()[0]})") from None
+    refuse_bidirectional(model, config, folder)
     unfuse_experts(model)  # MoE: one nn.Linear per expert projection (arch.moe)
     return model.eval()  # no dropout in calibration forwards

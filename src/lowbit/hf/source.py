@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..model_files import read_json
 from ..staging import claim, staged
 
 DEMO = "demo"
@@ -66,13 +67,7 @@ def check_folder(path: Path) -> None:
     """Refuse folders that are not Hugging Face causal-LM checkpoints, with what is missing."""
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path} has no config.json; give a Hugging Face model folder (config.json + *.safetensors)")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LowbitError(f"{path / 'config.json'} is not valid JSON ({exc}); restore the file") from None
-    if not isinstance(config, dict):
-        raise LowbitError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not the object of settings a "
-                          f"model config is; restore the file")
+    read_json(path / "config.json", "model config")
     if not list(path.glob("*.safetensors")):
         hint = " (only PyTorch .bin weights found: convert them to safetensors)" if list(path.glob("*.bin")) else ""
         raise LowbitError(f"{path} has no .safetensors weights{hint}")
@@ -109,8 +104,9 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
     print(f"converting {path.name} to a float32 Hugging Face folder (once) ...", file=sys.stderr, flush=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except ImportError as exc:
         raise LowbitError(f"reading GGUF files needs extra packages ({exc}); pip install gguf accelerate") from None
     except Exception as exc:

@@ -110,16 +110,11 @@ def gather_stats(decoder: OnnxDecoder, units: list[dict[str, int]], windows: tor
 
 def calibration_windows(decoder: OnnxDecoder, recipe) -> torch.Tensor:
     """lowbit's calibration windows (the recipe's dataset, calib split) tokenized by the model's tokenizer."""
-    from transformers import AutoTokenizer
-
     from ..data import calib_windows, load_text, tokenize
+    from ..model_files import load_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(decoder.folder)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LowbitError(f"calibration needs the tokenizer beside {decoder.path} ({first}); copy "
-                          f"tokenizer.json and tokenizer_config.json into {decoder.folder}") from None
+    tokenizer = load_tokenizer(decoder.folder, hint=f"calibration needs the tokenizer beside {decoder.path}: copy "
+                                                    f"tokenizer.json and tokenizer_config.json into {decoder.folder}")
     cal = recipe.calibration
     return calib_windows(tokenize(tokenizer, load_text(cal["dataset"], "calib")), cal["num_samples"],
                          cal["seq_len"], cal["seed"])

@@ -8,7 +8,6 @@ with W (K, N)) and the embedding Gathers, each named like the module it came fro
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import LowbitError
+from ..model_files import check_carried, check_external_data, external_span, read_json
 from ..eval.onnx_perplexity import onnx_model_path
 
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -74,6 +74,8 @@ class OnnxDecoder:
         except Exception as exc:  # a broken or non-ONNX file
             raise LowbitError(f"{self.path} is not a readable ONNX model ({exc}); give the model.onnx of a "
                               f"decoder (onnxruntime-genai builder or optimum export)") from None
+        check_external_data(self.model, self.path)  # every location inside the folder, every file whole
+        check_carried(self.folder)  # the files an output copies lie inside the folder
         self.graph = self.model.graph
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.producer = {o: n for n in self.graph.node for o in n.output if o}
@@ -88,7 +90,7 @@ class OnnxDecoder:
         if not self.matmuls:
             raise LowbitError(f"{self.path} has no MatMul with a constant weight to quantize (already quantized, "
                               f"or weights fed as inputs); give a float decoder")
-        self.genai_config = json.loads((self.folder / "genai_config.json").read_text()) \
+        self.genai_config = read_json(self.folder / "genai_config.json", "genai_config") \
             if (self.folder / "genai_config.json").is_file() else None
 
     # -- initializers --------------------------------------------------------------------------------
@@ -97,11 +99,9 @@ class OnnxDecoder:
         t = self.initializers[name]
         if t.data_location != TensorProto.EXTERNAL:
             return numpy_helper.to_array(t)
-        info = {e.key: e.value for e in t.external_data}
-        path = self.folder / info["location"]
+        path, offset, length = external_span(t, self.path)
         if path not in self._maps:
             self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
-        offset, length = int(info.get("offset", 0)), int(info["length"])
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         return self._maps[path][offset:offset + length].view(dtype).reshape(tuple(t.dims))
 

@@ -11,7 +11,6 @@ held in working precision at a time.
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from ..algorithms import Algorithm
 from ..algorithms.stats import MIN_CALIBRATION_TOKENS, InputStats
 from ..engine import LayerReport
 from ..formats import Quantized
+from ..model_files import copy_carried
 from ..recipe import LayerPlan
 from .fold import find_fold, fold
 from .graph import EmbeddingGather, OnnxDecoder, WeightMatMul
@@ -209,9 +209,4 @@ def quantize_embedding(decoder: OnnxDecoder, emb: EmbeddingGather, writer: Graph
 
 def carry_files(decoder: OnnxDecoder, folder) -> list[str]:
     """Copy genai_config.json and the tokenizer / config files beside the source model into the output."""
-    copied = []
-    for name in CARRIED:
-        if (decoder.folder / name).is_file():
-            shutil.copy2(decoder.folder / name, folder / name)
-            copied.append(name)
-    return copied
+    return copy_carried(decoder.folder, folder, CARRIED)

@@ -95,8 +95,8 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
     if output is None:
         raise LowbitError("quantizing an ONNX model needs an output folder (-o OUT)")
     output = Path(output)
-    check_output(output, overwrite, [Path(model) if Path(model).is_dir() else Path(model).parent])
-    decoder = OnnxDecoder(model)
+    decoder = OnnxDecoder(model)  # the source's refusals come first
+    check_output(output, overwrite, [decoder.folder])
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
     from .static_int8 import static_int8_applies
 
@@ -190,10 +190,9 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
         if evaluate_after:
             from ..data import eval_windows
             from ..eval.onnx_perplexity import onnx_perplexity
+            from ..model_files import load_tokenizer
 
-            from transformers import AutoTokenizer
-
-            ids = tokenize(AutoTokenizer.from_pretrained(tmp), load_text(eval_dataset or "pydoc", "eval"))
+            ids = tokenize(load_tokenizer(tmp), load_text(eval_dataset or "pydoc", "eval"))
             result = onnx_perplexity(tmp, eval_windows(ids, eval_seq_len or cal["seq_len"], max_chunks),
                                      progress=progress)
             summary["perplexity"] = result.to_dict()

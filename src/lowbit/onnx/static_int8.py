@@ -335,12 +335,11 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
                    "quantized_modules": len(nodes),
                    "layer_notes": {r.name: r.note for r in report.layers if r.note}}
         if evaluate_after:
-            from transformers import AutoTokenizer
-
             from ..data import eval_windows, load_text, tokenize
             from ..eval.onnx_perplexity import onnx_perplexity
+            from ..model_files import load_tokenizer
 
-            ids = tokenize(AutoTokenizer.from_pretrained(tmp), load_text(eval_dataset or "pydoc", "eval"))
+            ids = tokenize(load_tokenizer(tmp), load_text(eval_dataset or "pydoc", "eval"))
             result = onnx_perplexity(tmp, eval_windows(ids, eval_seq_len or recipe.calibration["seq_len"],
                                                        max_chunks), progress=progress)
             summary["perplexity"] = result.to_dict()

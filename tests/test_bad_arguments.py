@@ -219,3 +219,13 @@ def test_bad_text_and_config_files(tiny_models, tmp_path, capsys):
         assert_refused([command, folder], capsys, "holds a JSON list, not the object", unchanged=[folder])
     assert_refused(["quantize", tiny_models["llama"], "-o", tmp_path / "o", *RTN, "--seed", str(2**64)], capsys,
                    "argument --seed: must be at most", absent=[tmp_path / "o"])
+
+
+def test_finite_check_tells_overflow_from_nan():
+    from lowbit.hf.model import check_finite
+
+    big = torch.full((3000,), 60000.0, dtype=torch.float16)  # finite, but its float16 sum overflows
+    check_finite("w", big, "folder")
+    big[1234] = float("nan")
+    with pytest.raises(LowbitError, match="w in folder holds 1 NaN or infinite value"):
+        check_finite("w", big, "folder")

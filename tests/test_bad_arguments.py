@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -222,10 +224,27 @@ def test_bad_text_and_config_files(tiny_models, tmp_path, capsys):
 
 
 def test_finite_check_tells_overflow_from_nan():
-    from lowbit.hf.model import check_finite
+    from lowbit.model_files import check_finite
 
     big = torch.full((3000,), 60000.0, dtype=torch.float16)  # finite, but its float16 sum overflows
     check_finite("w", big, "folder")
     big[1234] = float("nan")
     with pytest.raises(LowbitError, match="w in folder holds 1 NaN or infinite value"):
         check_finite("w", big, "folder")
+
+
+def test_nan_weights_in_an_onnx_model_are_refused(onnx_tiny, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto
+
+    folder = Path(shutil.copytree(onnx_tiny["gqa"][1], tmp_path / "onnx"))
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    target = next(t for t in model.graph.initializer if "down_proj" in t.name and len(t.dims) == 2)
+    info = {e.key: e.value for e in target.external_data}
+    assert target.data_type == TensorProto.FLOAT
+    with open(folder / info["location"], "r+b") as f:  # the first element of that weight becomes NaN
+        f.seek(int(info.get("offset", 0)))
+        f.write(np.array([np.nan], dtype=np.float32).tobytes())
+    assert_refused(["quantize", folder, "-o", tmp_path / "out", "--scheme", "w_uint4_per_group_asym",
+                    "--group-size", "32", "--no-progress"], capsys, f"{target.name} in .* holds 1 NaN",
+                   unchanged=[folder], absent=[tmp_path / "out"])

@@ -231,3 +231,17 @@ def read_json(path, what: str = "file") -> dict:
     if not isinstance(value, dict):
         raise LowbitError(f"{path} holds a JSON {type(value).__name__}, not the object a {what} is; restore the file")
     return value
+
+
+def check_finite(name: str, tensor, folder) -> None:
+    """Refuse a weight holding NaN or infinite values, naming it: quantizing it would fail obscurely or write a
+    model that computes NaN."""
+    import torch
+
+    tensor = torch.as_tensor(tensor)
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return  # a NaN or Inf anywhere makes the sum non-finite; torch.isfinite(tensor) would hold 5 bytes a value
+    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in tensor.reshape(-1).split(1 << 22))
+    if bad:  # else the sum only overflowed
+        raise LowbitError(f"{name} in {folder} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the "
+                          f"checkpoint is damaged (or was saved after training diverged): restore a healthy copy")

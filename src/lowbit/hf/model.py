@@ -21,7 +21,7 @@ from torch import nn
 from ..arch import Layout, find_layout, set_module_tensor
 from ..arch.moe import read_aliased, unfuse_experts
 from ..errors import LowbitError
-from ..model_files import custom_code_error, is_custom_code, load_config, load_tokenizer, read_json
+from ..model_files import check_finite, custom_code_error, is_custom_code, load_config, load_tokenizer, read_json
 from ..spec import QuantSpec
 from .checkpoint import LazyCheckpoint
 from .source import resolve_source
@@ -128,17 +128,6 @@ class LoadedModel:
 
     def size_bytes(self) -> int:
         return self.ckpt.size_bytes()
-
-
-def check_finite(name: str, tensor: torch.Tensor, folder) -> None:
-    """Refuse a weight holding NaN or infinite values, naming it: quantizing it would fail obscurely or write a
-    model that computes NaN."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
-        return  # a NaN or Inf anywhere makes the sum non-finite; torch.isfinite(tensor) would hold 5 bytes a value
-    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in tensor.reshape(-1).split(1 << 22))
-    if bad:  # else the sum only overflowed
-        raise LowbitError(f"{name} in {folder} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the "
-                          f"checkpoint is damaged (or was saved after training diverged): restore a healthy copy")
 
 
 def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:

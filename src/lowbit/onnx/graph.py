@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import LowbitError
-from ..model_files import check_carried, check_external_data, external_span, read_json
+from ..model_files import check_carried, check_external_data, check_finite, external_span, read_json
 from ..eval.onnx_perplexity import onnx_model_path
 
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -161,11 +161,14 @@ class OnnxDecoder:
     def float_table(self, emb: EmbeddingGather) -> np.ndarray:
         """The embedding table (V, D) as float32."""
         table = self.array(emb.table).astype(np.float32)
+        check_finite(emb.table, table, self.path)
         return np.ascontiguousarray(table.T) if emb.transposed else table
 
     def weight(self, mm: WeightMatMul) -> np.ndarray:
-        """W (K, N) of a weight MatMul, float32."""
-        return self.array(mm.weight).astype(np.float32)
+        """W (K, N) of a weight MatMul, float32 (refused when it holds NaN or Inf)."""
+        w = self.array(mm.weight).astype(np.float32)
+        check_finite(mm.weight, w, self.path)
+        return w
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Module-style name -> (out_features, in_features), what recipe.resolve_plan reads."""

@@ -125,9 +125,10 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
     plan = plan_for(loaded, recipe)
     calibrated = has_static_inputs(plan) or any(a.needs_calibration for a in chain)
+    tokenizer = None
     if calibrated:  # refusals about the windows and the tokenizer come before any output is claimed
         check_seq_len(recipe.calibration["seq_len"], loaded.model, "calibration")
-        loaded.tokenizer()
+        tokenizer = loaded.tokenizer()
     _log(format_plan(plan), quiet)
     exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,
                              sources + [loaded.folder])
@@ -135,7 +136,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
         for path in ([output] if output is not None else []) + [f.default_output(output) for f in exports]:
             claims.enter_context(claim(path))
         run = _Run(str(model), output, overwrite, keep_in_memory or evaluate_after, evaluate_after, eval_dataset,
-                   eval_seq_len, max_chunks, progress, quiet, t0)
+                   eval_seq_len, max_chunks, progress, quiet, t0, tokenizer)
         summary, report = _quantize_loaded(loaded, recipe, plan, chain, run)
         for form in exports:
             path = form.write(Path(output), form.default_output(output), overwrite,
@@ -161,14 +162,15 @@ class _Run:
     progress: bool
     quiet: bool
     t0: float
+    tokenizer: object | None  # when the chain calibrates
 
 
 def _quantize_loaded(loaded: LoadedModel, recipe: Recipe, plan, chain, run: _Run) -> tuple[dict, EngineReport]:
     """Calibrate, run the engine and write the lowbit folder (staged); (summary, engine report)."""
     calib = None
     cal = recipe.calibration
-    if has_static_inputs(plan) or any(a.needs_calibration for a in chain):
-        calib = calibration_data(loaded, cal)
+    if run.tokenizer is not None:
+        calib = calibration_windows(run.tokenizer, cal)
     t_loaded = time.perf_counter()
     tied_lm_head = any(t.rpartition(".")[0] in plan and plan[t.rpartition(".")[0]].spec is not None
                        for t in loaded.layout.tied)
@@ -203,9 +205,9 @@ def _quantize_loaded(loaded: LoadedModel, recipe: Recipe, plan, chain, run: _Run
     return summary, report
 
 
-def calibration_data(loaded: LoadedModel, cal: dict) -> torch.Tensor:
+def calibration_windows(tokenizer, cal: dict) -> torch.Tensor:
     """The calibration windows of a recipe's calibration settings, tokenized by the model's tokenizer."""
-    ids = tokenize(loaded.tokenizer(), load_text(cal["dataset"], "calib"))
+    ids = tokenize(tokenizer, load_text(cal["dataset"], "calib"))
     return calib_windows(ids, cal["num_samples"], cal["seq_len"], cal["seed"])
 
 

@@ -468,6 +468,8 @@ def main(argv=None) -> int:
         return _fail("interrupted; nothing was written (an unfinished output is removed)", 130)
     except MemoryError:
         return _fail("out of memory; use a smaller --batch-size or --num-calib-data", 1)
+    except ModuleNotFoundError as exc:
+        return _fail(_missing_package(exc), 2)
     except OSError as exc:
         return _fail(_os_error(exc), 2)
     except Exception as exc:  # a bug: one line, the traceback on request
@@ -484,6 +486,20 @@ def main(argv=None) -> int:
 def _fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+# optional packages (top-level module) -> the extra of pyproject.toml that installs them
+EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxruntime_genai": "genai", "onnx_ir": "genai", "lm_eval": "eval",
+          "matplotlib": "eval", "llama_cpp": "llama", "datasets": "data", "pyarrow": "data",
+          "compressed_tensors": "test"}
+
+
+def _missing_package(exc: ModuleNotFoundError) -> str:
+    """One line for an optional package this command needs and the machine lacks."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    how = f"pip install -e \".[{extra}]\" (or lowbit[{extra}])" if extra else f"pip install {top}"
+    return f"this needs the Python package {top!r}, which is not installed; {how}"
 
 
 def _os_error(exc: OSError) -> str:

@@ -6,10 +6,33 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from ..argtypes import count
 from ..errors import LowbitError
-from .run import OnnxOptions
+
+
+@dataclass
+class OnnxOptions:
+    """How the quantized ONNX model is written and calibrated."""
+
+    onnx_format: str = "matmulnbits"  # or "dq" (DequantizeLinear + MatMul), "qdq" (Q -> DQ -> MatMul)
+    accuracy_level: int = 0  # MatMulNBits accuracy_level
+    embedding_bits: int | None = None  # GatherBlockQuantized embedding (4 or 8), None = float
+    embedding_block: int = 32
+    embedding_axis: int = 1  # 1: blocks along the hidden size, 0: along the vocabulary
+    execution_provider: str = "cpu"  # calibration sessions (comma-separated names, tried in order)
+    layers_8bit: tuple[str, ...] = ()  # layer patterns kept at 8 bits (mixed INT4/INT8)
+    mixed: bool = False  # mixed INT4/INT8 with the default choice of 8-bit layers when layers_8bit is empty
+    memory_budget: int = 4 << 30  # bytes of calibration statistics held at once
+    # static INT8 (w_int8_a_int8_per_{tensor|channel}_sym): activation range calibration, layers kept on float
+    # inputs (int8 weights only)
+    calibrate_method: str = "minmax"  # or "percentile", "entropy"
+    percentile: float = 99.999
+    float_inputs: tuple[str, ...] = ()
+    int16_inputs: tuple[str, ...] = ()  # layers whose input activations are int16 (A16W8) instead of int8
+    reduce_range: bool = False  # 7-bit weights: no int16 saturation in x86 kernels without VNNI
+
 
 # ModelOpt's algorithm names -> (lowbit chain, algorithm options, ModelOpt's own output form)
 MODELOPT_ALGOS = {

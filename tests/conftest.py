@@ -46,6 +46,20 @@ def _configs(vocab: int) -> dict:
 ARCHS = ["llama", "qwen2", "mistral", "phi3", "gemma", "gemma3", "opt"]
 
 
+NEEDS_LLAMA_CPP = 'needs llama-cpp-python (pip install -e ".[llama]"; see README)'
+
+
+def need_llama_cpp():
+    """llama_cpp, or else skip the calling test: llama-cpp-python compiles from source, so it has an extra of its
+    own (`llama`) that the quick install leaves out. Skipping here (not at each caller) gives every such test
+    the same location, so pytest -ra reports them all on one line."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip(NEEDS_LLAMA_CPP)
+    return llama_cpp
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A 400-token byte-level BPE tokenizer, trained here on CPython's own documentation."""

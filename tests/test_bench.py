@@ -4,14 +4,12 @@ every bad input is refused with one LowbitError line before any child starts."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from lowbit.errors import LowbitError
 from lowbit.eval.speed import measure_speed
 
-from .conftest import save_random_model
+from .conftest import need_llama_cpp, save_random_model
 
 PROMPT, NEW, RUNS = 16, 8, 2
 
@@ -81,8 +79,8 @@ def test_onnxruntime_genai_runtime(onnx_tiny):
     assert result["size_bytes"] == sum(p.stat().st_size for p in weights)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
 def test_llama_cpp_runtime(tiny, lowbit_out, tmp_path):
+    need_llama_cpp()
     from lowbit.exporters.gguf import export_gguf
 
     path = export_gguf(lowbit_out(tiny, "w_int8_per_group_sym", group_size=32), tmp_path / "m.gguf")

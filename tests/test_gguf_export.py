@@ -23,7 +23,7 @@ from lowbit.exporters.source import LowbitFolder, PlannedModel
 from lowbit.formats import Quantized
 from lowbit.spec import parse_scheme
 
-from .conftest import save_random_model
+from .conftest import need_llama_cpp, save_random_model
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 IDS = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -85,7 +85,7 @@ def _f16_reference(qt: Quantized) -> torch.Tensor:
 
 
 def _llama_logits(path, ids=IDS) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need_llama_cpp()
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
     try:
         llm.eval(ids)
@@ -229,7 +229,7 @@ def test_mxfp4_is_byte_exact(tiny64, lowbit_out, tmp_path):
 @pytest.mark.parametrize("arch,scheme", [(a, s) for a in ("llama", "qwen2") for s in SCHEMES] +
                          [("mistral", "w_uint4_per_group_asym"), ("gemma", "w_int4_per_group_sym")])
 def test_llama_cpp_logits(arch, scheme, tiny64, lowbit_out, tmp_path):
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     src = lowbit_out(tiny64[arch], scheme, group_size=32)
     path = export_gguf(src, tmp_path / "m.gguf")
     diff = np.abs(_llama_logits(path) - _lowbit_logits(src)).max()
@@ -237,7 +237,7 @@ def test_llama_cpp_logits(arch, scheme, tiny64, lowbit_out, tmp_path):
 
 
 def test_llama_cpp_tokenizes_like_transformers(tiny64, lowbit_out, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need_llama_cpp()
     from pydoc_data.topics import topics
 
     src = lowbit_out(tiny64["qwen2"], "w_int4_per_group_sym", group_size=32)
@@ -264,7 +264,7 @@ def test_cli_eval_runs_gguf_in_llama_cpp(tiny64, lowbit_out, text_file, tmp_path
 
     from lowbit.cli import main
 
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))  # the GGUF's tokenizer is read through lowbit
     src = lowbit_out(tiny64["llama"], "w_uint4_per_group_asym", group_size=32)
     path = export_gguf(src, tmp_path / "m.gguf")
@@ -279,7 +279,7 @@ def test_cli_eval_runs_gguf_in_llama_cpp(tiny64, lowbit_out, text_file, tmp_path
 
 def test_permutation_is_what_llama_cpp_needs(tiny64, lowbit_out, tmp_path, monkeypatch):
     """Negative control for LOGIT_TOL: without the q/k row permutation llama.cpp's logits are far off."""
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     import lowbit.exporters.gguf as exporter
 
     src = lowbit_out(tiny64["llama"], "w_int4_per_group_sym", group_size=32)
@@ -431,7 +431,7 @@ def test_refusals_write_nothing(tiny_models, tiny64, lowbit_out, tmp_path):
 
 @pytest.mark.slow
 def test_demo_perplexity_and_tokenizer(tmp_path):
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     from lowbit.api import evaluate
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.eval.llama_cpp import gguf_perplexity

@@ -439,9 +439,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP: stop like Ctrl-C (staged outputs are removed on the way out)."""
 
 
-def _on_signal(signum, frame):
-    signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once; the next run cleans up
-    raise Terminated(signal.Signals(signum).name)
+def _stopper(pid: int):
+    """A SIGTERM/SIGHUP handler for the process `pid`: stop like Ctrl-C there; in a forked child (a
+    multiprocessing worker, e.g. lm-eval's bootstrap pool, which its parent stops with SIGTERM) die as without it."""
+    def on_signal(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once; the next run cleans up
+        if os.getpid() != pid:
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(signal.Signals(signum).name)
+
+    return on_signal
 
 
 def main(argv=None) -> int:
@@ -455,7 +463,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)} \
+    handlers = {sig: signal.signal(sig, _stopper(os.getpid())) for sig in (signal.SIGTERM, signal.SIGHUP)} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
         return COMMANDS[args.command](args)

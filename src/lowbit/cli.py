@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = _Parser(prog="lowbit", description="Post-training quantization of causal LMs.",
-                                     epilog="Run `lowbit COMMAND --help` for each command's options.")
+                     epilog="Run `lowbit COMMAND --help` for each command's options.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -439,17 +439,26 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP: stop like Ctrl-C (staged outputs are removed on the way out)."""
 
 
-def _stopper(pid: int):
-    """A SIGTERM/SIGHUP handler for the process `pid`: stop like Ctrl-C there; in a forked child (a
-    multiprocessing worker, e.g. lm-eval's bootstrap pool, which its parent stops with SIGTERM) die as without it."""
-    def on_signal(signum, frame):
-        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once; the next run cleans up
-        if os.getpid() != pid:
-            os.kill(os.getpid(), signum)
-            return
-        raise Terminated(signal.Signals(signum).name)
+def _stop(signum, frame):
+    """SIGTERM / SIGHUP in the lowbit command: stop like Ctrl-C (a second signal stops at once)."""
+    signal.signal(signum, signal.SIG_DFL)
+    raise Terminated(signal.Signals(signum).name)
 
-    return on_signal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _default_signals_in_child() -> None:
+    """A forked child (a multiprocessing worker: lm-eval's bootstrap pool, say) must die on the SIGTERM its pool
+    sends, as without lowbit: with _stop inherited, a signal arriving as the worker starts was lost and the pool
+    waited for ever (reproduced: 300 pools of 2 workers hung)."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is _stop:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_signals_in_child)
 
 
 def main(argv=None) -> int:
@@ -463,7 +472,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handlers = {sig: signal.signal(sig, _stopper(os.getpid())) for sig in (signal.SIGTERM, signal.SIGHUP)} \
+    handlers = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
         return COMMANDS[args.command](args)

@@ -25,7 +25,8 @@ def test_core_commands_need_no_optional_package(tiny_models, tmp_path):
                  ["quantize", model, "-o", out, "--scheme", "w_uint4_per_group_asym", "--group-size", "16",
                   "--algo", "awq,gptq", "--num-calib-data", "2", "--seq-len", "32", "--no-progress"],
                  ["eval", out, "--seq-len", "32", "--max-chunks", "2", "--no-progress"],
-                 ["export", out, "-f", "gptq", "-o", tmp_path / "gptq"]):
+                 ["export", out, "-f", "gptq", "-o", tmp_path / "gptq"],
+                 ["export", out, "-f", "compressed-tensors", "-o", tmp_path / "ct"]):
         proc = lowbit_without_extras(*argv)
         assert proc.returncode == 0, proc.stderr[-3000:]
     # an optional package that is needed and missing is one line saying what to install

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowbit.algorithms.gptq import gptq_quantize
-from lowbit.exporters.native import pack_linear, unpack_linear
+from lowbit.formats.packed import pack_linear, unpack_linear
 from lowbit.formats import dequantize, fake_quant, fake_quant_activation, quantize
 from lowbit.formats.minifloat import E2M1, E2M3, E3M2, E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ
 from lowbit.formats.scaled import shared_exponent

@@ -28,7 +28,7 @@ from lowbit.api import load, quantize  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.eval.perplexity import perplexity  # noqa: E402
 from lowbit.eval.onnx_perplexity import onnx_perplexity  # noqa: E402
-from lowbit.exporters.native import pack_linear  # noqa: E402
+from lowbit.formats.packed import pack_linear  # noqa: E402
 from lowbit.exporters.onnx import check_onnx, export_onnx  # noqa: E402
 from lowbit.exporters.onnx_tensors import matmul_block_size, matmul_nbits_tensors, quantize_table  # noqa: E402
 from lowbit.exporters.source import PlannedModel  # noqa: E402

@@ -31,16 +31,9 @@ from .hf.capture import StopForward, capture_block_inputs, first_window
 from .hf.model import LoadedModel
 from .memory import return_freed_memory_to_os, use_mmap_for_large_tensors
 from .recipe import LayerPlan, has_static_inputs
+from .results import LayerReport, Sink
 
 PROPAGATE = ("quantized", "float")
-
-
-@dataclass
-class LayerReport:
-    name: str
-    spec: str
-    relative_error: float  # ||W - Q(W)|| / ||W||
-    note: str = ""  # e.g. a calibrated quantizer's fallback to RTN
 
 
 @dataclass
@@ -49,22 +42,6 @@ class EngineReport:
     block_seconds: list[float] = field(default_factory=list)
     capture_seconds: float = 0.0
     rotation: dict | None = None  # what the rotation did (hf.rotate.Rotator.summary)
-
-
-class Sink:
-    """Where the engine sends results: float tensors and quantized linears, by name."""
-
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        pass
-
-    def add_quantized(self, module_name: str, qt: Quantized, bias: torch.Tensor | None) -> None:
-        pass
-
-    def add_input_quant(self, module_name: str, spec, params: torch.Tensor | None) -> None:
-        """A linear's input quantization: its spec and, when static, its calibrated parameters."""
-
-    def add_output_quant(self, module_name: str, spec, params: torch.Tensor) -> None:
-        """A linear's output quantization (KV cache): its spec and calibrated parameters."""
 
 
 class Engine:

@@ -1,4 +1,5 @@
-"""Results as strict JSON, and the warnings a run's summary calls for.
+"""What a quantization run produces, for every front end: the report of one quantized layer (LayerReport),
+the interface results are handed to (Sink), results as strict JSON, and the warnings a summary calls for.
 
 JSON has no NaN or Infinity: Python's json module writes them as bare `NaN` / `Infinity`, which other readers
 refuse. Every summary.json and every `--json` output goes through `to_json`, where a non-finite number becomes
@@ -10,9 +11,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import warn
+
+if TYPE_CHECKING:  # annotations only: reading a summary needs no torch
+    import torch
+
+    from .formats import Quantized
 
 
 def finite(obj):
@@ -52,3 +60,27 @@ def warn_fallbacks(layer_notes: dict[str, str], quantized: int, algorithm: str =
              f"rarely picks, or too little calibration text); raise --num-calib-data or --seq-len (summary.json "
              f"layer_notes lists them)")
     return len(fell)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    spec: str
+    relative_error: float  # ||W - Q(W)|| / ||W||
+    note: str = ""  # e.g. a calibrated quantizer's fallback to RTN
+
+
+class Sink:
+    """Where the engine sends results: float tensors and quantized linears, by name."""
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        pass
+
+    def add_quantized(self, module_name: str, qt: Quantized, bias: torch.Tensor | None) -> None:
+        pass
+
+    def add_input_quant(self, module_name: str, spec, params: torch.Tensor | None) -> None:
+        """A linear's input quantization: its spec and, when static, its calibrated parameters."""
+
+    def add_output_quant(self, module_name: str, spec, params: torch.Tensor) -> None:
+        """A linear's output quantization (KV cache): its spec and calibrated parameters."""

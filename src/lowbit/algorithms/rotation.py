@@ -9,6 +9,8 @@ over all channels, so low-bit weights and activations lose less. All products ru
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import LowbitError
@@ -72,6 +74,13 @@ def online_rotation_hook(q: Rotation):
         return (q.right(x), *args[1:])
 
     return hook
+
+
+@functools.lru_cache(maxsize=8)
+def online_rotation(size: int) -> Rotation:
+    """The R4 matrix of an input width: the plain normalised Hadamard (a seeded random orthogonal matrix where
+    no Hadamard order fits), rebuilt from the width alone when a saved model is loaded."""
+    return Rotation(size, seed=None)
 
 
 @register

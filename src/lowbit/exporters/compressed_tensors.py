@@ -51,7 +51,8 @@ from ..formats import pack_rows
 from ..hf.checkpoint import LazyCheckpoint
 from ..model_files import copy_carried
 from ..spec import QuantSpec
-from .native import TOKENIZER_FILES, stored_names, unpack_linear
+from ..formats.packed import stored_names, unpack_linear
+from ..model_files import TOKENIZER_FILES
 from ..staging import check_output, staged
 from .output import ShardWriter
 from .source import read_lowbit_config

@@ -129,7 +129,7 @@ class DecoderBuilder:
     def _rotation_matrices(self, size: int) -> list[str]:
         """Initializers of one width's rotation: [dense] or [reshape shape, left transposed, right]."""
         if size not in self._rotation_inits:
-            from ..hf.rotate import online_rotation
+            from ..algorithms.rotation import online_rotation
 
             rotation = online_rotation(size)
             split = kronecker_split(rotation, size)

@@ -13,7 +13,8 @@ from ..formats import Quantized
 from ..hf.checkpoint import LazyCheckpoint
 from ..model_files import check_carried, copy_carried, read_json
 from ..spec import QuantSpec
-from .native import FORMAT_VERSION, TOKENIZER_FILES, stored_names, unpack_linear
+from ..formats.packed import FORMAT_VERSION, stored_names, unpack_linear
+from ..model_files import TOKENIZER_FILES
 
 
 def read_lowbit_config(src: Path) -> dict:

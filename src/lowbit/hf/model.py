@@ -52,7 +52,7 @@ class LoadedModel:
         """A parameter's float value from disk (dequantizing lowbit-packed linears)."""
         module_name, _, attr = name.rpartition(".")
         if attr == "weight" and module_name in self.quantized:
-            from ..exporters.native import read_linear
+            from ..formats.packed import read_linear
 
             shape = tuple(self.model.get_parameter(name).shape)
             return read_linear(self.ckpt, module_name, self.quantized[module_name], shape).to(self.source_dtype)
@@ -100,15 +100,14 @@ class LoadedModel:
     def load_all(self) -> nn.Module:
         """Materialize every weight and return the ready-to-run model (eval mode), with the input activations
         of W+A layers fake-quantized as stored."""
-        from .actquant import attach_input_quant, attach_output_quant
+        from ..algorithms.rotation import online_rotation
+        from .actquant import attach_input_quant, attach_online_rotation, attach_output_quant
 
         self.materialize("")
         for name, spec in self.input_specs.items():
             params = None if spec.dynamic else self.ckpt.get(f"{name}.input_scale").float()
             attach_input_quant(self.model.get_submodule(name), spec, params if params is None or params.numel() > 1
                                else params.reshape(()))
-        from .rotate import attach_online_rotation, online_rotation
-
         for name, info in (self.quantization_config or {}).get("online_rotations", {}).items():
             attach_online_rotation(self.model.get_submodule(name), online_rotation(int(info["size"])))
         outputs = (self.quantization_config or {}).get("outputs", {})

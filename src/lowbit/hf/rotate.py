@@ -8,44 +8,20 @@ it is loaded: its output on the rotated probe must equal its old output rotated,
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from ..algorithms.hadamard import Rotation
-from ..algorithms.rotation import (Rotate, absorb_and_rotate_reader, online_rotation_hook, rotate_head_inputs,
+from ..algorithms.rotation import (Rotate, absorb_and_rotate_reader, online_rotation, rotate_head_inputs,
                                    rotate_head_outputs, rotate_input, rotate_vector, rotate_writer)
 from ..arch import block_of, set_module_tensor
 from ..arch.stream import StreamRoles, find_stream_roles, gain, identity_weight, norm_like, norm_rule, subtracts_mean
 from ..errors import LowbitError
+from .actquant import attach_online_rotation, detach_online_rotation
 from .capture import capture_block_inputs, first_window
 from .model import LoadedModel
 
 PROBE_TOKENS = 16
-_ONLINE_ATTR = "_lowbit_online_rotation"
-
-
-def detach_online_rotation(module: nn.Module) -> None:
-    handle = getattr(module, _ONLINE_ATTR, None)
-    if handle is not None:
-        handle.remove()
-        delattr(module, _ONLINE_ATTR)
-
-
-def attach_online_rotation(module: nn.Module, q: Rotation) -> None:
-    """Multiply `module`'s input by q at run time (R4), replacing an earlier online rotation."""
-    detach_online_rotation(module)
-    setattr(module, _ONLINE_ATTR, module.register_forward_pre_hook(online_rotation_hook(q), prepend=True))
-
-
-@functools.lru_cache(maxsize=8)
-def online_rotation(size: int) -> Rotation:
-    """The R4 matrix of an input width: the plain normalised Hadamard (a seeded random orthogonal matrix where
-    no Hadamard order fits), rebuilt from the width alone when a saved model is loaded."""
-    return Rotation(size, seed=None)
-
-
 def _tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
 

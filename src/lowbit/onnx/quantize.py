@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..algorithms import Algorithm
 from ..algorithms.stats import MIN_CALIBRATION_TOKENS, InputStats
-from ..engine import LayerReport
+from ..results import LayerReport
 from ..formats import Quantized
 from ..model_files import copy_carried
 from ..recipe import LayerPlan

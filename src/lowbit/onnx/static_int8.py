@@ -38,7 +38,7 @@ from ..recipe import matches
 from ..results import write_json
 from .fold import find_fold, fold
 from .graph import OnnxDecoder
-from ..engine import LayerReport
+from ..results import LayerReport
 from .quantize import OnnxReport, carry_files, layer_units
 from .write import GraphWriter
 

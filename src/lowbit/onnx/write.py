@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..errors import LowbitError
-from ..exporters.native import pack_linear
+from ..formats.packed import pack_linear
 from ..exporters.onnx_tensors import ExternalData, matmul_block_size, matmul_nbits_tensors
 from ..formats import Quantized
 from ..spec import QuantSpec

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import platform
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import pipeline
 from .algorithms import parse_algo_args, parse_chain
 from .arch import check_seq_len, describe, linear_modules
-from .data import calib_windows, check_count, eval_windows, load_text, tokenize
-from .engine import Engine, EngineReport
+from .data import check_count, eval_windows, load_text, tokenize
 from .errors import LowbitError
 from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
 from .eval.perplexity import perplexity
-from .exporters.native import NativeSink, write_metadata
 from .hf.source import DEMO, demo_gguf
-from .results import warn_fallbacks, write_json
-from .staging import check_output, claim, staged
+from .errors import log
+from .pipeline import EVAL_DTYPE, RunOptions
+from .torch_job import TorchJob
+from .staging import check_output
 from .exporters.source import PlannedModel
 from .hf.model import LoadedModel, foreign_quantization, load_with_transformers, open_model
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
@@ -33,18 +28,7 @@ from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, R
 from .arch.moe import EXPERT_PATTERN
 from .spec import parse_kv_cache_dtype, parse_scheme
 
-EVAL_DTYPE = torch.float32  # perplexity is computed in float32 unless asked otherwise
 RUNTIMES = ("torch", "llama.cpp", "onnxruntime-genai")  # torch: ONNX models run in onnxruntime
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None = None, algo: str = "rtn",
@@ -74,7 +58,7 @@ def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None =
 class QuantizeResult:
     output: Path | None
     summary: dict
-    report: EngineReport
+    report: object  # the front end's report: engine.EngineReport, or onnx.quantize.OnnxReport for ONNX models
     model: torch.nn.Module | None = None  # the fake-quant model, when keep_in_memory
     plan: dict = field(default_factory=dict)
 
@@ -106,13 +90,14 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if eval_seq_len is not None:
         check_count("--seq-len", eval_seq_len, 2)
     if is_onnx_model(model):
-        from .onnx.run import quantize_onnx
+        from .onnx.run import onnx_job
 
         if export:
             raise LowbitError("export= applies to Hugging Face / GGUF sources; an ONNX model is written as ONNX")
-        out, summary, report = quantize_onnx(model, output, recipe, onnx_options, overwrite, progress, quiet,
-                                             evaluate_after, eval_dataset, eval_seq_len, max_chunks)
-        return QuantizeResult(out, summary, report)
+        job = onnx_job(model, output, recipe, onnx_options, overwrite, quiet, progress)
+        summary, result = pipeline.run(job, recipe, _run_options(output, overwrite, progress, quiet, evaluate_after,
+                                                                 eval_dataset, eval_seq_len, max_chunks), t0)
+        return QuantizeResult(Path(output), summary, result.report)
     if onnx_options is not None:
         raise LowbitError(f"onnx_options apply to ONNX models only, and {model} is not one")
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
@@ -129,86 +114,21 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if calibrated:  # refusals about the windows and the tokenizer come before any output is claimed
         check_seq_len(recipe.calibration["seq_len"], loaded.model, "calibration")
         tokenizer = loaded.tokenizer()
-    _log(format_plan(plan), quiet)
+    log(format_plan(plan), quiet)
     exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,
                              sources + [loaded.folder])
-    with contextlib.ExitStack() as claims:  # every output held from here on: a second run is refused now
-        for path in ([output] if output is not None else []) + [f.default_output(output) for f in exports]:
-            claims.enter_context(claim(path))
-        run = _Run(str(model), output, overwrite, keep_in_memory or evaluate_after, evaluate_after, eval_dataset,
-                   eval_seq_len, max_chunks, progress, quiet, t0, tokenizer)
-        summary, report = _quantize_loaded(loaded, recipe, plan, chain, run)
-        for form in exports:
-            path = form.write(Path(output), form.default_output(output), overwrite,
-                              **(export_options or {}).get(form.name, {}))
-            summary.setdefault("exports", {})[form.name] = str(path)
-        if exports:
-            write_json(Path(output) / "summary.json", summary)
+    job = TorchJob(str(model), loaded, recipe, plan, chain, tokenizer, keep_in_memory or evaluate_after, progress)
+    summary, result = pipeline.run(job, recipe, _run_options(output, overwrite, progress, quiet, evaluate_after,
+                                                             eval_dataset, eval_seq_len, max_chunks, exports,
+                                                             export_options), t0)
     model_out = loaded.model.eval() if keep_in_memory or evaluate_after else None
-    return QuantizeResult(Path(output) if output is not None else None, summary, report, model_out, plan)
+    return QuantizeResult(Path(output) if output is not None else None, summary, result.report, model_out, plan)
 
 
-@dataclass
-class _Run:
-    """How one quantize call runs, once its checks have passed."""
-    source: str
-    output: Path | None
-    overwrite: bool
-    keep: bool  # keep the fake-quant model in memory
-    evaluate_after: bool
-    eval_dataset: str | None
-    eval_seq_len: int | None
-    max_chunks: int | None
-    progress: bool
-    quiet: bool
-    t0: float
-    tokenizer: object | None  # when the chain calibrates
-
-
-def _quantize_loaded(loaded: LoadedModel, recipe: Recipe, plan, chain, run: _Run) -> tuple[dict, EngineReport]:
-    """Calibrate, run the engine and write the lowbit folder (staged); (summary, engine report)."""
-    calib = None
-    cal = recipe.calibration
-    if run.tokenizer is not None:
-        calib = calibration_windows(run.tokenizer, cal)
-    t_loaded = time.perf_counter()
-    tied_lm_head = any(t.rpartition(".")[0] in plan and plan[t.rpartition(".")[0]].spec is not None
-                       for t in loaded.layout.tied)
-    summary = {"lowbit_version": __version__, "source": run.source, "source_folder": str(loaded.folder),
-               "scheme": recipe.scheme.name, "algorithms": [a.name for a in chain], "seed": cal.get("seed", 0),
-               "torch_version": torch.__version__, "python": platform.python_version()}
-    if calib is not None:
-        summary["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
-    staging = staged(Path(run.output), run.overwrite) if run.output is not None else contextlib.nullcontext(None)
-    with staging as tmp:
-        sink = NativeSink(tmp) if tmp is not None else None
-        engine = Engine(loaded, plan, chain, calib, sink, keep_in_memory=run.keep, batch_size=cal.get("batch_size", 8),
-                        progress=run.progress, propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"]))
-        report = engine.run()
-        t_quant = time.perf_counter()
-        online = engine.rotator.online if engine.rotator is not None else {}
-        if report.rotation is not None:
-            summary["rotation"] = report.rotation
-        if tmp is not None:
-            sink.close()
-            write_metadata(tmp, loaded.folder, plan, recipe.to_dict(), loaded.source_dtype,
-                           untie=tied_lm_head or bool(loaded.untied), input_specs=sink.input_specs,
-                           output_specs=sink.output_specs, online_rotations=online)
-            recipe.save(tmp / "recipe.yaml")
-        summary.update(_measures(loaded, report, plan, run.t0, t_loaded, t_quant, tmp))
-        warn_fallbacks(summary["layer_notes"], summary["quantized_modules"], chain[-1].name)
-        if run.evaluate_after:
-            summary["perplexity"] = _eval_model(loaded, run.eval_dataset or "pydoc", run.eval_seq_len or cal["seq_len"],
-                                                run.max_chunks, run.progress)
-        if tmp is not None:
-            write_json(tmp / "summary.json", summary)
-    return summary, report
-
-
-def calibration_windows(tokenizer, cal: dict) -> torch.Tensor:
-    """The calibration windows of a recipe's calibration settings, tokenized by the model's tokenizer."""
-    ids = tokenize(tokenizer, load_text(cal["dataset"], "calib"))
-    return calib_windows(ids, cal["num_samples"], cal["seq_len"], cal["seed"])
+def _run_options(output, overwrite, progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks,
+                 exports=(), export_options=None) -> RunOptions:
+    return RunOptions(Path(output) if output is not None else None, overwrite, progress, quiet, evaluate_after,
+                      eval_dataset, eval_seq_len, max_chunks, list(exports), export_options or {})
 
 
 def source_paths(model) -> list[Path]:
@@ -232,37 +152,9 @@ def _check_exports(export, output, overwrite: bool, planned, quiet: bool, source
     formats = parse_formats(export)
     for form in formats:
         for warning in form.check(planned):
-            _log(f"warning ({form.name}): {warning}", quiet)
+            log(f"warning ({form.name}): {warning}", quiet)
         check_output(form.default_output(output), overwrite, sources, is_file=form.is_file)
     return formats
-
-
-def _measures(loaded, report, plan, t0, t_loaded, t_quant, folder) -> dict:
-    out = {
-        "seconds": {"prepare": round(t_loaded - t0, 3), "quantize": round(t_quant - t_loaded, 3),
-                    "total": round(time.perf_counter() - t0, 3)},
-        "block_seconds": [round(s, 4) for s in report.block_seconds],
-        "capture_seconds": round(report.capture_seconds, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "source_size_bytes": loaded.size_bytes(),
-        "quantized_modules": sum(1 for lp in plan.values() if lp.spec is not None),
-        "layer_errors": {r.name: round(r.relative_error, 6) for r in report.layers},
-        "layer_notes": {r.name: r.note for r in report.layers if r.note},
-    }
-    if report.layers:
-        errs = [r.relative_error for r in report.layers]
-        out["mean_layer_error"] = round(sum(errs) / len(errs), 6)
-    if folder is not None:
-        out["output_size_bytes"] = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
-    return out
-
-
-def _eval_model(loaded: LoadedModel, dataset: str, seq_len: int, max_chunks, progress) -> dict:
-    """Perplexity of the in-memory fake-quant model, in float32 like `evaluate` (weights already rounded to
-    the source dtype, so the figure equals evaluating the written folder)."""
-    ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
-    model = loaded.model.to(EVAL_DTYPE).eval()
-    return perplexity(model, eval_windows(ids, seq_len, max_chunks), progress=progress).to_dict()
 
 
 def _dtype(name) -> torch.dtype | None:
@@ -403,7 +295,7 @@ def export(model, output, fmt: str = "compressed-tensors", overwrite: bool = Fal
     form = get_format(fmt)
     check_output(Path(output), overwrite, [Path(model)], is_file=form.is_file)
     for warning in form.check(LowbitFolder(Path(model))):
-        _log(f"warning: {warning}", quiet)
+        log(f"warning: {warning}", quiet)
     return form.write(Path(model), Path(output), overwrite, **options)
 
 

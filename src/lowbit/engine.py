@@ -132,6 +132,10 @@ class Engine:
             self.report.rotation = self.rotator.summary()  # the largest block error over all blocks
         return self.report
 
+    def online_rotations(self) -> dict:
+        """The linears whose input the rotation multiplies at run time (R4), for the output's config."""
+        return self.rotator.online if self.rotator is not None else {}
+
     def _prepare_rotation(self) -> None:
         """Rotate the model as it loads (hf.rotate): roles found and block 0 checked before any other work."""
         from .hf.rotate import Rotator

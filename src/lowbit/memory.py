@@ -1,8 +1,16 @@
-"""Process memory: large tensors served by mmap, freed heap pages handed back to the OS (glibc only)."""
+"""Process memory: its peak as every summary reports it, large tensors served by mmap, freed heap pages handed
+back to the OS (glibc only)."""
 
 from __future__ import annotations
 
+import resource
 import sys
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (getrusage; Linux reports KiB). The one measure of a run's
+    peak memory in summary.json; child processes (lowbit bench's) report their own VmHWM."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _libc():

@@ -7,28 +7,20 @@ removed before the output is renamed into place."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import platform
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
 from ..algorithms import parse_chain
-from ..data import load_text, tokenize
 from ..errors import LowbitError
-from ..staging import check_output, staged
+from ..errors import log
+from ..job import JobResult
+from ..staging import check_output
 from ..recipe import Recipe, format_plan, resolve_plan, validate_plan
-from ..results import warn_fallbacks, write_json
 from .graph import OnnxDecoder
 from .options import OnnxOptions
 from .write import ONNX_FORMATS, GraphWriter, check_format
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _check_options(options: OnnxOptions, decoder: OnnxDecoder) -> None:
@@ -60,32 +52,45 @@ def _check_options(options: OnnxOptions, decoder: OnnxDecoder) -> None:
                                   f"{length} is not a multiple of block {block}; choose a block dividing it")
 
 
-def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = None, overwrite: bool = False,
-                  progress: bool = True, quiet: bool = False, evaluate_after: bool = False,
-                  eval_dataset: str | None = None, eval_seq_len: int | None = None, max_chunks: int | None = None):
-    """Quantize an ONNX decoder (model.onnx or its folder) into a new ONNX folder `output`; returns
-    (output path, summary dict, OnnxReport)."""
-    from .quantize import OnnxQuantizer, carry_files, quantize_embedding
-    from .calibrate import calibration_windows, providers_for
-
-    t0 = time.perf_counter()
+def onnx_job(model, output, recipe: Recipe, options: OnnxOptions | None = None, overwrite: bool = False,
+             quiet: bool = False, progress: bool = True):
+    """The checked job (pipeline.Job) that quantizes an ONNX decoder (model.onnx or its folder) into a new ONNX
+    folder `output`: weight-only (WeightOnlyJob) or static INT8 (static_int8.StaticInt8Job). Everything is
+    refused here, before any work."""
     options = options or OnnxOptions()
     if output is None:
         raise LowbitError("quantizing an ONNX model needs an output folder (-o OUT)")
-    output = Path(output)
     decoder = OnnxDecoder(model)  # the source's refusals come first
-    check_output(output, overwrite, [decoder.folder])
+    check_output(Path(output), overwrite, [decoder.folder])
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
     from .static_int8 import static_int8_applies
 
     if static_int8_applies(recipe, chain):  # weights and activations: static int8 QDQ (static_int8.py)
-        from .static_int8 import quantize_static_int8
+        from .static_int8 import StaticInt8Job
 
         plan = resolve_plan(recipe, decoder.linears())
         validate_plan(plan, recipe.scheme)
-        _log(format_plan(plan), quiet)
-        return quantize_static_int8(decoder, output, recipe, chain, plan, options, overwrite,
-                                    progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks, t0)
+        log(format_plan(plan), quiet)
+        return StaticInt8Job.checked(str(model), decoder, recipe, chain, plan, options, quiet, progress)
+    _check_chain(recipe, chain)
+    _check_options(options, decoder)
+    rot = next((a for a in chain if a.role == "rotation"), None)
+    if rot is not None:
+        from .rotate import plan_rotation
+
+        plan_rotation(decoder)  # a graph R1 cannot rotate is refused before any work
+    recipe = _with_8bit_layers(recipe, options, decoder)
+    plan = resolve_plan(recipe, decoder.linears())
+    validate_plan(plan, recipe.scheme)
+    for lp in plan.values():
+        if lp.spec is not None:
+            check_format(options.onnx_format, lp.spec, lp.name, lp.shape[1])
+    log(format_plan(plan), quiet)
+    return WeightOnlyJob(str(model), decoder, recipe, chain, plan, options, quiet, progress)
+
+
+def _check_chain(recipe: Recipe, chain) -> None:
+    """Refuse chains and schemes the weight-only ONNX path cannot run."""
     unsupported = [a.name for a in chain if a.name == "smoothquant"]
     if unsupported:
         raise LowbitError(f"{', '.join(unsupported)} is not available for ONNX weight-only quantization (it "
@@ -99,83 +104,83 @@ def quantize_onnx(model, output, recipe: Recipe, options: OnnxOptions | None = N
                           f"only (w_uint4_per_group_asym, w_int4_per_group_sym, w_int8_per_channel_sym, ...) or "
                           f"static INT8 (w_int8_a_int8_per_tensor_sym / _per_channel_sym with rtn, smoothquant, "
                           f"rotation or rotation,smoothquant)")
-    _check_options(options, decoder)
-    if rot is not None:
-        from .rotate import plan_rotation
 
-        plan_rotation(decoder)  # a graph R1 cannot rotate is refused before any work
-    recipe = _with_8bit_layers(recipe, options, decoder)
-    plan = resolve_plan(recipe, decoder.linears())
-    validate_plan(plan, recipe.scheme)
-    for lp in plan.values():
-        if lp.spec is not None:
-            check_format(options.onnx_format, lp.spec, lp.name, lp.shape[1])
-    providers = providers_for(options.execution_provider)
-    _log(format_plan(plan), quiet)
 
-    cal = recipe.calibration
-    calib = calibration_windows(decoder, recipe) if any(a.needs_calibration for a in chain) else None
-    t_loaded = time.perf_counter()
-    summary = {"lowbit_version": __version__, "source": str(model), "scheme": recipe.scheme.name,
-               "algorithms": [a.name for a in chain], "onnx_format": options.onnx_format,
-               "accuracy_level": options.accuracy_level, "python": platform.python_version()}
-    if calib is not None:
-        summary["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
-    rotation_seconds = None
-    with staged(output, overwrite, [decoder.folder]) as tmp:
+@dataclass
+class WeightOnlyJob:
+    """Weight-only quantization of an ONNX decoder (pipeline.Job): the chain's algorithms on its weight MatMuls
+    (quantize.OnnxQuantizer), written as MatMulNBits or blocked DequantizeLinear."""
+    source: str
+    decoder: OnnxDecoder
+    recipe: Recipe
+    chain: list
+    plan: dict
+    options: OnnxOptions
+    quiet: bool
+    progress: bool
+    windows: object = None
+
+    def describe(self) -> dict:
+        return {"scheme": self.recipe.scheme.name, "algorithms": [a.name for a in self.chain],
+                "onnx_format": self.options.onnx_format, "accuracy_level": self.options.accuracy_level}
+
+    def prepare(self):
+        from .calibrate import calibration_windows
+
+        if any(a.needs_calibration for a in self.chain):
+            self.windows = calibration_windows(self.decoder, self.recipe)
+        return self.windows
+
+    def quantize(self, folder: Path) -> JobResult:
+        from .calibrate import providers_for
+        from .quantize import OnnxQuantizer, carry_files, quantize_embedding
+
+        fields, phases = {}, {}
         # rotation: R1 written (in float) into a folder inside the staged output, removed when this block ends
         # (or with the staged output on failure); the chain's other steps then run on the rotated graph
         with contextlib.ExitStack() as rotated:
-            source = decoder
+            source = self.decoder
+            rot = next((a for a in self.chain if a.role == "rotation"), None)
             if rot is not None:
                 from .rotate import write_rotated
 
                 t = time.perf_counter()
-                _log("rotating the residual stream (QuaRot R1)", quiet)
-                folder = Path(rotated.enter_context(tempfile.TemporaryDirectory(prefix=".rotated-", dir=tmp)))
-                _, summary["rotation"] = write_rotated(decoder, folder, rot.seed)
-                source = OnnxDecoder(folder)
-                rotation_seconds = round(time.perf_counter() - t, 3)
-            writer = GraphWriter(source, tmp, decoder.path.name)
-            runner = OnnxQuantizer(source, plan, chain, writer, options.onnx_format, options.accuracy_level,
-                                   progress)
-            report = runner.run(calib, providers, options.memory_budget)
-            if options.embedding_bits is not None:
-                report.embeddings = [quantize_embedding(source, emb, writer, options.embedding_bits,
-                                                        options.embedding_block, options.embedding_axis)
+                log("rotating the residual stream (QuaRot R1)", self.quiet)
+                work = Path(rotated.enter_context(tempfile.TemporaryDirectory(prefix=".rotated-", dir=folder)))
+                _, fields["rotation"] = write_rotated(self.decoder, work, rot.seed)
+                source = OnnxDecoder(work)
+                phases["rotation"] = time.perf_counter() - t
+            writer = GraphWriter(source, folder, self.decoder.path.name)
+            runner = OnnxQuantizer(source, self.plan, self.chain, writer, self.options.onnx_format,
+                                   self.options.accuracy_level, self.progress)
+            report = runner.run(self.windows, providers_for(self.options.execution_provider),
+                                self.options.memory_budget)
+            if self.options.embedding_bits is not None:
+                report.embeddings = [quantize_embedding(source, emb, writer, self.options.embedding_bits,
+                                                        self.options.embedding_block, self.options.embedding_axis)
                                      for emb in source.embeddings]
-            t_quant = time.perf_counter()
             writer.write()
             del source, writer, runner
-        summary["carried_files"] = carry_files(decoder, tmp)
-        recipe.save(tmp / "recipe.yaml")
-        errors = {r.name: round(r.relative_error, 6) for r in report.layers}
-        summary.update({
-            "seconds": {"prepare": round(t_loaded - t0, 3),
-                        **({"rotation": rotation_seconds} if rotation_seconds is not None else {}),
-                        "quantize": round(t_quant - t_loaded, 3),
-                        "calibration": round(report.calibration_seconds, 3),
-                        "total": round(time.perf_counter() - t0, 3)},
-            "peak_rss_bytes": _peak_rss(), "source_size_bytes": decoder.size_bytes(),
-            "output_size_bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(decoder.path.name)),
-            "quantized_modules": len(report.layers), "layer_errors": errors,
-            "layer_notes": {r.name: r.note for r in report.layers if r.note},
-            "embeddings": report.embeddings,
-        })
-        if errors:
-            summary["mean_layer_error"] = round(sum(errors.values()) / len(errors), 6)
-        warn_fallbacks(summary["layer_notes"], len(report.layers), chain[-1].name)
-        if evaluate_after:
-            from ..data import eval_windows
-            from ..eval.onnx_perplexity import onnx_perplexity
-            from ..model_files import load_tokenizer
+        fields["carried_files"] = carry_files(self.decoder, folder)
+        fields["embeddings"] = report.embeddings
+        phases["calibration"] = report.calibration_seconds
+        return JobResult(report.layers, report, fields, phases)
 
-            ids = tokenize(load_tokenizer(tmp), load_text(eval_dataset or "pydoc", "eval"))
-            result = onnx_perplexity(tmp, eval_windows(ids, eval_seq_len or cal["seq_len"], max_chunks),
-                                     progress=progress)
-            summary["perplexity"] = result.to_dict()
-        write_json(tmp / "summary.json", summary)
-    return output, summary, report
+    def source_size(self) -> int:
+        return self.decoder.size_bytes()
+
+    def output_size(self, folder: Path) -> int:
+        return output_size(folder, self.decoder)
+
+    def evaluation_target(self, folder: Path):
+        from ..model_files import load_tokenizer
+
+        return "onnx", folder, load_tokenizer(folder)
+
+
+def output_size(folder: Path, decoder: OnnxDecoder) -> int:
+    """Bytes of the written model: model.onnx and its external data."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith(decoder.path.name))
 
 
 def _with_8bit_layers(recipe: Recipe, options: OnnxOptions, decoder: OnnxDecoder) -> Recipe:
@@ -191,9 +196,3 @@ def _with_8bit_layers(recipe: Recipe, options: OnnxOptions, decoder: OnnxDecoder
         return recipe
     extra = tuple(Override.parse(o) for o in eight_bit_overrides(patterns, list(decoder.linears())))
     return replace(recipe, overrides=recipe.overrides + extra)
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

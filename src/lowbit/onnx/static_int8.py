@@ -20,12 +20,11 @@ the tokenizer files, recipe.yaml and summary.json; it runs in onnxruntime and on
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +32,12 @@ import torch
 
 from ..algorithms.smoothquant import smooth_scales
 from ..algorithms.stats import MIN_CALIBRATION_TOKENS, InputStats
-from ..errors import LowbitError
+from ..errors import LowbitError, log
+from ..job import JobResult
 from ..recipe import matches
-from ..results import write_json
+from ..results import LayerReport
 from .fold import find_fold, fold
 from .graph import OnnxDecoder
-from ..results import LayerReport
 from .quantize import OnnxReport, carry_files, layer_units
 from .write import GraphWriter
 
@@ -240,113 +239,125 @@ def _drop_activation_qdq(path: Path, names: set[str]) -> None:
     onnx.save_model(model, str(path))
 
 
-def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan, options, overwrite: bool = False,
-                         progress: bool = True, quiet: bool = False, evaluate_after: bool = False,
-                         eval_dataset: str | None = None, eval_seq_len: int | None = None,
-                         max_chunks: int | None = None, t0: float | None = None):
-    """The static INT8 flow (module docstring) from a checked plan to the output folder; returns
-    (output, summary, OnnxReport)."""
-    from .. import __version__
-    from ..staging import staged
-    from ..eval.onnx_perplexity import genai_decoder
-    from .calibrate import calibration_windows, providers_for
+@dataclass
+class StaticInt8Job:
+    """Static INT8 QDQ of an ONNX decoder (pipeline.Job): optional R1 rotation and SmoothQuant written as
+    intermediate graphs in a folder inside the staged output, then onnxruntime's static quantization."""
+    source: str
+    decoder: OnnxDecoder
+    recipe: object
+    chain: list
+    plan: dict
+    options: object  # OnnxOptions
+    quiet: bool
+    progress: bool
+    nodes: list[str]  # the MatMul nodes to quantize
+    float_inputs: list[str]  # nodes whose inputs stay float
+    int16_inputs: list[str]  # nodes whose inputs get 16-bit codes
+    windows: torch.Tensor | None = None
 
-    t0 = time.perf_counter() if t0 is None else t0
-    _check(recipe, chain, options, plan)
-    names = [a.name for a in chain]
-    rot = next((a for a in chain if a.name == "rotation"), None)
-    sq = next((a for a in chain if a.name == "smoothquant"), None)
-    if rot is not None:
-        from .rotate import plan_rotation
+    @classmethod
+    def checked(cls, source, decoder, recipe, chain, plan, options, quiet, progress) -> "StaticInt8Job":
+        """The job of a checked plan; everything it cannot do is refused here, before any work."""
+        _check(recipe, chain, options, plan)
+        if any(a.name == "rotation" for a in chain):
+            from .rotate import plan_rotation
 
-        plan_rotation(decoder)  # refuse before any work
-    providers = providers_for(options.execution_provider)
-    nodes = [mm.node.name for mm in decoder.matmuls if plan[mm.name].spec is not None]
-    if not nodes or any(not n for n in nodes):
-        raise LowbitError("ONNX static INT8 needs named MatMul nodes to quantize (none planned, or unnamed)")
-    float_inputs = [mm.node.name for mm in decoder.matmuls if plan[mm.name].spec is not None
-                    and any(matches(p, mm.name) for p in options.float_inputs)]
-    int16_inputs = [mm.node.name for mm in decoder.matmuls if plan[mm.name].spec is not None
-                    and mm.node.name not in float_inputs and any(matches(p, mm.name) for p in options.int16_inputs)]
-    per_channel = recipe.scheme.weight.granularity == "channel"
-    method = options.calibrate_method.lower()
-    head_size = genai_decoder(decoder.folder).get("head_size")
-    windows = calibration_windows(decoder, recipe)
-    t_loaded = time.perf_counter()
-    seconds: dict[str, float] = {}
-    report = OnnxReport()
-    notes: dict[str, str] = {}
-    extra: dict = {}
-    # intermediate graphs go in a folder inside the staged output (removed with it, even on a crash)
-    with staged(Path(output), overwrite, [decoder.folder]) as tmp, \
-            tempfile.TemporaryDirectory(prefix=".work-", dir=tmp) as work:
-        work = Path(work)
-        current = decoder
-        if rot is not None:
-            from .rotate import write_rotated
+            plan_rotation(decoder)
+        planned = [mm for mm in decoder.matmuls if plan[mm.name].spec is not None]
+        nodes = [mm.node.name for mm in planned]
+        if not nodes or any(not n for n in nodes):
+            raise LowbitError("ONNX static INT8 needs named MatMul nodes to quantize (none planned, or unnamed)")
+        floats = [mm.node.name for mm in planned if any(matches(p, mm.name) for p in options.float_inputs)]
+        int16 = [mm.node.name for mm in planned
+                 if mm.node.name not in floats and any(matches(p, mm.name) for p in options.int16_inputs)]
+        return cls(source, decoder, recipe, chain, plan, options, quiet, progress, nodes, floats, int16)
 
+    def describe(self) -> dict:
+        return {"scheme": self.recipe.scheme.name, "algorithms": [a.name for a in self.chain], "onnx_format": "qdq"}
+
+    def prepare(self) -> torch.Tensor:
+        from .calibrate import calibration_windows
+
+        self.windows = calibration_windows(self.decoder, self.recipe)
+        return self.windows
+
+    def quantize(self, folder: Path) -> JobResult:
+        phases, extra, notes = {}, {}, {}
+        # intermediate graphs go in a folder inside the staged output (removed with it, even on a crash)
+        with tempfile.TemporaryDirectory(prefix=".work-", dir=folder) as work:
+            current = self._rotated(self.decoder, Path(work), phases, extra)
+            current, notes = self._smoothed(current, Path(work), phases)
             t = time.perf_counter()
-            _log("rotating the residual stream (QuaRot R1)", quiet)
-            _, extra["rotation"] = write_rotated(current, work / "rotated", rot.seed)
-            current = OnnxDecoder(work / "rotated")
-            seconds["rotation"] = round(time.perf_counter() - t, 3)
-        if sq is not None:
-            t = time.perf_counter()
-            (work / "smoothed").mkdir()
-            writer = GraphWriter(current, work / "smoothed", current.path.name)
-            notes = smooth_graph(current, plan, windows, sq.alpha, writer, providers, options.memory_budget,
-                                 progress)
-            writer.write()
-            carry_files(current, work / "smoothed")
-            current = OnnxDecoder(work / "smoothed")
-            seconds["smoothquant"] = round(time.perf_counter() - t, 3)
+            self._qdq(current, folder)
+            phases["qdq"] = time.perf_counter() - t
+        carried = carry_files(self.decoder, folder)
+        report = OnnxReport(layers=[LayerReport(mm.name, self.recipe.scheme.name, 0.0, self._note(mm, notes))
+                                    for mm in self.decoder.matmuls if self.plan[mm.name].spec is not None])
+        fields = {"static_int8": {**self._settings(), **extra}, "carried_files": carried}
+        return JobResult(report.layers, report, fields, phases, errors_measured=False)
+
+    def _rotated(self, current: OnnxDecoder, work: Path, phases: dict, extra: dict) -> OnnxDecoder:
+        rot = next((a for a in self.chain if a.name == "rotation"), None)
+        if rot is None:
+            return current
+        from .rotate import write_rotated
+
         t = time.perf_counter()
-        _log(f"static int8 QDQ ({method} calibration, {len(windows)} windows)", quiet)
-        qdq_quantize(current.path, tmp / decoder.path.name, windows, nodes, per_channel, method, options.percentile,
-                     float_inputs, head_size, providers, options.reduce_range, int16_inputs)
-        seconds["qdq"] = round(time.perf_counter() - t, 3)
-        t_quant = time.perf_counter()
-        carried = carry_files(decoder, tmp)
-        recipe.save(tmp / "recipe.yaml")
-        for mm in decoder.matmuls:
-            if plan[mm.name].spec is None:
-                continue
-            note = "; ".join(x for x in (notes.get(mm.name, ""),
-                                         "float inputs" if mm.node.name in float_inputs else "",
-                                         "int16 inputs" if mm.node.name in int16_inputs else "") if x)
-            report.layers.append(LayerReport(mm.name, recipe.scheme.name, 0.0, note))
-        summary = {"lowbit_version": __version__, "source": str(decoder.path), "scheme": recipe.scheme.name,
-                   "algorithms": names, "onnx_format": "qdq", "static_int8": {
-                       "calibrate_method": method, "per_channel_weights": per_channel,
-                       "percentile": options.percentile if method == "percentile" else None,
-                       "reduce_range": options.reduce_range,
-                       "smoothquant_alpha": sq.alpha if sq is not None else None,
-                       "float_inputs": [mm.name for mm in decoder.matmuls if mm.node.name in float_inputs],
-                       "int16_inputs": [mm.name for mm in decoder.matmuls if mm.node.name in int16_inputs],
-                       **extra},
-                   "python": platform.python_version(),
-                   "calibration_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-                   "carried_files": carried,
-                   "seconds": {"prepare": round(t_loaded - t0, 3), **seconds,
-                               "quantize": round(t_quant - t_loaded, 3), "total": round(time.perf_counter() - t0, 3)},
-                   "source_size_bytes": decoder.size_bytes(),
-                   "output_size_bytes": sum(f.stat().st_size for f in tmp.iterdir()
-                                            if f.name.startswith(decoder.path.name)),
-                   "quantized_modules": len(nodes),
-                   "layer_notes": {r.name: r.note for r in report.layers if r.note}}
-        if evaluate_after:
-            from ..data import eval_windows, load_text, tokenize
-            from ..eval.onnx_perplexity import onnx_perplexity
-            from ..model_files import load_tokenizer
+        log("rotating the residual stream (QuaRot R1)", self.quiet)
+        _, extra["rotation"] = write_rotated(current, work / "rotated", rot.seed)
+        phases["rotation"] = time.perf_counter() - t
+        return OnnxDecoder(work / "rotated")
 
-            ids = tokenize(load_tokenizer(tmp), load_text(eval_dataset or "pydoc", "eval"))
-            result = onnx_perplexity(tmp, eval_windows(ids, eval_seq_len or recipe.calibration["seq_len"],
-                                                       max_chunks), progress=progress)
-            summary["perplexity"] = result.to_dict()
-        write_json(tmp / "summary.json", summary)
-    return Path(output), summary, report
+    def _smoothed(self, current: OnnxDecoder, work: Path, phases: dict) -> tuple[OnnxDecoder, dict]:
+        sq = next((a for a in self.chain if a.name == "smoothquant"), None)
+        if sq is None:
+            return current, {}
+        from .calibrate import providers_for
 
+        t = time.perf_counter()
+        (work / "smoothed").mkdir()
+        writer = GraphWriter(current, work / "smoothed", current.path.name)
+        notes = smooth_graph(current, self.plan, self.windows, sq.alpha, writer,
+                             providers_for(self.options.execution_provider), self.options.memory_budget,
+                             self.progress)
+        writer.write()
+        carry_files(current, work / "smoothed")
+        phases["smoothquant"] = time.perf_counter() - t
+        return OnnxDecoder(work / "smoothed"), notes
 
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+    def _qdq(self, current: OnnxDecoder, folder: Path) -> None:
+        from ..eval.onnx_perplexity import genai_decoder
+        from .calibrate import providers_for
+
+        o = self.options
+        method = o.calibrate_method.lower()
+        log(f"static int8 QDQ ({method} calibration, {len(self.windows)} windows)", self.quiet)
+        qdq_quantize(current.path, folder / self.decoder.path.name, self.windows, self.nodes,
+                     self.recipe.scheme.weight.granularity == "channel", method, o.percentile, self.float_inputs,
+                     genai_decoder(self.decoder.folder).get("head_size"), providers_for(o.execution_provider),
+                     o.reduce_range, self.int16_inputs)
+
+    def _note(self, mm, notes: dict) -> str:
+        return "; ".join(x for x in (notes.get(mm.name, ""), "float inputs" if mm.node.name in self.float_inputs
+                                     else "", "int16 inputs" if mm.node.name in self.int16_inputs else "") if x)
+
+    def _settings(self) -> dict:
+        o, method = self.options, self.options.calibrate_method.lower()
+        sq = next((a for a in self.chain if a.name == "smoothquant"), None)
+        return {"calibrate_method": method, "per_channel_weights": self.recipe.scheme.weight.granularity == "channel",
+                "percentile": o.percentile if method == "percentile" else None, "reduce_range": o.reduce_range,
+                "smoothquant_alpha": sq.alpha if sq is not None else None,
+                "float_inputs": [mm.name for mm in self.decoder.matmuls if mm.node.name in self.float_inputs],
+                "int16_inputs": [mm.name for mm in self.decoder.matmuls if mm.node.name in self.int16_inputs]}
+
+    def source_size(self) -> int:
+        return self.decoder.size_bytes()
+
+    def output_size(self, folder: Path) -> int:
+        return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith(self.decoder.path.name))
+
+    def evaluation_target(self, folder: Path):
+        from ..model_files import load_tokenizer
+
+        return "onnx", folder, load_tokenizer(folder)

@@ -132,7 +132,7 @@ class WindowReader:
     def __init__(self, model_path: Path, windows: torch.Tensor, head_size: int | None):
         import onnxruntime as ort
 
-        from ..eval.onnx_perplexity import decoder_feeds
+        from ..runtimes import decoder_feeds
 
         session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
         self.feeds = [decoder_feeds(session, w[None].numpy().astype(np.int64), head_size) for w in windows]
@@ -248,7 +248,7 @@ def quantize_static_int8(decoder: OnnxDecoder, output: Path, recipe, chain, plan
     (output, summary, OnnxReport)."""
     from .. import __version__
     from ..staging import staged
-    from ..eval.onnx_perplexity import genai_decoder
+    from ..runtimes import genai_decoder
     from .calibrate import calibration_windows, providers_for
 
     t0 = time.perf_counter() if t0 is None else t0

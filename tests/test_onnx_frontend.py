@@ -18,7 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 from lowbit import api  # noqa: E402
 from lowbit.cli import main  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.eval.onnx_perplexity import decoder_feeds  # noqa: E402
+from lowbit.runtimes import decoder_feeds  # noqa: E402
 from lowbit.formats import quantize as rtn_quantize  # noqa: E402
 from lowbit.onnx.calibrate import plan_passes, session_with_outputs  # noqa: E402
 from lowbit.onnx.fold import find_fold, fold  # noqa: E402

@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from lowbit import api  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.eval.onnx_perplexity import decoder_feeds  # noqa: E402
+from lowbit.runtimes import decoder_feeds  # noqa: E402
 from lowbit.onnx.calibrate import session_with_outputs  # noqa: E402
 from lowbit.onnx.graph import OnnxDecoder  # noqa: E402
 from lowbit.onnx.rotate import plan_rotation, write_rotated  # noqa: E402

@@ -241,10 +241,11 @@ def _evaluate_foreign(folder: Path, dataset: str, seq_len: int, max_chunks, batc
 def _evaluate_in_runtime(path: Path, runtime: str, dataset: str, seq_len: int, max_chunks, progress) -> dict:
     """Perplexity of an ONNX model in onnxruntime, or of a GGUF file in llama.cpp, on lowbit's token windows."""
     if runtime != "llama.cpp":
-        from .eval.onnx_perplexity import genai_perplexity, onnx_model_path, onnx_perplexity
+        from .eval.onnx_perplexity import genai_perplexity, onnx_perplexity
+        from .runtimes import onnx_folder, onnx_model_path
 
         check_onnx_file(onnx_model_path(path))  # external data inside the folder, present and whole
-        folder = path if path.is_dir() else path.parent
+        folder = onnx_folder(path)
         tokenizer = load_tokenizer(folder, hint="put the model's tokenizer files beside model.onnx")
         windows = eval_windows(tokenize(tokenizer, load_text(dataset, "eval")), seq_len, max_chunks)
         if runtime == "onnxruntime-genai":

@@ -9,7 +9,6 @@ imports no torch at its top: a child measuring onnxruntime-genai or llama.cpp lo
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..runtimes import (genai_context_length, genai_generator, genai_version, llama_version, onnx_folder,
+                        onnx_model_path, open_genai_model, open_llama)
 
 RUNTIMES = ("auto", "torch", "onnxruntime-genai", "llama.cpp")
 PROMPT_TEXT = "pydoc"  # lowbit.data's built-in text, present on every machine
@@ -39,7 +40,6 @@ def measure_speed(model, runtime: str = "auto", prompt_tokens: int = 512, new_to
     target = runtime_target(model, runtime)
     if runtime == "onnxruntime-genai":
         from ..model_files import check_onnx_file
-        from .onnx_perplexity import onnx_model_path
 
         check_onnx_file(onnx_model_path(target))  # external data inside the folder, present and whole
     prompt = prompt_ids(model, runtime, prompt_tokens)
@@ -107,15 +107,10 @@ def _is_gguf(model) -> bool:
     return str(model) == DEMO or path.suffix.lower() == ".gguf" and path.is_file()
 
 
-def _onnx_folder(model) -> Path:
-    path = Path(str(model))
-    return path if path.is_dir() else path.parent
-
-
 def runtime_target(model, runtime: str) -> str:
     """What the runtime opens: a model source (torch), an ONNX folder with genai_config.json, a .gguf file."""
     if runtime == "onnxruntime-genai":
-        folder = _onnx_folder(model)
+        folder = onnx_folder(model)
         if not (folder / "genai_config.json").is_file():
             raise LowbitError(f"{model} has no genai_config.json beside it, which onnxruntime-genai needs; export "
                               f"with `lowbit export --format onnx` or onnxruntime-genai's model builder")
@@ -155,7 +150,7 @@ def prompt_ids(model, runtime: str, prompt_tokens: int) -> list[int]:
 
 def _check_genai_context(folder: Path, length: int) -> None:
     """onnxruntime-genai refuses a sequence longer than the model's context_length: say so before starting."""
-    context = json.loads((folder / "genai_config.json").read_text())["model"].get("context_length")
+    context = genai_context_length(folder)
     if context is not None and length > context:
         raise LowbitError(f"prompt_tokens + new_tokens + 1 = {length} exceeds the model's context length "
                           f"({context}); ask for fewer tokens")
@@ -177,8 +172,6 @@ def size_on_disk(model, runtime: str = "torch") -> int:
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path.stat().st_size
     if is_onnx_model(path):
-        from .onnx_perplexity import onnx_model_path
-
         return onnx_size(onnx_model_path(path))
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -300,18 +293,13 @@ def _open_torch(source: str, threads: int, length: int):
 def _open_genai(folder: str, threads: int, length: int):
     """Greedy generation in onnxruntime-genai, its session options from genai_config.json plus the threads."""
     import numpy as np
-    import onnxruntime_genai as og
 
-    config = og.Config(folder)
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
+    model = open_genai_model(folder, threads)
 
     def generate(prompt: list[int], new_tokens: int) -> tuple[float, float]:
-        params = og.GeneratorParams(model)
         # min_length = max_length: EOS is masked until the end, so every run generates all new_tokens
         length = len(prompt) + new_tokens + 1
-        params.set_search_options(do_sample=False, max_length=length, min_length=length)
-        generator = og.Generator(model, params)
+        generator = genai_generator(model, length, do_sample=False, min_length=length)
         tokens = np.asarray(prompt, dtype=np.int32)
         t0 = time.perf_counter()
         generator.append_tokens(tokens)  # the prompt's forward pass
@@ -321,19 +309,12 @@ def _open_genai(folder: str, threads: int, length: int):
             generator.generate_next_token()
         return t1 - t0, time.perf_counter() - t1
 
-    return generate, og.__version__
+    return generate, genai_version()
 
 
 def _open_llama_cpp(path: str, threads: int, length: int):
     """Greedy generation in llama.cpp (llama-cpp-python), logits of the last position only."""
-    import llama_cpp
-
-    try:
-        llm = llama_cpp.Llama(model_path=path, n_ctx=length + 1, n_batch=length + 1, logits_all=False,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
-    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-        raise LowbitError(f"llama.cpp cannot load {path} ({exc}); check that the file is a complete GGUF model "
-                          f"of an architecture this llama.cpp supports") from None
+    llm = open_llama(path, length + 1, threads, all_logits=False)
 
     def generate(prompt: list[int], new_tokens: int) -> tuple[float, float]:
         llm.reset()  # the KV cache starts empty
@@ -346,7 +327,7 @@ def _open_llama_cpp(path: str, threads: int, length: int):
             token = llm.sample(temp=0.0)
         return t1 - t0, time.perf_counter() - t1
 
-    return generate, llama_cpp.__version__
+    return generate, llama_version()
 
 
 _OPENERS = {"torch": _open_torch, "onnxruntime-genai": _open_genai, "llama.cpp": _open_llama_cpp}

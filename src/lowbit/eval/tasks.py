@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from ..errors import LowbitError
 from ..model_files import check_onnx_file, load_tokenizer
-from .onnx_perplexity import decoder_feeds, genai_decoder, onnx_model_path
+from ..runtimes import (decoder_feeds, decoder_session, genai_context_length, genai_decoder, genai_generator,
+                        onnx_folder, onnx_model_path, open_genai_model)
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default context when the model states none
 PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "f1", "word_perplexity", "perplexity")
@@ -46,13 +47,8 @@ class _OrtRunner:
     """An ONNX decoder run by onnxruntime: logits of a whole sequence, and greedy decoding with its KV cache."""
 
     def __init__(self, path: Path, threads: int | None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         model = onnx_model_path(path)
-        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        self.session = decoder_session(model, threads)
         self.head_size = genai_decoder(model.parent).get("head_size")
         self.presents = [o.name for o in self.session.get_outputs() if o.name.startswith("present")]
 
@@ -85,21 +81,11 @@ class _GenaiRunner:
     """An onnxruntime-genai folder run by onnxruntime-genai itself (its provider and session options)."""
 
     def __init__(self, folder: Path):
-        try:
-            import onnxruntime_genai as og
-        except ImportError:
-            raise LowbitError("--runtime onnxruntime-genai needs the onnxruntime-genai package: "
-                              "pip install onnxruntime-genai") from None
-        if not (folder / "genai_config.json").is_file():
-            raise LowbitError(f"{folder} has no genai_config.json; onnxruntime-genai runs folders written by its "
-                              f"builder or by lowbit (use --runtime torch to run a bare .onnx in onnxruntime)")
-        self.og = og
-        self.model = og.Model(str(folder))
+        self.model = open_genai_model(folder, bare_onnx_hint="use --runtime torch to run a bare .onnx in onnxruntime")
 
     def _generator(self, max_length: int):
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, do_sample=False)
-        return self.og.Generator(self.model, params)
+        """A greedy generator for sequences up to max_length tokens."""
+        return genai_generator(self.model, max_length, do_sample=False)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         generator = self._generator(len(tokens) + 1)
@@ -120,9 +106,8 @@ class _GenaiRunner:
 
 def _context_length(folder: Path) -> int:
     """The model's context from genai_config.json, else config.json beside it, else lm-eval's default."""
-    genai = folder / "genai_config.json"
-    if genai.is_file():
-        length = json.loads(genai.read_text())["model"].get("context_length")
+    if (folder / "genai_config.json").is_file():
+        length = genai_context_length(folder)
         if length:
             return int(length)
     config = folder / "config.json"
@@ -133,83 +118,95 @@ def _context_length(folder: Path) -> int:
     return DEFAULT_MAX_LENGTH
 
 
+class _OnnxScoring:
+    """What OnnxLM adds to lm-eval's TemplateLM: the tokenizer, the runner (onnxruntime or onnxruntime-genai) and
+    the context length of an ONNX decoder, and scoring and greedy generation as lm-eval's HF backend does them,
+    one sequence at a time."""
+
+    def _open(self, path, runtime: str, max_length: int | None, threads: int | None) -> None:
+        """Open the decoder at `path` (a folder or model file) in `runtime`, with its tokenizer beside it."""
+        path = Path(path)
+        folder = onnx_folder(path)
+        check_onnx_file(onnx_model_path(path))  # external data inside the folder, present and whole
+        self.tokenizer = load_tokenizer(folder, hint="put the model's tokenizer files beside model.onnx")
+        self.runner = _GenaiRunner(folder) if runtime == "onnxruntime-genai" else _OrtRunner(path, threads)
+        # onnxruntime-genai counts the token it would generate next against the context
+        self.max_length = max_length or _context_length(folder) - (runtime == "onnxruntime-genai")
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        from lm_eval.models.utils import has_bos_prefix
+
+        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            kwargs["add_special_tokens"] = False
+        return self.tokenizer.encode(string, **kwargs)
+
+    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """Sum log-probability of continuation after context, and whether greedy decoding gives it."""
+        tokens = (context + continuation)[-(self.max_length + 1):][:-1]
+        rows = _log_softmax_rows(self.runner.logits(tokens)[-len(continuation):])
+        target = np.asarray(continuation)
+        picked = rows[np.arange(len(continuation)), target]
+        return float(picked.sum()), bool((rows.argmax(-1) == target).all())
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        return [self._score(ctx, cont) for _, ctx, cont in
+                tqdm(requests, desc="loglikelihood", disable=disable_tqdm, file=sys.stderr)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for request in tqdm(requests, desc="loglikelihood (rolling)", disable=disable_tqdm, file=sys.stderr):
+            windows = map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tok_encode(request.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))
+            out.append(sum(self._score(ctx, cont)[0] for ctx, cont in windows))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        return [self._generate_one(*request.args) for request in
+                tqdm(requests, desc="generate", disable=disable_tqdm, file=sys.stderr)]
+
+    def _generate_one(self, context: str, gen_kwargs: dict) -> str:
+        """The greedy continuation of one context, cut at the first stop string (the EOS text among them)."""
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        eos = self.tokenizer.decode(self.eot_token_id)
+        if eos not in until:
+            until.append(eos)
+        max_new = int(gen_kwargs.get("max_gen_toks", 256))
+        prompt = self.tok_encode(context)[-(self.max_length - max_new):]
+
+        def keep_going(new: list[int]) -> bool:
+            return new[-1] != self.eot_token_id and not any(s in self.tokenizer.decode(new) for s in until)
+
+        text = self.tokenizer.decode(self.runner.generate(prompt, max_new, keep_going))
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
+
+
 def onnx_lm(path, runtime: str = "onnxruntime", max_length: int | None = None, threads: int | None = None):
     """An lm-eval model over an ONNX decoder (a folder or model file) run by onnxruntime or onnxruntime-genai."""
     _require_lm_eval()
     from lm_eval.api.model import TemplateLM
-    from lm_eval.models.utils import has_bos_prefix
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    class OnnxLM(TemplateLM):
+    class OnnxLM(_OnnxScoring, TemplateLM):
         """Scores continuations and generates greedily as lm-eval's HF backend does, one sequence at a time."""
 
         def __init__(self):
             super().__init__()
-            path_ = Path(path)
-            folder = path_ if path_.is_dir() else path_.parent
-            check_onnx_file(onnx_model_path(path_))  # external data inside the folder, present and whole
-            self.tokenizer = load_tokenizer(folder, hint="put the model's tokenizer files beside model.onnx")
-            self.runner = _GenaiRunner(folder) if runtime == "onnxruntime-genai" else _OrtRunner(path_, threads)
-            # onnxruntime-genai counts the token it would generate next against the context
-            self.max_length = max_length or _context_length(folder) - (runtime == "onnxruntime-genai")
-
-        @property
-        def eot_token_id(self) -> int:
-            return self.tokenizer.eos_token_id
-
-        @property
-        def prefix_token_id(self) -> int:
-            bos = self.tokenizer.bos_token_id
-            return bos if bos is not None else self.tokenizer.eos_token_id
-
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-            kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-            if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-                kwargs["add_special_tokens"] = False
-            return self.tokenizer.encode(string, **kwargs)
-
-        def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-            """Sum log-probability of continuation after context, and whether greedy decoding gives it."""
-            tokens = (context + continuation)[-(self.max_length + 1):][:-1]
-            rows = _log_softmax_rows(self.runner.logits(tokens)[-len(continuation):])
-            target = np.asarray(continuation)
-            picked = rows[np.arange(len(continuation)), target]
-            return float(picked.sum()), bool((rows.argmax(-1) == target).all())
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-            return [self._score(ctx, cont) for _, ctx, cont in
-                    tqdm(requests, desc="loglikelihood", disable=disable_tqdm, file=sys.stderr)]
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            out = []
-            for request in tqdm(requests, desc="loglikelihood (rolling)", disable=disable_tqdm, file=sys.stderr):
-                windows = map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(request.args[0]), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1))
-                out.append(sum(self._score(ctx, cont)[0] for ctx, cont in windows))
-            return out
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            out = []
-            for request in tqdm(requests, desc="generate", disable=disable_tqdm, file=sys.stderr):
-                context, gen_kwargs = request.args
-                until = gen_kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                eos = self.tokenizer.decode(self.eot_token_id)
-                if eos not in until:
-                    until.append(eos)
-                max_new = int(gen_kwargs.get("max_gen_toks", 256))
-                prompt = self.tok_encode(context)[-(self.max_length - max_new):]
-
-                def keep_going(new: list[int]) -> bool:
-                    return new[-1] != self.eot_token_id and not any(
-                        s in self.tokenizer.decode(new) for s in until)
-
-                text = self.tokenizer.decode(self.runner.generate(prompt, max_new, keep_going))
-                for stop in until:
-                    text = text.split(stop)[0]
-                out.append(text)
-            return out
+            self._open(path, runtime, max_length, threads)
 
     return OnnxLM()
 

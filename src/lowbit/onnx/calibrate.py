@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..algorithms.stats import InputStats
 from ..errors import LowbitError
-from ..eval.onnx_perplexity import decoder_feeds, genai_decoder
+from ..runtimes import decoder_feeds, genai_decoder
 from .graph import OnnxDecoder
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",

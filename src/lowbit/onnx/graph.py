@@ -17,7 +17,7 @@ from onnx import TensorProto, numpy_helper
 
 from ..errors import LowbitError
 from ..model_files import check_carried, check_external_data, check_finite, external_span, read_json
-from ..eval.onnx_perplexity import onnx_model_path
+from ..runtimes import onnx_model_path
 
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 NORM_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",

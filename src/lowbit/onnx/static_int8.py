@@ -131,7 +131,7 @@ class WindowReader:
     def __init__(self, model_path: Path, windows: torch.Tensor, head_size: int | None):
         import onnxruntime as ort
 
-        from ..eval.onnx_perplexity import decoder_feeds
+        from ..runtimes import decoder_feeds
 
         session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
         self.feeds = [decoder_feeds(session, w[None].numpy().astype(np.int64), head_size) for w in windows]
@@ -327,7 +327,7 @@ class StaticInt8Job:
         return OnnxDecoder(work / "smoothed"), notes
 
     def _qdq(self, current: OnnxDecoder, folder: Path) -> None:
-        from ..eval.onnx_perplexity import genai_decoder
+        from ..runtimes import genai_decoder
         from .calibrate import providers_for
 
         o = self.options

@@ -4,10 +4,11 @@ quantized model computes, so no KV cache or stale activation leaks between sampl
 import pytest
 import torch
 
-from lowbit.algorithms import Quantizer, Transform, parse_algo_args, parse_chain
+from lowbit.algorithms import INPUT_STATS, Quantizer, Transform, parse_algo_args, parse_chain
 from lowbit.arch import linear_modules
 from lowbit.data import calib_windows, load_text, tokenize
 from lowbit.engine import Engine
+from lowbit.engine.block import BlockRun
 from lowbit.errors import LowbitError
 from lowbit.formats import quantize
 from lowbit.hf.model import open_model
@@ -16,10 +17,12 @@ from lowbit.spec import parse_scheme
 
 
 class Recorder(Quantizer):
-    """A calibrated quantizer for tests: keeps every input it is shown, then quantizes with RTN."""
+    """A calibrated quantizer for tests: keeps every input it is shown, then quantizes with RTN; calibrated
+    stage by stage, so each stage's inputs come from the block with the earlier stages quantized."""
 
     name = "test-recorder"
-    needs_calibration = True
+    needs = frozenset({INPUT_STATS})
+    calibrates_stage_by_stage = True
 
     def __init__(self):
         self.seen = {}
@@ -74,7 +77,7 @@ def test_stages_follow_shared_inputs(arch, stages, tiny_models):
     prefix = loaded.layout.block_prefix(0)
     loaded.materialize(prefix)
     block = loaded.layout.blocks[0]
-    found = engine._stages(block, prefix, engine._planned(block, prefix), inputs)
+    found = BlockRun(engine, block, prefix, engine._planned(block, prefix), inputs).find_stages(True).groups
     assert [[n.rsplit(".", 1)[1] for n in st] for st in found] == stages
 
 
@@ -112,7 +115,8 @@ def test_rtn_runs_no_forward_pass(tiny_models, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("RTN must not run the model")
 
-    monkeypatch.setattr(Engine, "_run_block", boom)
+    monkeypatch.setattr(BlockRun, "run_pass", boom)
+    monkeypatch.setattr(BlockRun, "find_stages", boom)
     monkeypatch.setattr(Engine, "_capture_block0_inputs", boom)
     report = Engine(loaded, plan, parse_chain("rtn"), None, progress=False).run()
     assert len(report.layers) == 14 and len(report.block_seconds) == 2
@@ -177,14 +181,13 @@ def test_propagation_modes(propagate, tiny_models, monkeypatch):
         h.remove()
     recorder = StatsRecorder()
     runs = []
-    original = Engine._run_block
-    monkeypatch.setattr(Engine, "_run_block", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
+    original = BlockRun.advance
+    monkeypatch.setattr(BlockRun, "advance", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
     Engine(loaded, plan, [recorder, parse_chain("rtn")[0]], calib, batch_size=2, progress=False,
            propagate=propagate).run()
     last = "model.layers.1.self_attn.q_proj"
     assert torch.allclose(recorder.seen["model.layers.0.self_attn.q_proj"], want["model.layers.0.self_attn.q_proj"])
     same = torch.allclose(recorder.seen[last], want[last], rtol=1e-5, atol=1e-6)
     assert same == (propagate == "float")
-    # output passes: none under float propagation (probes of one window aside), one per block but the last otherwise
-    full_passes = len(runs) - 2  # the two stage probes (one per block)
-    assert full_passes == (0 if propagate == "float" else 1)
+    # output passes: none under float propagation, one per block but the last otherwise
+    assert len(runs) == (0 if propagate == "float" else 1)

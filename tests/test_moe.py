@@ -62,10 +62,10 @@ def test_second_step_scheme_for_experts(arch, tiny_moe, ids, tmp_path):
 
 def test_experts_with_few_tokens_fall_back_to_rtn(tiny_moe, tmp_path, monkeypatch):
     import lowbit.algorithms.gptq as gptq
-    import lowbit.engine as engine
+    import lowbit.engine.step as step
 
     monkeypatch.setattr(gptq, "MIN_CALIBRATION_TOKENS", 10 ** 9)
-    monkeypatch.setattr(engine, "MIN_CALIBRATION_TOKENS", 10 ** 9)
+    monkeypatch.setattr(step, "MIN_CALIBRATION_TOKENS", 10 ** 9)
     out = tmp_path / "q"
     quantize(tiny_moe["mixtral"], out, scheme="w_int4_per_group_sym", group_size=16, algo="awq,gptq",
              num_calib_data=4, seq_len=32, progress=False, quiet=True)

@@ -12,6 +12,7 @@ from lowbit.algorithms.stats import output_error
 from lowbit.arch import linear_modules
 from lowbit.data import calib_windows, load_text, tokenize
 from lowbit.engine import Engine
+from lowbit.engine.block import BlockRun
 from lowbit.errors import LowbitError
 from lowbit.formats import activation_qparams, fake_quant, fake_quant_activation
 from lowbit.hf.model import open_model
@@ -117,7 +118,7 @@ def test_activation_fake_quant():
 def no_quantization(monkeypatch):
     """Skip the engine's quantization steps: only the transforms change the model."""
     monkeypatch.setattr(Engine, "_quantize_modules", lambda self, root, prefix: None)
-    monkeypatch.setattr(Engine, "_calibrate_and_quantize", lambda self, *a: None)
+    monkeypatch.setattr(BlockRun, "calibrate_and_quantize", lambda self, *a: None)
 
 
 def calib_for(loaded, n=4, seq=32):

@@ -2,8 +2,10 @@
 Hadamard rotation (a model-wide step, first in a chain)."""
 
 from . import awq, gptq, rotation, rtn, smoothquant  # noqa: F401  (registers)
-from .base import REGISTRY, Algorithm, Quantizer, Transform, parse_algo_args, parse_chain, register
+from .base import (BLOCK_FORWARD, CALIBRATION_NEEDS, FLOAT_AND_QUANTIZED_INPUTS, GLOBAL_TRANSFORM, INPUT_STATS, REGISTRY,
+                   Algorithm, Quantizer, Transform, parse_algo_args, parse_chain, register)
 from .stats import InputStats
 
-__all__ = ["REGISTRY", "Algorithm", "InputStats", "Quantizer", "Transform", "parse_algo_args", "parse_chain",
+__all__ = ["BLOCK_FORWARD", "CALIBRATION_NEEDS", "FLOAT_AND_QUANTIZED_INPUTS", "GLOBAL_TRANSFORM", "INPUT_STATS",
+           "REGISTRY", "Algorithm", "InputStats", "Quantizer", "Transform", "parse_algo_args", "parse_chain",
            "register"]

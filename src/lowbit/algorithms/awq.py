@@ -15,7 +15,7 @@ import torch
 from ..formats import block_amax, fake_quant
 from ..recipe import check_pattern, matches
 from ..spec import QuantSpec
-from .base import Transform, register
+from .base import INPUT_STATS, Transform, register
 from .stats import InputStats, output_error
 
 
@@ -90,7 +90,7 @@ class AWQ(Transform):
     produces the input, then (optionally) a clipping search per linear."""
 
     name = "awq"
-    needs_calibration = True
+    needs = frozenset({INPUT_STATS})
 
     LIMITS = {"grid": (1, None), "clip_grid": (1, None), "max_shrink": (0.0, 0.99)}
 
@@ -102,7 +102,6 @@ class AWQ(Transform):
         self.clip_skip = tuple(p for p in str(clip_skip).split("|") if p)
         for pattern in self.clip_skip:
             check_pattern(pattern)
-        self.notes: dict[str, str] = {}
 
     def args(self) -> dict:
         return {"grid": self.grid, "duo_scaling": self.duo_scaling, "clip": self.clip, "clip_grid": self.clip_grid,

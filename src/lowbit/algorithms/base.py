@@ -19,12 +19,32 @@ from ..formats import Quantized
 from ..spec import QuantSpec
 
 
+# What an algorithm needs from the engine (Algorithm.needs); the engine serves each need in one place
+INPUT_STATS = "input statistics"  # statistics of each linear's input (channel ranges, Gram / Hessian): AWQ, GPTQ
+FLOAT_AND_QUANTIZED_INPUTS = "float and quantized inputs"  # each linear's input in the float and in the quantized
+#                                                             model at once (GPTAQ)
+BLOCK_FORWARD = "block forward"  # the block's forward and its float outputs, for rounding optimisation (AutoRound)
+GLOBAL_TRANSFORM = "global transform"  # a change of the whole model before any block is quantized (rotation)
+CALIBRATION_NEEDS = frozenset({INPUT_STATS, FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD})
+
+
 class Algorithm:
-    """Base of every algorithm: a name, whether it needs calibration activations, and its role."""
+    """Base of every algorithm: a name, its role in a chain, and what it needs from the engine."""
 
     name = "?"
-    role = "transform"  # or "quantizer"
-    needs_calibration = False
+    role = "transform"  # or "quantizer" or "rotation"
+    needs: frozenset = frozenset()  # of the needs above
+    rotates_online = False  # whether it multiplies some linear's input at run time (a rotation's R4)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether it needs activations of calibration windows."""
+        return bool(self.needs & CALIBRATION_NEEDS)
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """Remarks per linear for the summary (a fallback, a raised damping), filled in as it works."""
+        return self.__dict__.setdefault("_notes", {})
 
     def __init__(self, **kwargs):
         if kwargs:
@@ -42,7 +62,7 @@ class Transform(Algorithm):
     scales are folded, per-block clipping factors for the quantizer. Both from tensors: the weights, their
     QuantSpecs and the input's InputStats."""
 
-    needs_calibration = True
+    needs = frozenset({INPUT_STATS})
     needs_gram = True  # whether the InputStats handed over need the Gram matrix
 
     def channel_scales(self, names, weights, specs, stats) -> torch.Tensor | None:
@@ -57,6 +77,9 @@ class Quantizer(Algorithm):
     that read the same tensor (q/k/v; gate/up; ...)."""
 
     role = "quantizer"
+    # whether it calibrates stage by stage, each stage's inputs computed with the earlier stages already
+    # quantized (true-sequential), rather than on one pass of the block
+    calibrates_stage_by_stage = False
 
     def observe(self, names: tuple[str, ...], inputs) -> None:
         """Receive a chunk of the common input (tokens, in_features) of the linears `names`

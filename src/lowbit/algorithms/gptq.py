@@ -18,7 +18,7 @@ import torch
 from ..formats import Quantized, compute_qparams, grid_round, quantize, tensor_scale, values_to_codes
 from ..spec import QuantSpec
 from .awq import search_clip
-from .base import Quantizer, register
+from .base import INPUT_STATS, Quantizer, register
 from .stats import MIN_CALIBRATION_TOKENS, HessianAccumulator
 
 
@@ -110,7 +110,7 @@ class GPTQ(Quantizer):
     """GPTQ as a calibrated quantizer: accumulates each linear's input Hessian, then quantizes it."""
 
     name = "gptq"
-    needs_calibration = True
+    needs = frozenset({INPUT_STATS})
 
     LIMITS = {"block_size": (1, None), "damp": (1e-8, 10.0)}
 
@@ -119,7 +119,10 @@ class GPTQ(Quantizer):
         self.block_size, self.damp, self.act_order = int(block_size), float(damp), bool(act_order)
         self.true_sequential, self.clip = bool(true_sequential), bool(clip)
         self.hessians: dict[str, HessianAccumulator] = {}
-        self.notes: dict[str, str] = {}
+
+    @property
+    def calibrates_stage_by_stage(self) -> bool:
+        return self.true_sequential
 
     def args(self) -> dict:
         return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order,

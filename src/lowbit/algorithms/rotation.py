@@ -14,7 +14,7 @@ import functools
 import torch
 
 from ..errors import LowbitError
-from .base import Algorithm, register
+from .base import GLOBAL_TRANSFORM, Algorithm, register
 from .hadamard import Rotation
 
 
@@ -90,7 +90,7 @@ class Rotate(Algorithm):
 
     name = "rotation"
     role = "rotation"
-    needs_calibration = False
+    needs = frozenset({GLOBAL_TRANSFORM})
 
     def __init__(self, seed: int = 0, r2: bool = False, r4: bool = False):
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -99,6 +99,10 @@ class Rotate(Algorithm):
             if not isinstance(value, bool):
                 raise LowbitError(f"rotation option {key} must be true or false, got {value!r}")
         self.seed, self.r2, self.r4 = seed, r2, r4
+
+    @property
+    def rotates_online(self) -> bool:
+        return self.r4
 
     def args(self) -> dict:
         return {"seed": self.seed, "r2": self.r2, "r4": self.r4}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Transform, register
+from .base import INPUT_STATS, Transform, register
 from .stats import InputStats
 
 
@@ -21,7 +21,7 @@ def smooth_scales(weights: list[torch.Tensor], stats: InputStats, alpha: float =
 @register
 class SmoothQuant(Transform):
     name = "smoothquant"
-    needs_calibration = True
+    needs = frozenset({INPUT_STATS})
     needs_gram = False
 
     def __init__(self, alpha: float = 0.5):

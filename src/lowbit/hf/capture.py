@@ -16,16 +16,18 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass once what it needs has been seen."""
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states on CPU, block kwargs) for each batch of token ids, taken at `block`'s entry; the
-    forward stops there, so only what runs before the block needs weights."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches,
+                         place=lambda t: t.cpu()) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, block kwargs) for each batch of token ids, taken at `block`'s entry and put where
+    `place` says (the engine's Placement.activations); the forward stops there, so only what runs before the
+    block needs weights."""
     captured = []
     accepted = set(inspect.signature(block.forward).parameters)
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kept = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS and (k in accepted or "kwargs" in accepted)}
-        captured.append((hidden.detach().cpu(), kept))
+        captured.append((place(hidden.detach()), kept))
         raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)

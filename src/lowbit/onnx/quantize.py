@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from ..algorithms import Algorithm
-from ..algorithms.stats import MIN_CALIBRATION_TOKENS, InputStats
+from ..algorithms.stats import InputStats
+from ..engine.step import InputGroup, layer_report, quantize_group, scale_and_clip
 from ..results import LayerReport
 from ..formats import Quantized
 from ..model_files import copy_carried
@@ -101,67 +102,54 @@ class OnnxQuantizer:
 
     # -- one decoder layer -----------------------------------------------------------------------------
     def _quantize_unit(self, unit: list[list[WeightMatMul]], stats: dict[str, InputStats]) -> None:
+        """The chain on one decoder layer's groups (engine.step, as on the torch path): scales folded into
+        the graph's tensors, clipping, the quantizer, and the quantized MatMuls written."""
         weights = {mm.name: np.array(self.decoder.weight(mm)) for group in unit for mm in group}
         changed: set[str] = set()  # float weights a fold changed (written back when not quantized)
         clips: dict[str, torch.Tensor] = {}
-        for t in self.transforms:
-            for group in unit:
-                planned = [mm for mm in group if self.plan[mm.name].spec is not None]
-                st = stats.get(group[0].input)
-                if st is None or st.count < MIN_CALIBRATION_TOKENS:
-                    continue
-                target = find_fold(self.decoder, group)
-                if target is None or (target.matmul is not None and target.matmul.name not in weights):
-                    for mm in planned:
-                        self.notes[mm.name] = f"{t.name}: no op to fold scales into, not scaled"
-                    continue
-                s = t.channel_scales(tuple(mm.name for mm in planned), [_rows(weights[mm.name]) for mm in planned],
-                                     [self.plan[mm.name].spec for mm in planned], st)
-                if s is None:
-                    continue
-                s_np = s.double().numpy()
-                for name in target.vectors:
-                    self.vectors.setdefault(name, np.array(self.decoder.array(name)))
-                fold(target, s_np, self.vectors, weights)
-                if target.matmul is not None:
-                    changed.add(target.matmul.name)
-                for mm in group:  # every reader of the input, quantized or not, takes the scale
-                    weights[mm.name] = (weights[mm.name].astype(np.float64) * s_np[:, None]).astype(np.float32)
-                    changed.add(mm.name)
-                st.divide_channels(s)
-            for group in unit:
-                planned = [mm for mm in group if self.plan[mm.name].spec is not None]
-                st = stats.get(group[0].input)
-                if st is None or st.count < MIN_CALIBRATION_TOKENS:
-                    continue
-                ratios = t.clip_ratios(tuple(mm.name for mm in planned), [_rows(weights[mm.name]) for mm in planned],
-                                       [self.plan[mm.name].spec for mm in planned], st)
-                clips.update({mm.name: c for mm, c in zip(planned, ratios) if c is not None})
-            for name, note in getattr(t, "notes", {}).items():
-                self.notes.setdefault(name, note)
-        for group in unit:
-            planned = [mm for mm in group if self.plan[mm.name].spec is not None]
-            names = tuple(mm.name for mm in planned)
-            st = stats.get(group[0].input)
-            if self.quantizer.needs_calibration and not (st is not None and self.quantizer.take_stats(names, st)):
-                for name in names:
+        groups = [self._input_group(group, stats.get(group[0].input), weights, changed) for group in unit]
+        scale_and_clip(self.transforms, groups, self.notes, clips)
+        for group, g in zip(unit, groups):
+            if self.quantizer.needs_calibration and not (g.stats is not None and self.quantizer.take_stats(g.names,
+                                                                                                       g.stats)):
+                for name in g.names:
                     self.notes[name] = f"{self.quantizer.name}: no calibration statistics"
-            qts = self.quantizer.quantize_group(names, [_rows(weights[n]) for n in names],
-                                                [self.plan[n].spec for n in names], [clips.get(n) for n in names])
-            for mm, qt in zip(planned, qts):
+            planned = [mm for mm in group if self.plan[mm.name].spec is not None]
+            for mm, qt in zip(planned, quantize_group(self.quantizer, g, clips)):
                 self._record(mm, weights[mm.name], qt)
             for mm in group:
                 if mm not in planned and mm.name in changed:
                     self.writer.tensor(mm.weight, weights[mm.name].astype(mm.dtype))
         weights.clear()
 
+    def _input_group(self, group: list[WeightMatMul], stats: InputStats | None, weights: dict,
+                     changed: set) -> InputGroup:
+        """A group of MatMuls reading one tensor, as engine.step sees it; its fold scales the graph tensor that
+        produces the input (a norm's gamma, a MatMul's weight) and every reader, quantized or not."""
+        planned = [mm for mm in group if self.plan[mm.name].spec is not None]
+        target = find_fold(self.decoder, group) if self.transforms else None
+        if target is not None and target.matmul is not None and target.matmul.name not in weights:
+            target = None  # the producer lies in another layer, already written
+
+        def apply(s: torch.Tensor) -> None:
+            s_np = s.double().numpy()
+            for name in target.vectors:
+                self.vectors.setdefault(name, np.array(self.decoder.array(name)))
+            fold(target, s_np, self.vectors, weights)
+            if target.matmul is not None:
+                changed.add(target.matmul.name)
+            for mm in group:
+                weights[mm.name] = (weights[mm.name].astype(np.float64) * s_np[:, None]).astype(np.float32)
+                changed.add(mm.name)
+
+        return InputGroup(tuple(mm.name for mm in planned), [self.plan[mm.name].spec for mm in planned],
+                          lambda: [_rows(weights[mm.name]) for mm in planned], stats,
+                          apply if target is not None else None)
+
     def _record(self, mm: WeightMatMul, weight: np.ndarray, qt: Quantized) -> None:
         w = torch.from_numpy(weight).T
-        err = (torch.linalg.vector_norm(qt.dequantize(torch.float32) - w) /
-               torch.linalg.vector_norm(w).clamp_min(1e-30)).item()
-        note = "; ".join(x for x in (self.notes.get(mm.name, ""),
-                                     getattr(self.quantizer, "notes", {}).get(mm.name, "")) if x)
-        self.report.layers.append(LayerReport(mm.name, qt.spec.short_name, err, note))
+        self.report.layers.append(layer_report(mm.name, w, qt, qt.dequantize(torch.float32), self.notes,
+                                               self.quantizer))
         self.writer.quantized_matmul(mm, qt, self.onnx_format, self.accuracy_level)
 
 

@@ -1,0 +1,168 @@
+"""One decoder block's calibrated work (a BlockRun lives for one block): its stages (stages.py), the
+transforms' statistics pass and folds (step.py), the calibrated quantizer's passes (one pass, or stage by
+stage for true-sequential calibration, replaying finished stages: replay.py), and the pass that turns the
+block's inputs into the next block's, recording static activation ranges on the way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..algorithms import InputStats
+from ..arch.folding import divide_output, multiply_inputs
+from ..errors import LowbitError
+from ..hf.capture import StopForward, first_window
+from .placement import reduce_stats
+from .replay import cached_input, replaying
+from .stages import Stages, find_stages
+from .step import InputGroup, scale_and_clip
+
+
+@dataclass
+class BlockRun:
+    """The state of one block's calibration: which chunk is running, the replays in force, whether a pass
+    already replaced the inputs by the block's outputs. `engine` is the runner.Engine it belongs to."""
+    engine: object
+    block: nn.Module
+    prefix: str
+    linears: dict[str, nn.Module]  # planned linears of the block, by full name
+    inputs: list  # (hidden states, kwargs) per calibration chunk; replaced by the outputs once computed
+    stages: Stages | None = None
+    chunk: int = 0
+    replays: dict[str, tuple] = field(default_factory=dict)  # module -> (its final linear, cached inputs, length)
+    outputs_ready: bool = False
+
+    # -- passes over the block --------------------------------------------------------------------------
+    def run_pass(self, hooks=(), keep_outputs: bool = False) -> None:
+        """Run the block over every calibration chunk for its hooks' sake (a hook may stop the forward early by
+        raising StopForward). With keep_outputs each chunk is replaced by the block's output, the next block's
+        inputs, as soon as it exists (one copy of the activations held, not two). `hooks` are removed after."""
+        try:
+            with torch.no_grad(), replaying(self.block, self.replays, lambda: self.chunk):
+                for k, (hidden, kwargs) in enumerate(self.inputs):
+                    self.chunk = k
+                    try:
+                        out = self.block(hidden, **kwargs)
+                    except StopForward:
+                        continue
+                    if keep_outputs:
+                        self.inputs[k] = (out[0] if isinstance(out, tuple) else out, kwargs)
+                        self.outputs_ready = True
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def find_stages(self, allow_replay: bool) -> Stages:
+        window = first_window(self.inputs)
+
+        def probe(hooks):
+            try:
+                with torch.no_grad():
+                    for hidden, kwargs in window:
+                        self.block(hidden, **kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+
+        self.stages = find_stages(self.block, self.prefix, self.linears, probe, self.inputs[0][0].shape[-1],
+                                  allow_replay)
+        return self.stages
+
+    # -- transforms (AWQ, SmoothQuant) ----------------------------------------------------------------
+    def transform(self, folds: dict[tuple, object], keep_outputs: bool) -> dict[tuple, InputStats]:
+        """Statistics of every stage's input in one pass of the float block, then each transform's scales folded
+        into the block and its clipping factors (step.scale_and_clip). Returns the statistics of the transformed
+        block's stage inputs."""
+        e = self.engine
+        groups = [tuple(st) for st in self.stages.groups]
+        one_pass_quantizer = e.quantizer.needs_calibration and not e.stage_passes  # may take these stats
+        gram = one_pass_quantizer or any(t.needs_gram for t in e.transforms)
+        stats = {g: e.placement.new_stats(self.linears[g[0]].in_features, gram) for g in groups}
+        hooks = [self.linears[g[0]].register_forward_pre_hook(lambda m, a, key=g: stats[key].add(a[0]))
+                 for g in groups]
+        self.run_pass(hooks, keep_outputs=keep_outputs)  # never with stage passes
+        stats = reduce_stats(stats)
+        scale_and_clip(e.transforms, [self._input_group(g, stats[g], folds[g]) for g in groups], e.notes, e.clips)
+        return stats
+
+    def _input_group(self, names: tuple, stats: InputStats, fold) -> InputGroup:
+        def apply(s: torch.Tensor) -> None:
+            divide_output(self.block.get_submodule(fold.module), fold.rule, s)
+            for n in names:
+                multiply_inputs(self.linears[n], s)
+
+        return InputGroup(names, [self.engine.plan[n].spec for n in names],
+                          lambda: [self.linears[n].weight.detach() for n in names], stats,
+                          apply if fold is not None else None)
+
+    # -- calibrated quantizers (GPTQ) -------------------------------------------------------------------
+    def observe(self, stages: list[list[str]], stop_at: str | None = None, cache: list | None = None) -> None:
+        """Show the quantizer each stage's common input over every calibration chunk (hooked on the stage's
+        first linear). With `stop_at` (a stage's first linear), each forward stops right there, since nothing
+        later is needed yet, and the input is also appended to `cache` when one is given."""
+        quantizer = self.engine.quantizer
+
+        def seen(names, x):
+            quantizer.observe(names, x.reshape(-1, x.shape[-1]))
+            if names[0] == stop_at:
+                if cache is not None:
+                    cache.append(cached_input(x))
+                raise StopForward
+
+        hooks = [self.linears[st[0]].register_forward_pre_hook(lambda m, a, names=tuple(st): seen(names, a[0]))
+                 for st in stages]
+        self.run_pass(hooks, keep_outputs=self.engine.float_next and stop_at is None)
+
+    def calibrate_and_quantize(self, stats_by_stage=None) -> None:
+        """Calibrated quantization of the block: one pass for all stages (the default), or none when the
+        quantizer can use the statistics a transform already gathered (`stats_by_stage`); true-sequential:
+        stage by stage, each stage's inputs computed with the earlier stages already quantized.
+        A stage whose module can be replayed keeps its inputs, and later passes replay its module from them."""
+        e, groups = self.engine, self.stages.groups
+        if stats_by_stage and all(e.quantizer.take_stats(tuple(st), stats_by_stage[tuple(st)]) for st in groups):
+            for stage in groups:  # one pass of the transforms' statistics serves the quantizer too
+                e.quantize_stage(stage, self.linears)
+            return
+        if not e.stage_passes:
+            self.observe(groups)
+            for stage in groups:
+                e.quantize_stage(stage, self.linears)
+            return
+        for stage in groups:
+            target = self.stages.replay_of.get(stage[0])
+            cache = [] if target else None
+            self.observe([stage], stop_at=stage[0], cache=cache)
+            e.quantize_stage(stage, self.linears)
+            if target and len(cache) == len(self.inputs):
+                self.replays[target[0]] = (self.linears[stage[0]], cache, target[1])
+
+    # -- the block's outputs and activation ranges -----------------------------------------------------
+    def advance(self, input_specs: dict, output_specs: dict) -> tuple[dict, dict]:
+        """Replace the inputs by the block's outputs with its quantized weights, recording the input range of
+        each linear with static input quantization and the output range of each K / V projection under a
+        KV-cache dtype. Returns (input ranges, output ranges) by linear name."""
+        ranges: dict[str, list[float]] = {}
+        out_ranges: dict[str, list[float]] = {}
+
+        def record(table, name, x):
+            lo, hi = x.min().item(), x.max().item()
+            r = table.setdefault(name, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: record(ranges, n, a[0]))
+                 for n, m in self.linears.items() if n in input_specs]
+        hooks += [m.register_forward_hook(lambda m, a, out, n=n: record(out_ranges, n, out))
+                  for n, m in self.linears.items() if n in output_specs]
+        self.run_pass(hooks, keep_outputs=True)
+        return ranges, out_ranges
+
+
+def refuse_unfoldable(transforms, prefix: str, first_stage: tuple) -> None:
+    """A block whose first stage (its normalised input) has nowhere to fold scales is refused before any
+    statistics are gathered."""
+    names = ", ".join(prefix + n for n in first_stage)
+    raise LowbitError(f"{', '.join(t.name for t in transforms)} cannot scale {names}: no norm or "
+                      f"linear produces their input in a way scales can be folded into (a post-norm "
+                      f"or unusual block); use --algo rtn or gptq for this model")

@@ -1,0 +1,298 @@
+"""The block runner: the loop over decoder blocks, with what lies before and after it.
+
+A rotation, when the chain starts with one, is set up first (hf.rotate) and then applied to every tensor as
+it is loaded. For each decoder block: load its weights from disk, find its stages, let the transforms (AWQ,
+SmoothQuant) see the statistics of every linear's input and fold their scales into the block, let a
+calibrated quantizer (GPTQ) see its inputs, quantize the block's linears, re-run the quantized block to
+produce the next block's inputs (and calibrate static activation ranges), hand the results to the sink, and
+drop the block from memory (block.py holds one block's calibration). The inputs of block 0 are captured once
+from the calibration windows. A chain that needs no calibration (RTN, weight-only) runs no forward pass.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..algorithms import BLOCK_FORWARD, FLOAT_AND_QUANTIZED_INPUTS, Algorithm, Quantizer
+from ..arch import block_of, set_module_tensor
+from ..arch.folding import Fold, find_folds
+from ..errors import LowbitError
+from ..formats import Quantized, activation_qparams
+from ..hf.actquant import attach_input_quant, attach_output_quant
+from ..hf.capture import capture_block_inputs, first_window
+from ..hf.model import LoadedModel
+from ..memory import return_freed_memory_to_os, use_mmap_for_large_tensors
+from ..recipe import LayerPlan, has_static_inputs
+from ..results import LayerReport, Sink
+from .block import BlockRun, refuse_unfoldable
+from .placement import Placement
+from .step import layer_report
+
+PROPAGATE = ("quantized", "float")
+
+
+@dataclass
+class EngineReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    rotation: dict | None = None  # what the rotation did (hf.rotate.Rotator.summary)
+
+
+class Engine:
+    """Runs an algorithm chain over a lazily loaded model, one decoder block at a time."""
+
+    def __init__(self, loaded: LoadedModel, plan: dict[str, LayerPlan], chain: list[Algorithm],
+                 calibration: torch.Tensor | None = None, sink: Sink | None = None,
+                 keep_in_memory: bool = False, batch_size: int = 8, progress: bool = True,
+                 propagate: str = "float", replay: bool = True, placement: Placement | None = None):
+        self.loaded, self.plan, self.chain = loaded, plan, chain
+        _check_needs(chain)
+        self.quantizer: Quantizer = chain[-1]
+        self.rotation = chain[0] if chain[0].role == "rotation" else None
+        self.transforms = [a for a in chain[:-1] if a.role == "transform"]
+        self.rotator = None  # hf.rotate.Rotator, once run() starts
+        self.static_inputs = has_static_inputs(plan)
+        self.needs_calibration = any(a.needs_calibration for a in chain) or self.static_inputs
+        if self.needs_calibration and calibration is None:
+            raise ValueError("this chain needs calibration windows")
+        self.calibration = calibration
+        self.sink = sink or Sink()
+        self.keep = keep_in_memory
+        self.batch_size = batch_size
+        self.placement = placement or Placement()
+        if propagate not in PROPAGATE:
+            raise LowbitError(f"unknown propagation {propagate!r}; use one of {', '.join(PROPAGATE)}")
+        # "float": the next block's inputs are this block's outputs before quantization, taken from the
+        # statistics pass (AutoAWQ's way: one forward per block); "quantized": from an extra pass with the
+        # quantized block (GPTQ's way: later blocks see upstream quantization error). Static activation
+        # ranges need the quantized pass, and so does true-sequential calibration (its passes stop early).
+        self.stage_passes = self.quantizer.needs_calibration and self.quantizer.calibrates_stage_by_stage
+        self.float_next = propagate == "float" and not self.static_inputs and not self.stage_passes
+        self.progress = progress
+        self.report = EngineReport()
+        self.quantized: set[str] = set()  # linears already quantized
+        self.clips: dict[str, torch.Tensor] = {}  # clipping factors chosen by a transform, per linear
+        self.notes: dict[str, str] = {}  # per-linear remarks for the summary
+        self._folds: dict[tuple, dict] = {}  # fold map per block structure (block-relative stage names)
+        # whether finished stages may be replayed from cached inputs (stages.find_replays); not under an online
+        # rotation, whose hook would rotate a cached (already rotated) input again, nor with static activation
+        # ranges, recorded in the output pass, which must call every linear
+        self.replay = replay and not (self.rotation is not None and self.rotation.rotates_online) \
+            and not self.static_inputs
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> EngineReport:
+        use_mmap_for_large_tensors()
+        blocks = self.loaded.layout.blocks
+        if self.rotation is not None:
+            self._prepare_rotation()
+        inputs = self._capture_block0_inputs() if self.needs_calibration else None
+        bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", file=sys.stderr,
+                   disable=not self.progress, dynamic_ncols=True)
+        for i in bar:
+            start, first_layer = time.perf_counter(), len(self.report.layers)
+            inputs = self._run_block(i, inputs, last=i + 1 == len(blocks))
+            self.report.block_seconds.append(time.perf_counter() - start)
+            errors = [r.relative_error for r in self.report.layers[first_layer:]]
+            bar.set_postfix(block_s=f"{self.report.block_seconds[-1]:.2f}",
+                            weight_err=f"{sum(errors) / max(len(errors), 1):.4f}")
+        bar.close()
+        self._finish_outside_blocks()
+        if self.rotator is not None:
+            self.report.rotation = self.rotator.summary()  # the largest block error over all blocks
+        return self.report
+
+    def _run_block(self, i: int, inputs, last: bool):
+        """Quantize block i and emit it; returns the next block's inputs (None without calibration)."""
+        prefix = self.loaded.layout.block_prefix(i)
+        self.loaded.materialize(prefix)
+        block = self.loaded.layout.blocks[i]
+        linears = self._planned(block, prefix)
+        ranges, out_ranges = {}, {}  # calibrated activation ranges (static inputs, KV cache) per linear
+        if inputs is not None:
+            run = BlockRun(self, block, prefix, linears, inputs)
+            if (self.transforms or self.quantizer.needs_calibration) and linears:
+                self._calibrate(run)
+            self._quantize_modules(block, prefix)  # whatever calibration did not reach
+            if not run.outputs_ready and (not last or self.static_inputs):
+                ranges, out_ranges = run.advance(
+                    {n: s for n in linears if (s := self.plan[n].input_spec) is not None and not s.dynamic},
+                    {n: s for n in linears if (s := self.plan[n].output_spec) is not None})
+            inputs = run.inputs
+        else:
+            self._quantize_modules(block, prefix)
+        self._attach_input_quant(linears, ranges, out_ranges)
+        self._emit_params(block, prefix)
+        if not self.keep:
+            self.loaded.release(prefix)
+            return_freed_memory_to_os()
+        return inputs
+
+    def _calibrate(self, run: BlockRun) -> None:
+        """A block's transforms and calibrated quantizer, on its calibration inputs."""
+        run.find_stages(self.replay)
+        stats = None
+        if self.transforms and run.stages.groups:
+            stats = run.transform(self._fold_map(run), keep_outputs=self.float_next)
+        if self.quantizer.needs_calibration and run.stages.groups:
+            run.calibrate_and_quantize(stats)
+
+    def online_rotations(self) -> dict:
+        """The linears whose input the rotation multiplies at run time (R4), for the output's config."""
+        return self.rotator.online if self.rotator is not None else {}
+
+    def _prepare_rotation(self) -> None:
+        """Rotate the model as it loads (hf.rotate): roles found and block 0 checked before any other work."""
+        from ..hf.rotate import Rotator
+
+        if self.calibration is not None:
+            probe = self.calibration[:1]
+        else:  # any tokens serve to find the roles and check the function
+            vocab = self.loaded.model.get_input_embeddings().weight.shape[0]
+            probe = (torch.arange(1, 17) * 7919 % vocab)[None, :]
+        self.rotator = Rotator(self.loaded, self.rotation, probe)
+        self.report.rotation = self.rotator.prepare()
+
+    # -- calibration --------------------------------------------------------------------------------
+    def _capture_block0_inputs(self) -> list[tuple[torch.Tensor, dict]]:
+        """Run the model up to block 0 on each calibration batch and keep block 0's inputs (CPU)."""
+        start = time.perf_counter()
+        layout, model = self.loaded.layout, self.loaded.model
+        # what runs before block 0: embeddings (and norms); not lm_head, which is read at the end
+        outside = [n for n, _ in model.named_parameters() if block_of(layout, n) is None
+                   and n.rpartition(".")[0] not in self.plan]
+        for name in outside:
+            self.loaded.materialize(name)
+        captured = capture_block_inputs(model, layout.blocks[0], self.calibration.split(self.batch_size),
+                                        self.placement.activations)
+        if not self.keep:
+            for name in outside:
+                self.loaded.release(name)
+        self.report.capture_seconds = time.perf_counter() - start
+        return captured
+
+    def _planned(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+        return {prefix + rel: m for rel, m in block.named_modules()
+                if prefix + rel in self.plan and self.plan[prefix + rel].spec is not None}
+
+    # -- transforms (AWQ, SmoothQuant) ---------------------------------------------------------------
+    def _fold_map(self, run: BlockRun) -> dict[tuple, Fold | None]:
+        """Where each stage's scales fold, found on the first block of each structure and reused; refused
+        before any statistics are gathered when the first stage of a block (its normalised input) has none."""
+        stages, prefix, block = run.stages.groups, run.prefix, run.block
+        rel = [tuple(n[len(prefix):] for n in st) for st in stages]
+        key = tuple(rel)
+        if key not in self._folds:
+            probe = first_window(run.inputs)
+
+            def forward():
+                out = block(probe[0][0], **probe[0][1])
+                return out[0] if isinstance(out, tuple) else out
+
+            self._folds[key] = find_folds(block, rel, forward)
+            if self._folds[key][rel[0]] is None and run.stages.first_at_entry:
+                refuse_unfoldable(self.transforms, prefix, rel[0])
+        return {st: self._folds[key][r] for st, r in zip(map(tuple, stages), rel)}
+
+    # -- activation quantization ----------------------------------------------------------------------
+    def _attach_input_quant(self, linears: dict[str, nn.Module], ranges: dict, out_ranges: dict) -> None:
+        """Fake-quantize the inputs of the block's linears from now on and tell the sink."""
+        for name, module in linears.items():
+            spec = self.plan[name].input_spec
+            if spec is None:
+                continue
+            params = None
+            if not spec.dynamic:
+                lo, hi = ranges.get(name, (0.0, 0.0))
+                params = activation_qparams(lo, hi, spec)
+            attach_input_quant(module, spec, params)
+            self.sink.add_input_quant(name, spec, params)
+        for name, module in linears.items():
+            spec = self.plan[name].output_spec
+            if spec is not None:
+                params = activation_qparams(*out_ranges.get(name, (0.0, 0.0)), spec)
+                attach_output_quant(module, spec, params)
+                self.sink.add_output_quant(name, spec, params)
+
+    # -- quantization and output --------------------------------------------------------------------
+    def quantize_stage(self, names: list[str], linears: dict[str, nn.Module]) -> None:
+        weights = [linears[n].weight.detach() for n in names]
+        qts = self.quantizer.quantize_group(tuple(names), weights, [self.plan[n].spec for n in names],
+                                            [self.clips.get(n) for n in names])
+        for name, qt in zip(names, qts):
+            self._record(name, linears[name], qt)
+
+    def _quantize_linear(self, name: str, module: nn.Linear) -> None:
+        self._record(name, module, self.quantizer.quantize(name, module.weight.detach(), self.plan[name].spec,
+                                                           self.clips.get(name)))
+
+    def _record(self, name: str, module: nn.Linear, qt: Quantized) -> None:
+        """Put a quantized weight into the model (fake-quant), report its error and send it to the sink."""
+        weight = module.weight.detach()
+        dequant = qt.dequantize(torch.float32)
+        self.report.layers.append(layer_report(name, weight, qt, dequant, self.notes, self.quantizer))
+        self.quantized.add(name)
+        set_module_tensor(self.loaded.model, f"{name}.weight", dequant.to(weight.dtype))
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        self.sink.add_quantized(name, qt, bias)
+
+    def _quantize_modules(self, root: nn.Module, prefix: str) -> None:
+        for name, module in self._planned(root, prefix).items():
+            if name not in self.quantized:
+                self._quantize_linear(name, module)
+
+    def _quantized_param_names(self) -> set[str]:
+        names = set()
+        for name, lp in self.plan.items():
+            if lp.spec is not None:
+                names.update({f"{name}.weight", f"{name}.bias"})
+        return names
+
+    def _emit_params(self, root: nn.Module, prefix: str) -> None:
+        skip = self._quantized_param_names()
+        for rel, param in root.named_parameters():
+            name = prefix + rel
+            if name not in skip:
+                self.sink.add_tensor(name, param.detach())
+
+    def _finish_outside_blocks(self) -> None:
+        """Quantize and emit what lies outside the decoder blocks: embeddings, final norm, lm_head."""
+        loaded, layout, model = self.loaded, self.loaded.layout, self.loaded.model
+        outside = [(n, m) for n, m in model.named_modules() if n in self.plan and block_of(layout, n) is None]
+        for name, module in outside:
+            loaded.materialize(f"{name}.")
+            if self.plan[name].spec is not None:
+                self._quantize_linear(name, module)
+        skip = self._quantized_param_names()
+        seen = set()
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if block_of(layout, name) is not None or name in skip:
+                continue
+            if name in layout.tied and self.plan.get(name.rpartition(".")[0]) is not None \
+                    and self.plan[name.rpartition(".")[0]].spec is None:
+                continue  # a tied weight that stays tied is written once, under its source name
+            if param.device.type == "meta":
+                loaded.materialize(name)
+                param = model.get_parameter(name)
+            if name not in seen:
+                seen.add(name)
+                self.sink.add_tensor(name, param.detach())
+            if not self.keep:
+                loaded.release(name)
+        if self.keep:
+            loaded.materialize("")  # tied weights that stayed tied share their source again
+
+
+def _check_needs(chain: list[Algorithm]) -> None:
+    """Refuse an algorithm needing what this engine does not serve yet."""
+    for a in chain:
+        missing = a.needs & {FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD}
+        if missing:
+            raise LowbitError(f"{a.name} needs {', '.join(sorted(missing))}, which this engine does not provide yet")

@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_quantize_parser(sub)
+    _add_eval_parser(sub)
+    _add_bench_parser(sub)
+    _add_compare_parser(sub)
+    _add_export_parser(sub)
+    _add_inspect_parser(sub)
+    return parser
+
+
+def _add_quantize_parser(sub) -> None:
+    """The `quantize` command: its model, output, recipe, calibration, export and ONNX options."""
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit folder",
                        description="Quantize MODEL (a Hugging Face folder, a .gguf file or `demo`) block by block "
                                    "and write a Hugging Face-style folder with packed weights, the recipe and a "
@@ -161,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_eval_parser(sub) -> None:
+    """The `eval` command: perplexity and lm-eval tasks of one model."""
     e = sub.add_parser("eval", help="perplexity and size of a model",
                        description="Perplexity by the standard protocol: the whole text tokenized once, cut into "
                                    "non-overlapping windows of --seq-len tokens (at most --max-chunks), mean "
@@ -180,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_bench_parser(sub) -> None:
+    """The `bench` command: speed, memory and size of one model."""
     b = sub.add_parser("bench", help="prefill and decode speed, peak memory and size of a model",
                        description="Time prefill (a PROMPT_TOKENS prompt from the built-in text) and greedy decode "
                                    "(NEW_TOKENS tokens, batch 1, KV cache) over --runs runs after --warmup, in a "
@@ -189,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_compare_parser(sub) -> None:
+    """The `compare` command: several models measured side by side."""
     c = sub.add_parser("compare", help="measure several models side by side: table, JSON, PNG and HTML",
                        description="Measure each MODEL the way `lowbit eval` and `lowbit bench` do (perplexity on "
                                    "--dataset, lm-eval --tasks, speed, size, bits per weight, per-layer errors from "
@@ -207,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the rows as one JSON object")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_export_parser(sub) -> None:
+    """The `export` command: a lowbit folder re-written in another layout."""
     x = sub.add_parser("export", help="re-export a lowbit folder in another layout (no re-quantization)",
                        description="Write the quantized weights of a lowbit output folder in a layout other "
                                    "runtimes load, moving the stored codes and scales as they are. A scheme "
@@ -219,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print one JSON object (output path, format, size)")
     _add_export_options(x)
 
+
+def _add_inspect_parser(sub) -> None:
+    """The `inspect` command: architecture, linears and what a scheme would do."""
     i = sub.add_parser("inspect", help="architecture, layers, shapes and what a scheme would do",
                        description="Show MODEL's architecture and linear layers; with --scheme, the per-module "
                                    "plan (which layers are quantized, and how) without quantizing.",
@@ -226,7 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="Hugging Face folder, .gguf file, `demo`, or a lowbit output folder")
     _add_recipe_args(i, required=False)
     i.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
 
 
 def _recipe_from_args(args):

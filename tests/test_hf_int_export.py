@@ -137,7 +137,7 @@ def test_gptq_per_layer_overrides_go_to_dynamic(quantized, tmp_path):
 REFUSALS = [
     ("awq", "w_mxfp4", {}, "compressed-tensors"),
     ("awq", "w_int8_per_channel_sym", {}, "gptq"),
-    ("awq", "w_uint4_per_channel_asym", {}, "group_size -1"),
+    ("awq", "w_uint4_per_channel_asym", {}, "per-group scales only; export to .*gptq"),
     ("awq", "w_uint4_per_group_asym", {"group_size": 48}, "group size that divides"),
     ("gptq", "w_int3_per_group_sym", {"group_size": 16}, "compressed-tensors"),
     ("gptq", "w_fp8", {}, "compressed-tensors"),

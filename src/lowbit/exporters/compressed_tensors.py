@@ -25,8 +25,8 @@ Per quantized linear `p` (weight (N, K)), by lowbit spec:
 - a static per-tensor FP8 KV cache (the k_proj / v_proj outputs) -> `kv_cache_scheme` with `k_scale` and
   `v_scale` on the attention module. compressed-tensors and vLLM quantize the keys after RoPE, lowbit before
   it, so the keys round slightly differently (values are the same).
-Refused with a LowbitError before anything is written: block floating point (MX6, MX9, BFP16), MXINT8,
-E5M2 / FNUZ / E3M2 elements, a group size that does not divide in_features (compressed-tensors has no
+Refused with a LowbitError before anything is written (as declared.CAPABILITIES["compressed-tensors"] says):
+block floating point (MX6, MX9, BFP16), MXINT8, E5M2 / FNUZ / E3M2 elements, a group size that does not divide in_features (compressed-tensors has no
 partial last group), other input-activation schemes (integer, dynamic, MX, NVFP4), other scale layouts
 and an online rotation (r4). A model rotated offline (R1, R2) exports like any other: the rotation lives in
 its weights.
@@ -46,16 +46,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LowbitError
 from ..formats import pack_rows
 from ..hf.checkpoint import LazyCheckpoint
 from ..model_files import copy_carried
 from ..spec import QuantSpec
 from ..formats.packed import stored_names, unpack_linear
 from ..model_files import TOKENIZER_FILES
+from .declared import check_layers
 from ..staging import check_output, staged
 from .output import ShardWriter
-from .source import read_lowbit_config
+from .source import LowbitFolder
 
 PACK_QUANTIZED = "pack-quantized"
 FLOAT_QUANTIZED = "float-quantized"
@@ -64,7 +64,6 @@ MXFP4 = "mxfp4-pack-quantized"
 MXFP6 = "mxfp6-pack-quantized"
 MXFP8 = "mxfp8-quantized"
 MX_FORMATS = {4: MXFP4, 6: MXFP6, 8: MXFP8}  # E8M0-scaled float elements by width
-MX_ELEMENTS = {4: (2, 1), 6: (2, 3), 8: (4, 3)}  # the only (exponent, mantissa) bits compressed-tensors has
 
 FP8_STATIC = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
 
@@ -87,132 +86,65 @@ class LinearExport:
 def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the lowbit folder `src` as a compressed-tensors folder `out`; every check runs before writing."""
     src, out = Path(src), Path(out)
-    config = read_lowbit_config(src)
-    qconfig = config["quantization_config"]
+    folder = LowbitFolder(src)
+    config = dict(folder.config)
     check_output(out, overwrite, [src])
-    linears = _plan_linears(qconfig)
-    kv_scales = _plan_kv_cache(qconfig.get("outputs") or {})
-    ckpt = LazyCheckpoint(src)
+    check_compressed_tensors(folder)
+    linears = _plan_linears(folder)
+    kv_scales = _plan_kv_cache(folder.outputs)
     with staged(out, overwrite, [src]) as tmp:
         writer = ShardWriter(tmp)
-        _write_tensors(writer, ckpt, linears, kv_scales)
+        _write_tensors(writer, folder.ckpt, linears, kv_scales)
         writer.close()
-        config["quantization_config"] = _quantization_config(linears, qconfig, bool(kv_scales))
+        config["quantization_config"] = _quantization_config(linears, folder.qconfig, bool(kv_scales))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_carried(src, tmp, TOKENIZER_FILES)
     return out
 
 
 def check_compressed_tensors(model) -> list[str]:
-    """Refuse (LowbitError) what compressed-tensors cannot hold, from a LowbitFolder or a PlannedModel."""
-    qconfig = {"modules": {n: spec.to_dict() for n, (spec, _) in model.modules.items()},
-               "shapes": {n: list(shape) for n, (_, shape) in model.modules.items()},
-               "inputs": {n: spec.to_dict() for n, spec in model.inputs.items()},
-               "online_rotations": model.online_rotations}
-    _plan_linears(qconfig)
-    _plan_kv_cache({n: spec.to_dict() for n, spec in model.outputs.items()})
+    """Refuse (LowbitError) what compressed-tensors cannot hold (declared.CAPABILITIES["compressed-tensors"]),
+    from a LowbitFolder or a PlannedModel; no warnings."""
+    check_layers("compressed-tensors", model)
     return []
 
 
-# -- reading and validating ---------------------------------------------------------------------------
+# -- planning (of a model check_compressed_tensors has passed) -----------------------------------------
 
-def _plan_linears(qconfig: dict) -> list[LinearExport]:
-    """The export of every quantized linear, refusing the first one compressed-tensors cannot hold."""
-    inputs = qconfig.get("inputs") or {}
-    online = qconfig.get("online_rotations") or {}
-    if online:
-        raise LowbitError(f"{next(iter(online))} multiplies its input by a Hadamard matrix at run time (rotation r4), "
-                          f"which compressed-tensors cannot express; quantize with --algo-arg rotation:r4=false "
-                          f"(R1 and R2 export fine), or export to ONNX once lowbit writes it")
+def _plan_linears(folder: LowbitFolder) -> list[LinearExport]:
+    """The compressed-tensors format and QuantizationArgs of every quantized linear."""
     plans = []
-    for name, spec_dict in qconfig.get("modules", {}).items():
-        spec = QuantSpec.from_dict(spec_dict)
-        shape = tuple(qconfig["shapes"][name])
-        plan = _plan_weight(name, spec, shape)
-        if name in inputs:
-            plan.inputs = _plan_inputs(name, QuantSpec.from_dict(inputs[name]), plan)
+    for name, (spec, shape) in folder.modules.items():
+        plan = _plan_weight(name, spec, tuple(shape))
+        if name in folder.inputs:
+            plan.inputs = dict(FP8_STATIC)  # static per-tensor FP8 inputs, the only ones held
         plans.append(plan)
     return plans
 
 
 def _plan_weight(name: str, spec: QuantSpec, shape: tuple[int, int]) -> LinearExport:
     """The format and QuantizationArgs of one linear's weight."""
-    if spec.kind == "bfp":
-        _refuse(name, spec, "compressed-tensors has no block-floating-point format (MX6, MX9, BFP16)")
-    if spec.fnuz:
-        _refuse(name, spec, "compressed-tensors stores FP8 as E4M3FN only (no FNUZ variant)")
-    if spec.granularity == "group" and shape[1] % spec.group_size:
-        raise LowbitError(f"{name} has {shape[1]} input features, not a multiple of its group size "
-                          f"{spec.group_size}, and compressed-tensors has no partial last group; requantize with "
-                          f"a group size that divides every in_features (e.g. --group-size 16)")
     if spec.kind == "int":
-        return _plan_int(name, spec, shape)
+        args = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, **_strategy(spec),
+                "dynamic": False}
+        return LinearExport(name, spec, shape, PACK_QUANTIZED, args)
     if spec.scale_dtype == "e8m0":
-        return _plan_mx(name, spec, shape)
+        args = {**_float_args(spec, spec.bits), "scale_dtype": "torch.uint8"}
+        return LinearExport(name, spec, shape, MX_FORMATS[spec.bits], args)
     if spec.scale_dtype == "fp8_e4m3":
-        return _plan_nvfp4(name, spec, shape)
-    if spec.bits != 8 or spec.exponent_bits != 4:
-        _refuse(name, spec, "compressed-tensors has float32-scaled floats only as FP8 E4M3")
+        args = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+                "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
+        return LinearExport(name, spec, shape, NVFP4, args)
     return LinearExport(name, spec, shape, FLOAT_QUANTIZED, _float_args(spec, 8))
 
 
-def _plan_int(name: str, spec: QuantSpec, shape) -> LinearExport:
-    if not spec.plain_int:
-        _refuse(name, spec, "compressed-tensors has no integer format with E8M0 scales (MXINT8)")
-    args = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, **_strategy(spec), "dynamic": False}
-    return LinearExport(name, spec, shape, PACK_QUANTIZED, args)
-
-
-def _plan_mx(name: str, spec: QuantSpec, shape) -> LinearExport:
-    if spec.kind != "float" or spec.group_size != 32 or \
-            MX_ELEMENTS.get(spec.bits) != (spec.exponent_bits, spec.mantissa_bits):
-        _refuse(name, spec, "compressed-tensors' MX formats are MXFP4 (E2M1), MXFP6 (E2M3) and MXFP8 (E4M3) "
-                            "with groups of 32")
-    args = {**_float_args(spec, spec.bits), "scale_dtype": "torch.uint8"}
-    return LinearExport(name, spec, shape, MX_FORMATS[spec.bits], args)
-
-
-def _plan_nvfp4(name: str, spec: QuantSpec, shape) -> LinearExport:
-    if (spec.bits, spec.exponent_bits, spec.group_size, spec.tensor_scale) != (4, 2, 16, True):
-        _refuse(name, spec, "compressed-tensors holds FP8 block scales only as NVFP4 (E2M1, groups of 16, "
-                            "with a tensor scale)")
-    args = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
-            "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
-    return LinearExport(name, spec, shape, NVFP4, args)
-
-
-def _plan_inputs(name: str, spec: QuantSpec, weight: LinearExport) -> dict:
-    """QuantizationArgs of a linear's input activations: static per-tensor FP8 with FP8 weights only."""
-    fp8 = (spec.kind == "float" and spec.bits == 8 and spec.exponent_bits == 4 and not spec.fnuz
-           and spec.granularity == "tensor" and not spec.dynamic and spec.scale_dtype == "float32")
-    if not fp8 or weight.format != FLOAT_QUANTIZED:
-        raise LowbitError(f"cannot export the {spec.short_name} input activations of {name}: this export supports "
-                          f"only static per-tensor FP8 inputs with FP8 weights (w_fp8_a_fp8); requantize with a "
-                          f"weight-only scheme")
-    return dict(FP8_STATIC)
-
-
-def _plan_kv_cache(outputs: dict) -> dict[str, tuple[str, str]]:
-    """{attention module: (k_proj, v_proj)} for a static per-tensor FP8 KV cache; {} when there is none."""
-    attention = {}
-    for name, spec_dict in outputs.items():
-        spec = QuantSpec.from_dict(spec_dict)
+def _plan_kv_cache(outputs: dict[str, QuantSpec]) -> dict[str, tuple[str, str]]:
+    """{attention module: (k_proj, v_proj)} for the (static per-tensor FP8) KV cache; {} when there is none."""
+    attention: dict[str, dict[str, str]] = {}
+    for name in outputs:
         parent, _, leaf = name.rpartition(".")
-        if leaf not in ("k_proj", "v_proj") or spec.kind != "float" or spec.bits != 8 or spec.exponent_bits != 4 \
-                or spec.fnuz or spec.granularity != "tensor" or spec.dynamic:
-            raise LowbitError(f"{name} has quantized outputs ({spec.short_name}) that compressed-tensors cannot "
-                              f"express; only a static per-tensor FP8 KV cache exports, so requantize without it")
         attention.setdefault(parent, {})[leaf] = name
-    for parent, projections in attention.items():
-        if set(projections) != {"k_proj", "v_proj"}:
-            raise LowbitError(f"{parent} has a quantized KV cache on only one of k_proj / v_proj; compressed-tensors "
-                              f"needs both, so requantize with --kv-cache-dtype on both")
     return {parent: (p["k_proj"], p["v_proj"]) for parent, p in attention.items()}
-
-
-def _refuse(name: str, spec: QuantSpec, why: str) -> None:
-    raise LowbitError(f"cannot export {name} ({spec.short_name}) to compressed-tensors: {why}; "
-                      f"requantize with a supported scheme (integer, FP8, NVFP4, MXFP4/6/8)")
 
 
 def _strategy(spec: QuantSpec) -> dict:

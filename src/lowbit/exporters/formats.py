@@ -1,5 +1,7 @@
 """The export formats by name: each has a check (refuses, before any work, what the format cannot hold, and
-returns warnings) and a writer from a lowbit folder. `quantize --export` runs the checks before calibration."""
+returns warnings) and a writer from a lowbit folder. `quantize --export` runs the checks before calibration.
+What each format holds layer by layer is declared in declared.CAPABILITIES (one check refuses for all of them);
+a writer's own check adds only its model-level refusals and warnings."""
 
 from __future__ import annotations
 

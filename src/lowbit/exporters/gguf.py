@@ -35,10 +35,11 @@ from gguf import GGMLQuantizationType as T
 from .. import __version__
 from ..errors import LowbitError
 from ..spec import QuantSpec
-from .gguf_blocks import BLOCK, exact_type, fallback_type, pack_exact, requantize, row_bytes
+from .gguf_blocks import exact_type, fallback_type, pack_exact, requantize, row_bytes
 from .gguf_meta import add_hparams, config_warnings, llama3_rope_factors, n_vocab, rope
 from .gguf_vocab import GGUFVocab, read_vocab
 from ..staging import check_output, staged
+from .declared import check_layers
 from .source import LowbitFolder, PlannedModel
 
 QUANT_TYPES = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "mxfp4": T.MXFP4}
@@ -119,7 +120,7 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None)
     if arch is None:
         raise LowbitError(f"GGUF export supports llama, mistral, qwen2 and gemma models, not {model_type!r}; "
                           f"export to compressed-tensors instead")
-    _refuse_runtime_quant(model)
+    check_layers("gguf", model)  # r4, activations, KV cache, widths (declared.CAPABILITIES["gguf"])
     forced = _forced_type(quant_type)
     rope(config)  # refuses unsupported RoPE scaling now
     names = gguf.get_tensor_name_map(arch.gguf_arch, config["num_hidden_layers"])
@@ -127,9 +128,6 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None)
     requantized: Counter = Counter()
     for name, (spec, (rows, cols)) in model.modules.items():
         gguf_name = _gguf_name(names, f"{name}.weight", arch)
-        if cols % BLOCK:
-            raise LowbitError(f"{name} has {cols} input features, not a multiple of 32, and every quantized GGUF "
-                              f"type works in blocks of 32; export to onnx or compressed-tensors instead")
         exact = exact_type(spec, cols)
         qtype = forced if forced is not None else exact if exact is not None else fallback_type(spec)
         if qtype != exact:
@@ -154,20 +152,6 @@ def _gguf_name(names: gguf.TensorNameMap, name: str, arch: Arch) -> str:
         raise LowbitError(f"{name} has no counterpart in llama.cpp's {arch_name} architecture; "
                           f"export to compressed-tensors instead")
     return gguf_name
-
-
-def _refuse_runtime_quant(model) -> None:
-    if model.online_rotations:
-        raise LowbitError(f"{next(iter(model.online_rotations))} multiplies its input by a Hadamard matrix at run "
-                          f"time (rotation r4), which llama.cpp cannot do; quantize with --algo-arg rotation:r4=false "
-                          f"(R1 and R2 export fine) or export to onnx or compressed-tensors")
-    if model.inputs:
-        name, spec = next(iter(model.inputs.items()))
-        raise LowbitError(f"{name} has quantized input activations ({spec.short_name}); llama.cpp quantizes "
-                          f"activations its own way, so requantize weight-only or export to onnx or compressed-tensors")
-    if model.outputs:
-        raise LowbitError(f"{next(iter(model.outputs))} has a quantized KV cache; llama.cpp sets its cache type "
-                          f"at run time (--cache-type-k), so requantize without it or export to compressed-tensors")
 
 
 def _forced_type(quant_type: str | None) -> T | None:

@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LowbitError
 from ..formats import Quantized
 from ..spec import QuantSpec
 from ..staging import check_output, staged
+from .declared import check_layers
 from .output import ShardWriter
 from .source import LowbitFolder
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # slot i of a packed AWQ word holds column 8c + AWQ_ORDER[i]
-GPTQ_BITS = (2, 4, 8)
 
 
 def unsigned_codes(qt: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,64 +77,17 @@ def _group(spec: QuantSpec) -> int:
     return spec.group_size if spec.granularity == "group" else -1
 
 
-def _check_common(model, fmt: str, nearest: str) -> None:
-    if model.online_rotations:
-        raise LowbitError(f"{next(iter(model.online_rotations))} multiplies its input by a Hadamard matrix at run "
-                          f"time (rotation r4), which the {fmt} layout cannot express; quantize with "
-                          f"--algo-arg rotation:r4=false, or export to onnx")
-    if model.inputs or model.outputs:
-        name = next(iter(model.inputs or model.outputs))
-        raise LowbitError(f"{name} has quantized activations or KV cache, which the weight-only {fmt} layout "
-                          f"cannot hold; requantize weight-only, or export to {nearest}")
-    if not model.modules:
-        raise LowbitError(f"the model has no quantized linear; the {fmt} layout needs some")
-
-
-def _refuse(fmt: str, name: str, spec: QuantSpec, why: str, nearest: str) -> None:
-    raise LowbitError(f"cannot export {name} ({spec.short_name}) to {fmt}: {why}; {nearest}")
-
-
 def check_awq(model) -> list[str]:
-    """Refuse (LowbitError) what AutoAWQ's GEMM layout cannot hold; no warnings otherwise."""
-    _check_common(model, "AutoAWQ", "onnx or compressed-tensors")
-    groups = set()
-    for name, (spec, (n, k)) in model.modules.items():
-        if not spec.plain_int or spec.bits != 4:
-            _refuse("AutoAWQ", name, spec, "the layout holds 4-bit integers with float scales only",
-                    "use gptq for 2/8 bits, compressed-tensors for others" if spec.plain_int
-                    else "use compressed-tensors")
-        if spec.granularity != "group":
-            _refuse("AutoAWQ", name, spec, "the layout stores per-group scales only", "use gptq (group_size -1)")
-        if k % spec.group_size or n % 8:
-            _refuse("AutoAWQ", name, spec, f"its weight ({n} x {k}) is not whole groups of {spec.group_size} "
-                                           f"along K with N a multiple of 8",
-                    f"use a group size that divides {k} (e.g. --group-size {_divisor_hint(k)}), or export to onnx")
-        groups.add(spec.group_size)
-    if len(groups) > 1:
-        raise LowbitError(f"AutoAWQ stores one group size for the whole model, this one has {sorted(groups)}; "
-                          f"export to gptq (per-layer overrides) or requantize with one group size")
+    """Refuse (LowbitError) what AutoAWQ's GEMM layout cannot hold (declared.CAPABILITIES["awq"]); no warnings."""
+    check_layers("awq", model)
     return []
 
 
 def check_gptq(model) -> list[str]:
-    """Refuse (LowbitError) what the GPTQ v1 layout (as AutoGPTQ / GPTQModel / the builder read it) cannot hold."""
-    _check_common(model, "GPTQ", "onnx or compressed-tensors")
-    for name, (spec, (n, k)) in model.modules.items():
-        if not spec.plain_int or spec.bits not in GPTQ_BITS:
-            _refuse("GPTQ", name, spec, "the layout holds 2, 4 or 8-bit integers with float scales here",
-                    "use compressed-tensors")
-        per = 32 // spec.bits
-        if k % per or n % per:
-            _refuse("GPTQ", name, spec, f"its weight ({n} x {k}) does not fill whole {per}-value int32 words",
-                    "export to onnx or compressed-tensors")
-        if spec.granularity == "group" and k % spec.group_size:
-            _refuse("GPTQ", name, spec, f"{k} input features are not whole groups of {spec.group_size}",
-                    f"use a group size that divides {k} (e.g. --group-size {_divisor_hint(k)}), or export to onnx")
+    """Refuse (LowbitError) what the GPTQ v1 layout (as AutoGPTQ / GPTQModel / the builder read it) cannot hold
+    (declared.CAPABILITIES["gptq"]); no warnings."""
+    check_layers("gptq", model)
     return []
-
-
-def _divisor_hint(k: int) -> int:
-    return next(g for g in (128, 64, 32, 16, 8) if k % g == 0) if k % 8 == 0 else k
 
 
 # -- conversion ---------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ the exact mapping), float linears MatMul; quantize_embedding=4 or 8 rounds the f
 nearest (asymmetric, blocks along the hidden axis) for GatherBlockQuantized, keeping a tied lm_head float.
 Checked against onnxruntime 1.32 and onnxruntime-genai 0.18 (tests/test_onnx_export.py).
 
-Refused with a LowbitError before anything is written: architectures other than Llama, Mistral, Qwen2 and
+Refused with a LowbitError before anything is written (the layers' quantization as declared.CAPABILITIES["onnx"]
+says, the architecture here): architectures other than Llama, Mistral, Qwen2 and
 Qwen3; position-dependent RoPE (dynamic, longrope); widths MatMulNBits' CPU kernel lacks (2, 4 and 8 bits
 only); float, MX, NVFP4 and block-floating-point elements; group sizes without a power-of-two factor >= 16;
 quantized input activations or KV cache.
@@ -28,8 +29,9 @@ from .. import __version__
 from ..errors import LowbitError
 from ..model_files import read_json
 from .onnx_graph import DecoderBuilder, DecoderShape, GraphOptions
-from .onnx_tensors import MATMUL_BITS, ExternalData, matmul_block_size, quantize_table, rope_caches
+from .onnx_tensors import ExternalData, matmul_block_size, quantize_table, rope_caches
 from ..staging import check_output, staged
+from .declared import check_layers
 from .source import LowbitFolder
 
 QK_NORM_ARCHS = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}  # model_type -> q/k norm
@@ -39,23 +41,14 @@ MODEL_FILE = "model.onnx"
 
 
 def check_onnx(model) -> list[str]:
-    """Refuse (LowbitError) what this ONNX export cannot hold; return warnings for what it holds at a cost.
+    """Refuse (LowbitError) what this ONNX export cannot hold (the architecture here, the layers'
+    quantization by declared.CAPABILITIES["onnx"]); return warnings for what it holds at a cost.
     `model` is a LowbitFolder or a PlannedModel (checked before calibration)."""
     config = model.config
     _check_architecture(config)
-    if model.inputs:
-        name, spec = next(iter(model.inputs.items()))
-        raise LowbitError(f"{name} has quantized input activations ({spec.short_name}), which this ONNX export does "
-                          f"not write (weight-only MatMulNBits; static INT8 QDQ comes with the ONNX front end); "
-                          f"requantize with a weight-only scheme, or export to compressed-tensors")
-    if model.outputs:
-        name, spec = next(iter(model.outputs.items()))
-        raise LowbitError(f"{name} has quantized outputs ({spec.short_name}, a quantized KV cache), which this ONNX "
-                          f"export does not write; requantize without --kv-cache-dtype, or export to "
-                          f"compressed-tensors")
+    check_layers("onnx", model)
     warnings = []
     for name, (spec, (_, k)) in model.modules.items():
-        _check_linear(name, spec, k)
         if spec.granularity != "group" and k % 16:
             warnings.append(f"{name}: per-{spec.granularity} scale on K={k} (no power-of-two factor >= 16) is one "
                             f"padded block of {matmul_block_size(spec, k)}")
@@ -92,20 +85,6 @@ def _check_architecture(config: dict) -> None:
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise LowbitError("cannot export partial rotary embeddings to ONNX (GroupQueryAttention rotates whole "
                           "heads); export to compressed-tensors instead")
-
-
-def _check_linear(name: str, spec, k: int) -> None:
-    if not spec.plain_int:
-        raise LowbitError(f"cannot export {name} ({spec.short_name}) to ONNX: MatMulNBits holds integers with "
-                          f"float scales only; requantize with an int scheme, or export to compressed-tensors")
-    if spec.bits not in MATMUL_BITS:
-        raise LowbitError(f"cannot export {name} ({spec.short_name}) to ONNX: onnxruntime's MatMulNBits CPU kernel "
-                          f"runs 2, 4 and 8 bits only; requantize with 2, 4 or 8 bits, or export to "
-                          f"compressed-tensors")
-    if matmul_block_size(spec, k) is None:
-        raise LowbitError(f"cannot export {name} ({spec.short_name}) to ONNX: MatMulNBits blocks are powers of two "
-                          f">= 16 and group size {spec.group_size} is not a multiple of one; requantize with "
-                          f"--group-size 32, 64 or 128, or export to compressed-tensors")
 
 
 def decoder_shape(config: dict) -> DecoderShape:

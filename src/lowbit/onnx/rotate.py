@@ -62,92 +62,129 @@ def plan_rotation(decoder: OnnxDecoder) -> StreamPlan:
     if len(decoder.embeddings) != 1:
         _refuse(f"expected one embedding Gather of a constant table, found {len(decoder.embeddings)}")
     emb = decoder.embeddings[0]
-    width = emb.shape[1]
-    by_output = {mm.node.output[0]: mm for mm in decoder.matmuls}
-    graph_outputs = {o.name for o in decoder.graph.output}
-    plan = StreamPlan(width)
-    stream = {emb.node.output[0]}
-    queue = [emb.node.output[0]]
-    seen_norms: set[int] = set()
-
-    def writer_of(tensor: str) -> tuple[WeightMatMul, str | None]:
-        node = decoder.producer.get(tensor)
-        bias = None
-        if node is not None and node.op_type == "Add":
-            consts = [i for i in node.input if i in decoder.initializers]
-            others = [i for i in node.input if i not in decoder.initializers]
-            if len(consts) == 1 and len(others) == 1 and tuple(decoder.initializers[consts[0]].dims) == (width,):
-                bias = consts[0]
-                if len(decoder.consumers.get(others[0], [])) != 1:
-                    _refuse(f"{node.name}: the output of the MatMul before it is read by other ops too")
-                node = decoder.producer.get(others[0])
-        mm = by_output.get(node.output[0]) if node is not None else None
-        if mm is None:
-            what = f"{node.op_type} {node.name}" if node is not None else f"graph input {tensor}"
-            _refuse(f"{what} writes to the residual stream; only weight MatMuls (with an optional bias Add) can "
-                    f"be rotated")
-        if len(decoder.consumers.get(tensor, [])) != 1 or tensor in graph_outputs:
-            _refuse(f"{mm.name}'s output is read by more than the norm that adds it to the stream")
-        return mm, bias
-
-    while queue:
-        tensor = queue.pop(0)
-        if tensor in graph_outputs:
+    walk = _Walk(decoder, emb.shape[1])
+    walk.reach(emb.node.output[0])
+    while walk.queue:
+        tensor = walk.queue.pop(0)
+        if tensor in walk.graph_outputs:
             _refuse(f"the residual stream ({tensor}) is a graph output (hidden states); it would come out rotated")
         for node in decoder.consumers.get(tensor, []):
-            if node.op_type not in RMS_NORMS or node.domain not in ("", "com.microsoft"):
-                _refuse(f"{node.op_type} {node.name} reads the residual stream; only SimplifiedLayerNormalization "
-                        f"and SkipSimplifiedLayerNormalization (RMS norms) can be rotated"
-                        + (" (LayerNormalization subtracts the mean)" if "LayerNorm" in node.op_type else ""))
-            if id(node) in seen_norms:
-                continue
-            seen_norms.add(id(node))
-            axis = _attr(node, "axis", -1)
-            if axis not in (-1,):
-                _refuse(f"{node.name} normalizes over axis {axis}, not the last one")
-            skip = node.op_type == "SkipSimplifiedLayerNormalization"
-            operands = list(node.input[:2]) if skip else [node.input[0]]
-            for operand in operands:
-                if operand in stream:
-                    continue
-                plan.writers.append(writer_of(operand))
-            if skip and len(node.input) > 3 and node.input[3]:
-                bias = node.input[3]
-                if bias not in decoder.initializers or len(decoder.consumers.get(bias, [])) != 1:
-                    _refuse(f"{node.name}'s bias is not a constant of its own")
-                plan.stream_biases.append(bias)
-            gamma = node.input[RMS_NORMS[node.op_type]]
-            if gamma not in decoder.initializers or tuple(decoder.initializers[gamma].dims) != (width,) \
-                    or len(decoder.consumers.get(gamma, [])) != 1:
-                _refuse(f"{node.name}'s gamma is not a constant ({width},) vector of its own")
-            if any(o for o in node.output[1:3]):
-                used = [o for o in node.output[1:3] if o and (decoder.consumers.get(o) or o in graph_outputs)]
-                if used:
-                    _refuse(f"{node.name}'s mean / inverse-std output {used[0]} is used")
-            normed = node.output[0]
-            readers = decoder.consumers.get(normed, [])
-            if normed in graph_outputs or not readers:
-                _refuse(f"{node.name}'s output is a graph output or unused")
-            mms = []
-            for reader in readers:
-                mm = by_output.get(reader.output[0])
-                if mm is None or mm.node.input[0] != normed:
-                    _refuse(f"{reader.op_type} {reader.name} reads {node.name}'s output; only weight MatMuls can "
-                            f"absorb its gain and the rotation")
-                mms.append(mm)
-            plan.norms.append((node, gamma, mms))
-            if skip and len(node.output) > 3 and node.output[3]:
-                stream.add(node.output[3])
-                queue.append(node.output[3])
-    tied = emb.table if emb.transposed else None
+            _visit_norm(walk, node)
+    _check_unshared_weights(decoder, walk.plan, emb.table if emb.transposed else None)
+    if not walk.plan.norms:
+        _refuse("no RMS norm reads the embedding's output")
+    return walk.plan
+
+
+class _Walk:
+    """The state of plan_rotation's walk: the stream's tensors found so far, those still to follow, the norms
+    already visited, and the plan being filled."""
+
+    def __init__(self, decoder: OnnxDecoder, width: int):
+        self.decoder = decoder
+        self.width = width
+        self.by_output = {mm.node.output[0]: mm for mm in decoder.matmuls}
+        self.graph_outputs = {o.name for o in decoder.graph.output}
+        self.plan = StreamPlan(width)
+        self.stream: set[str] = set()
+        self.queue: list[str] = []
+        self.seen_norms: set[int] = set()
+
+    def reach(self, tensor: str) -> None:
+        """`tensor` carries the stream: follow its readers."""
+        self.stream.add(tensor)
+        self.queue.append(tensor)
+
+    def consumers(self, tensor: str) -> list:
+        return self.decoder.consumers.get(tensor, [])
+
+
+def _visit_norm(walk: _Walk, node) -> None:
+    """Check one reader of the stream (it must be an RMS norm) and add it, its writers and readers to the plan."""
+    if node.op_type not in RMS_NORMS or node.domain not in ("", "com.microsoft"):
+        _refuse(f"{node.op_type} {node.name} reads the residual stream; only SimplifiedLayerNormalization "
+                f"and SkipSimplifiedLayerNormalization (RMS norms) can be rotated"
+                + (" (LayerNormalization subtracts the mean)" if "LayerNorm" in node.op_type else ""))
+    if id(node) in walk.seen_norms:
+        return
+    walk.seen_norms.add(id(node))
+    axis = _attr(node, "axis", -1)
+    if axis not in (-1,):
+        _refuse(f"{node.name} normalizes over axis {axis}, not the last one")
+    skip = node.op_type == "SkipSimplifiedLayerNormalization"
+    for operand in (list(node.input[:2]) if skip else [node.input[0]]):
+        if operand not in walk.stream:
+            walk.plan.writers.append(_writer_of(walk, operand))
+    if skip and len(node.input) > 3 and node.input[3]:
+        bias = node.input[3]
+        if bias not in walk.decoder.initializers or len(walk.consumers(bias)) != 1:
+            _refuse(f"{node.name}'s bias is not a constant of its own")
+        walk.plan.stream_biases.append(bias)
+    gamma = _own_gamma(walk, node)
+    walk.plan.norms.append((node, gamma, _norm_readers(walk, node)))
+    if skip and len(node.output) > 3 and node.output[3]:
+        walk.reach(node.output[3])
+
+
+def _own_gamma(walk: _Walk, node) -> str:
+    """A norm's gamma initializer, refusing a shared or non-constant one and a used mean / inverse-std output."""
+    gamma = node.input[RMS_NORMS[node.op_type]]
+    inits = walk.decoder.initializers
+    if gamma not in inits or tuple(inits[gamma].dims) != (walk.width,) or len(walk.consumers(gamma)) != 1:
+        _refuse(f"{node.name}'s gamma is not a constant ({walk.width},) vector of its own")
+    if any(o for o in node.output[1:3]):
+        used = [o for o in node.output[1:3] if o and (walk.consumers(o) or o in walk.graph_outputs)]
+        if used:
+            _refuse(f"{node.name}'s mean / inverse-std output {used[0]} is used")
+    return gamma
+
+
+def _norm_readers(walk: _Walk, node) -> list[WeightMatMul]:
+    """The weight MatMuls reading a norm's output; anything else reading it is refused."""
+    normed = node.output[0]
+    readers = walk.consumers(normed)
+    if normed in walk.graph_outputs or not readers:
+        _refuse(f"{node.name}'s output is a graph output or unused")
+    mms = []
+    for reader in readers:
+        mm = walk.by_output.get(reader.output[0])
+        if mm is None or mm.node.input[0] != normed:
+            _refuse(f"{reader.op_type} {reader.name} reads {node.name}'s output; only weight MatMuls can "
+                    f"absorb its gain and the rotation")
+        mms.append(mm)
+    return mms
+
+
+def _writer_of(walk: _Walk, tensor: str) -> tuple[WeightMatMul, str | None]:
+    """The weight MatMul (and its bias initializer, or None) writing `tensor` onto the stream."""
+    decoder = walk.decoder
+    node = decoder.producer.get(tensor)
+    bias = None
+    if node is not None and node.op_type == "Add":
+        consts = [i for i in node.input if i in decoder.initializers]
+        others = [i for i in node.input if i not in decoder.initializers]
+        if len(consts) == 1 and len(others) == 1 and tuple(decoder.initializers[consts[0]].dims) == (walk.width,):
+            bias = consts[0]
+            if len(walk.consumers(others[0])) != 1:
+                _refuse(f"{node.name}: the output of the MatMul before it is read by other ops too")
+            node = decoder.producer.get(others[0])
+    mm = walk.by_output.get(node.output[0]) if node is not None else None
+    if mm is None:
+        what = f"{node.op_type} {node.name}" if node is not None else f"graph input {tensor}"
+        _refuse(f"{what} writes to the residual stream; only weight MatMuls (with an optional bias Add) can "
+                f"be rotated")
+    if len(walk.consumers(tensor)) != 1 or tensor in walk.graph_outputs:
+        _refuse(f"{mm.name}'s output is read by more than the norm that adds it to the stream")
+    return mm, bias
+
+
+def _check_unshared_weights(decoder: OnnxDecoder, plan: StreamPlan, tied: str | None) -> None:
+    """Refuse a weight the rotation changes that another op reads too (a tied table's Transpose excepted)."""
     for mm in [m for _, _, ms in plan.norms for m in ms] + [w for w, _ in plan.writers]:
         users = [n for n in decoder.consumers.get(mm.weight, [])]
         others = [n for n in users if n is not mm.node and not (mm.weight == tied and n.op_type == "Transpose")]
         if others:
             _refuse(f"{mm.name}'s weight is shared with {others[0].op_type} {others[0].name}")
-    if not plan.norms:
-        _refuse("no RMS norm reads the embedding's output")
-    return plan
 
 
 def _rows(a: np.ndarray) -> torch.Tensor:

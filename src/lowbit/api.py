@@ -15,6 +15,7 @@ from .arch import check_seq_len, describe, linear_modules
 from .data import check_count, eval_windows, load_text, tokenize
 from .errors import LowbitError
 from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
+from .runtimes import is_onnx_model
 from .eval.perplexity import perplexity
 from .hf.source import DEMO, demo_gguf
 from .errors import log
@@ -22,7 +23,7 @@ from .pipeline import EVAL_DTYPE, RunOptions
 from .torch_job import TorchJob
 from .staging import check_output
 from .exporters.source import PlannedModel
-from .hf.model import LoadedModel, foreign_quantization, load_with_transformers, open_model
+from .hf.model import LoadedModel, foreign_quantization, load_model, load_with_transformers, open_model, parse_dtype
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
                      validate_plan)
 from .arch.moe import EXPERT_PATTERN
@@ -157,31 +158,11 @@ def _check_exports(export, output, overwrite: bool, planned, quiet: bool, source
     return formats
 
 
-def _dtype(name) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return None
-    if name not in ("float32", "bfloat16", "float16"):
-        raise LowbitError(f"unknown dtype {name!r}; use float32, bfloat16, float16 or auto")
-    return getattr(torch, name)
-
-
 def load(path, dtype: torch.dtype | str | None = None) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) for any source: a float HF folder, a GGUF file, `demo`, or a lowbit output
     (its packed linears dequantized, rounded to the source dtype, into ordinary nn.Linear weights).
     dtype None or "auto" keeps the stored dtype."""
-    if foreign_quantization(path):
-        return load_with_transformers(path, _dtype(dtype))
-    loaded = open_model(path, _dtype(dtype))
-    return loaded.load_all(), loaded.tokenizer()
-
-
-def is_onnx_model(path) -> bool:
-    """An .onnx file, or a folder with genai_config.json or model.onnx (an export or a builder's output)."""
-    path = Path(str(path))
-    return path.suffix == ".onnx" and path.is_file() or path.is_dir() and (
-        (path / "genai_config.json").is_file() or (path / "model.onnx").is_file())
+    return load_model(path, dtype)
 
 
 def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int | None = None,
@@ -204,7 +185,7 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         return _evaluate_in_runtime(Path(str(model)), runtime, dataset, seq_len, max_chunks, progress)
     if foreign_quantization(model):
         return _evaluate_foreign(Path(model), dataset, seq_len, max_chunks, batch_size, progress, dtype)
-    loaded = open_model(model, _dtype(dtype))
+    loaded = open_model(model, parse_dtype(dtype))
     check_seq_len(seq_len, loaded.model, "evaluation")
     ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
     windows = eval_windows(ids, seq_len, max_chunks)
@@ -225,7 +206,7 @@ def _evaluate_foreign(folder: Path, dataset: str, seq_len: int, max_chunks, batc
                       dtype) -> dict:
     """Perplexity of a compressed-tensors folder (e.g. lowbit's export) loaded by transformers itself."""
     t0 = time.perf_counter()
-    net, tokenizer = load_with_transformers(folder, _dtype(dtype))
+    net, tokenizer = load_with_transformers(folder, parse_dtype(dtype))
     load_s = time.perf_counter() - t0
     windows = eval_windows(tokenize(tokenizer, load_text(dataset, "eval")), seq_len, max_chunks)
     result = perplexity(net, windows, batch_size, progress).to_dict()

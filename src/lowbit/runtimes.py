@@ -171,3 +171,10 @@ def llama_version() -> str:
     import llama_cpp
 
     return llama_cpp.__version__
+
+
+def is_onnx_model(path) -> bool:
+    """An .onnx file, or a folder with genai_config.json or model.onnx (an export or a builder's output)."""
+    path = Path(str(path))
+    return path.suffix == ".onnx" and path.is_file() or path.is_dir() and (
+        (path / "genai_config.json").is_file() or (path / "model.onnx").is_file())

@@ -51,7 +51,8 @@ def measure_model(name: str, path: str, *, dataset: str | None, seq_len: int, ma
                   task_dir, limit, num_fewshot, speed: bool, speed_args: dict, onnx_runtime: str,
                   progress: bool) -> dict:
     """One report row: perplexity, tasks, speed, size and per-layer errors of one model."""
-    from ..api import evaluate, is_onnx_model
+    from ..api import evaluate
+    from ..runtimes import is_onnx_model
 
     onnx = is_onnx_model(path)
     runtime = onnx_runtime if onnx else "torch"

@@ -77,7 +77,7 @@ def _check_counts(**counts: int) -> None:
 
 def resolve_runtime(model, runtime: str) -> str:
     """The runtime that will run the model ("auto" resolved), refused when it cannot run it or is missing."""
-    from ..api import is_onnx_model
+    from ..runtimes import is_onnx_model
 
     if runtime not in RUNTIMES:
         raise LowbitError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
@@ -159,7 +159,7 @@ def _check_genai_context(folder: Path, length: int) -> None:
 def size_on_disk(model, runtime: str = "torch") -> int:
     """Bytes of the weight files the runtime reads: a .gguf file, an ONNX model with its external data, or a
     folder's *.safetensors (demo: its shipped .gguf in llama.cpp, its float32 conversion in torch)."""
-    from ..api import is_onnx_model
+    from ..runtimes import is_onnx_model
     from ..hf.source import DEMO, demo_gguf
 
     if str(model) == DEMO:
@@ -269,7 +269,7 @@ def _open_torch(source: str, threads: int, length: int):
 
     import torch
 
-    from ..api import load
+    from ..hf.model import load_model as load
 
     torch.set_num_threads(threads)
     model, _ = load(source)

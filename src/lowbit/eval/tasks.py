@@ -216,7 +216,7 @@ def torch_lm(model, dtype: str = "float32", batch_size: int = 1):
     _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    from ..api import load
+    from ..hf.model import load_model as load
 
     net, tokenizer = load(model, dtype)
     return HFLM(pretrained=net.eval(), tokenizer=tokenizer, batch_size=batch_size, trust_remote_code=False)
@@ -290,7 +290,7 @@ def run_tasks(lm, tasks, task_dir=None, num_fewshot: int | None = None, limit: f
 def evaluate_tasks(model, tasks, runtime: str = "torch", task_dir=None, num_fewshot: int | None = None,
                    limit: float | None = None, batch_size: int = 1, dtype: str = "float32", seed: int = 1234) -> dict:
     """Task accuracy of a model source: torch (dequantized) or, for ONNX models, onnxruntime / onnxruntime-genai."""
-    from ..api import is_onnx_model
+    from ..runtimes import is_onnx_model
 
     start = time.perf_counter()
     if runtime == "llama.cpp":

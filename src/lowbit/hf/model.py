@@ -274,3 +274,24 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     refuse_bidirectional(model, config, folder)
     unfuse_experts(model)  # MoE: one nn.Linear per expert projection (arch.moe)
     return model.eval()  # no dropout in calibration forwards
+
+
+def parse_dtype(name) -> torch.dtype | None:
+    """A torch dtype from a name (float32, bfloat16, float16; "auto" or None: the stored dtype)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise LowbitError(f"unknown dtype {name!r}; use float32, bfloat16, float16 or auto")
+    return getattr(torch, name)
+
+
+def load_model(path, dtype: torch.dtype | str | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for any torch source: a float HF folder, a GGUF file, `demo`, a lowbit output (its
+    packed linears dequantized, rounded to the source dtype, into ordinary nn.Linear weights) or another
+    tool's compressed-tensors folder (loaded by transformers). dtype None or "auto" keeps the stored dtype."""
+    if foreign_quantization(path):
+        return load_with_transformers(path, parse_dtype(dtype))
+    loaded = open_model(path, parse_dtype(dtype))
+    return loaded.load_all(), loaded.tokenizer()

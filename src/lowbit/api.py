@@ -13,6 +13,7 @@ from . import pipeline
 from .algorithms import parse_algo_args, parse_chain
 from .arch import check_seq_len, describe, linear_modules
 from .data import check_count, eval_windows, load_text, tokenize
+from .engine import check_needs
 from .errors import LowbitError
 from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
 from .runtimes import is_onnx_model
@@ -101,7 +102,21 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
         return QuantizeResult(Path(output), summary, result.report)
     if onnx_options is not None:
         raise LowbitError(f"onnx_options apply to ONNX models only, and {model} is not one")
+    job, exports = _torch_job(model, output, recipe, overwrite, keep_in_memory or evaluate_after, progress, quiet,
+                              export)
+    summary, result = pipeline.run(job, recipe, _run_options(output, overwrite, progress, quiet, evaluate_after,
+                                                             eval_dataset, eval_seq_len, max_chunks, exports,
+                                                             export_options), t0)
+    model_out = job.loaded.model.eval() if keep_in_memory or evaluate_after else None
+    return QuantizeResult(Path(output) if output is not None else None, summary, result.report, model_out, job.plan)
+
+
+def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progress: bool, quiet: bool,
+               export) -> tuple[TorchJob, list]:
+    """The checked job of a torch source and the export formats asked for; everything refused here, before any
+    output is claimed or any weight read."""
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
+    check_needs(chain)
     sources = source_paths(model)
     if output is not None:
         check_output(Path(output), overwrite, sources)
@@ -118,12 +133,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     log(format_plan(plan), quiet)
     exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,
                              sources + [loaded.folder])
-    job = TorchJob(str(model), loaded, recipe, plan, chain, tokenizer, keep_in_memory or evaluate_after, progress)
-    summary, result = pipeline.run(job, recipe, _run_options(output, overwrite, progress, quiet, evaluate_after,
-                                                             eval_dataset, eval_seq_len, max_chunks, exports,
-                                                             export_options), t0)
-    model_out = loaded.model.eval() if keep_in_memory or evaluate_after else None
-    return QuantizeResult(Path(output) if output is not None else None, summary, result.report, model_out, plan)
+    return TorchJob(str(model), loaded, recipe, plan, chain, tokenizer, keep, progress), exports
 
 
 def _run_options(output, overwrite, progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks,

@@ -2,6 +2,6 @@
 stages.py (stage discovery), replay.py (replaying finished stages), step.py (the transform-and-quantize step
 shared with the ONNX quantizer), placement.py (where tensors live; where statistics are summed)."""
 
-from .runner import PROPAGATE, Engine, EngineReport
+from .runner import PROPAGATE, Engine, EngineReport, check_needs
 
-__all__ = ["PROPAGATE", "Engine", "EngineReport"]
+__all__ = ["PROPAGATE", "Engine", "EngineReport", "check_needs"]

@@ -53,7 +53,7 @@ class Engine:
                  keep_in_memory: bool = False, batch_size: int = 8, progress: bool = True,
                  propagate: str = "float", replay: bool = True, placement: Placement | None = None):
         self.loaded, self.plan, self.chain = loaded, plan, chain
-        _check_needs(chain)
+        check_needs(chain)
         self.quantizer: Quantizer = chain[-1]
         self.rotation = chain[0] if chain[0].role == "rotation" else None
         self.transforms = [a for a in chain[:-1] if a.role == "transform"]
@@ -290,8 +290,9 @@ class Engine:
             loaded.materialize("")  # tied weights that stayed tied share their source again
 
 
-def _check_needs(chain: list[Algorithm]) -> None:
-    """Refuse an algorithm needing what this engine does not serve yet."""
+def check_needs(chain: list[Algorithm]) -> None:
+    """Refuse, before any work, an algorithm needing what the engine (and the ONNX quantizer, which serves
+    input statistics only) does not serve yet."""
     for a in chain:
         missing = a.needs & {FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD}
         if missing:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..algorithms import parse_chain
 from ..errors import LowbitError
+from ..engine import check_needs
 from ..errors import log
 from ..job import JobResult
 from ..staging import check_output
@@ -63,6 +64,7 @@ def onnx_job(model, output, recipe: Recipe, options: OnnxOptions | None = None, 
     decoder = OnnxDecoder(model)  # the source's refusals come first
     check_output(Path(output), overwrite, [decoder.folder])
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
+    check_needs(chain)
     from .static_int8 import static_int8_applies
 
     if static_int8_applies(recipe, chain):  # weights and activations: static int8 QDQ (static_int8.py)

@@ -198,3 +198,10 @@ def quantize_embedding(decoder: OnnxDecoder, emb: EmbeddingGather, writer: Graph
 def carry_files(decoder: OnnxDecoder, folder) -> list[str]:
     """Copy genai_config.json and the tokenizer / config files beside the source model into the output."""
     return copy_carried(decoder.folder, folder, CARRIED)
+
+
+def written_size(folder, decoder: OnnxDecoder) -> int:
+    """Bytes of a written ONNX model in `folder`: its model file and external data."""
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith(decoder.path.name))

@@ -172,17 +172,14 @@ class WeightOnlyJob:
         return self.decoder.size_bytes()
 
     def output_size(self, folder: Path) -> int:
-        return output_size(folder, self.decoder)
+        from .quantize import written_size
+
+        return written_size(folder, self.decoder)
 
     def evaluation_target(self, folder: Path):
         from ..model_files import load_tokenizer
 
         return "onnx", folder, load_tokenizer(folder)
-
-
-def output_size(folder: Path, decoder: OnnxDecoder) -> int:
-    """Bytes of the written model: model.onnx and its external data."""
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith(decoder.path.name))
 
 
 def _with_8bit_layers(recipe: Recipe, options: OnnxOptions, decoder: OnnxDecoder) -> Recipe:

@@ -38,7 +38,7 @@ from ..recipe import matches
 from ..results import LayerReport
 from .fold import find_fold, fold
 from .graph import OnnxDecoder
-from .quantize import OnnxReport, carry_files, layer_units
+from .quantize import OnnxReport, carry_files, layer_units, written_size
 from .write import GraphWriter
 
 STATIC_SCHEMES = ("w_int8_a_int8_per_tensor_sym", "w_int8_a_int8_per_channel_sym")
@@ -355,7 +355,7 @@ class StaticInt8Job:
         return self.decoder.size_bytes()
 
     def output_size(self, folder: Path) -> int:
-        return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith(self.decoder.path.name))
+        return written_size(folder, self.decoder)
 
     def evaluation_target(self, folder: Path):
         from ..model_files import load_tokenizer

@@ -14,6 +14,7 @@ from .algorithms import parse_algo_args, parse_chain
 from .arch import check_seq_len, describe, linear_modules
 from .data import check_count, eval_windows, load_text, tokenize
 from .engine import check_needs
+from .engine.placement import Placement, resolve_device, resolve_dtype
 from .errors import LowbitError
 from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
 from .runtimes import is_onnx_model
@@ -76,6 +77,7 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
              keep_in_memory: bool = False, evaluate_after: bool = False, eval_dataset: str | None = None,
              eval_seq_len: int | None = None, max_chunks: int | None = None, progress: bool = True,
              quiet: bool = False, export=None, export_options: dict | None = None, onnx_options=None,
+             device: str | None = None, calib_dtype: str | None = None, offload_dir=None, resume: bool = False,
              **recipe_args) -> QuantizeResult:
     """Quantize a model source (HF folder, GGUF file or "demo") and write a lowbit folder to `output`, and,
     with export ("awq,gguf" or a list), each format beside it (OUT-awq/, OUT.gguf, ...).
@@ -84,6 +86,10 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     whether each export format can hold the result. export_options: {format: {option: value}}.
     An ONNX decoder (an .onnx file or its folder) is quantized by the ONNX front end into a new ONNX folder
     (onnx_options: lowbit.onnx.run.OnnxOptions).
+
+    device: cpu, cuda, cuda:N or auto (default: a GPU when present); calib_dtype: the working precision (float32,
+    bfloat16, float16; default float32 on the CPU, bfloat16 on a GPU); offload_dir: spill calibration activations
+    there; resume: checkpoint after every block and continue an interrupted run of the same output.
     """
     t0 = time.perf_counter()
     recipe = recipe or make_recipe(**recipe_args)
@@ -96,23 +102,42 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
 
         if export:
             raise LowbitError("export= applies to Hugging Face / GGUF sources; an ONNX model is written as ONNX")
+        torch_only = {"--device": device, "--calib-dtype": calib_dtype, "--offload-dir": offload_dir,
+                      "--resume": resume or None}
+        for flag, value in torch_only.items():
+            if value is not None:
+                raise LowbitError(f"{flag} applies to Hugging Face / GGUF sources; an ONNX model is calibrated in "
+                                  f"onnxruntime (--calibration_eps chooses its execution providers)")
         job = onnx_job(model, output, recipe, onnx_options, overwrite, quiet, progress)
         summary, result = pipeline.run(job, recipe, _run_options(output, overwrite, progress, quiet, evaluate_after,
                                                                  eval_dataset, eval_seq_len, max_chunks), t0)
         return QuantizeResult(Path(output), summary, result.report)
     if onnx_options is not None:
         raise LowbitError(f"onnx_options apply to ONNX models only, and {model} is not one")
-    job, exports = _torch_job(model, output, recipe, overwrite, keep_in_memory or evaluate_after, progress, quiet,
-                              export)
-    summary, result = pipeline.run(job, recipe, _run_options(output, overwrite, progress, quiet, evaluate_after,
-                                                             eval_dataset, eval_seq_len, max_chunks, exports,
-                                                             export_options), t0)
+    if resume and (output is None or keep_in_memory):
+        raise LowbitError("resume continues a run that writes an output folder (-o OUT); it cannot keep the model "
+                          "in memory")
+    placement = _placement(device, calib_dtype, offload_dir)
+    job, exports = _torch_job(model, output, recipe, overwrite, keep_in_memory or (evaluate_after and not resume),
+                              progress, quiet, export, placement)
+    job.resume = resume
+    options = _run_options(output, overwrite, progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks,
+                           exports, export_options)
+    options.resume = resume
+    summary, result = pipeline.run(job, recipe, options, t0)
     model_out = job.loaded.model.eval() if keep_in_memory or evaluate_after else None
     return QuantizeResult(Path(output) if output is not None else None, summary, result.report, model_out, job.plan)
 
 
+def _placement(device, calib_dtype, offload_dir) -> Placement:
+    """Where and in what precision the engine works (checked before anything else)."""
+    where = resolve_device(device)
+    return Placement(where, resolve_dtype(calib_dtype, where),
+                     Path(offload_dir).expanduser() if offload_dir is not None else None)
+
+
 def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progress: bool, quiet: bool,
-               export) -> tuple[TorchJob, list]:
+               export, placement: Placement) -> tuple[TorchJob, list]:
     """The checked job of a torch source and the export formats asked for; everything refused here, before any
     output is claimed or any weight read."""
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
@@ -120,7 +145,7 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
     sources = source_paths(model)
     if output is not None:
         check_output(Path(output), overwrite, sources)
-    loaded = open_model(model)
+    loaded = open_model(model, placement.dtype)
     check_carried(loaded.folder)  # the files the output copies lie inside the source folder
     if loaded.quantized:
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
@@ -133,7 +158,8 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
     log(format_plan(plan), quiet)
     exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,
                              sources + [loaded.folder])
-    return TorchJob(str(model), loaded, recipe, plan, chain, tokenizer, keep, progress), exports
+    return TorchJob(str(model), loaded, recipe, plan, chain, tokenizer, keep, progress, placement,
+                    sources=sources), exports
 
 
 def _run_options(output, overwrite, progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks,

@@ -88,10 +88,12 @@ def cmd_quantize(args) -> int:
         given = [flag for flag, dest in ONNX_ONLY if getattr(args, dest) not in (None, False, "cpu", "minmax")]
         if given:
             raise LowbitError(f"{given[0]} applies to ONNX models only, and {args.model} is not one")
+    scale = {"device": args.device, "calib_dtype": args.calib_dtype, "offload_dir": args.offload_dir,
+             "resume": args.resume}
     result = api.quantize(args.model, args.output, recipe=recipe, overwrite=args.overwrite,
                           evaluate_after=args.eval, eval_dataset=args.dataset, eval_seq_len=args.seq_len,
                           max_chunks=args.max_chunks, progress=not args.no_progress, quiet=args.json,
-                          export=args.export, export_options=_export_options(args), onnx_options=onnx)
+                          export=args.export, export_options=_export_options(args), onnx_options=onnx, **scale)
     s = result.summary
     if args.json:
         print(to_json({"output": str(result.output), **s}))

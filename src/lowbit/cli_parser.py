@@ -138,6 +138,7 @@ def _add_quantize_parser(sub) -> None:
                         f"OUT-awq/, OUT-gptq/, OUT-onnx/, OUT-compressed-tensors/, OUT.gguf; a format that cannot "
                         f"hold the scheme is refused before calibration")
     _add_export_options(q)
+    _add_scale_args(q)
     add_onnx_args(q)
     q.add_argument("--eval", action="store_true", help="after quantizing, measure perplexity of the result")
     q.add_argument("--skip-quantization", "--skip_quantization", action="store_true",
@@ -145,6 +146,24 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_scale_args(q) -> None:
+    """Where the engine runs and how a long run survives a crash (Hugging Face / GGUF sources)."""
+    g = q.add_argument_group("devices and models larger than memory (Hugging Face / GGUF sources)")
+    g.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where each block is calibrated and quantized: cpu, cuda, cuda:N or auto (a GPU when one "
+                        "is present) [default: auto]")
+    g.add_argument("--calib-dtype", "--calib_dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="working precision of the block and its activations (statistics and solves stay float32) "
+                        "[default: auto = float32 on the CPU, bfloat16 on a GPU]")
+    g.add_argument("--offload-dir", "--offload_dir", default=None, metavar="DIR",
+                   help="spill calibration activations between blocks to files in DIR, so memory holds one "
+                        "batch of them instead of all")
+    g.add_argument("--resume", action="store_true",
+                   help="checkpoint after every block (finished tensors and the next block's inputs, in the staging "
+                        "folder beside OUT) and continue an interrupted run of the same command from its last "
+                        "finished block; the output is byte-for-byte that of an uninterrupted run")
 
 
 def _add_eval_parser(sub) -> None:

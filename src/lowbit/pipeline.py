@@ -47,6 +47,7 @@ class RunOptions:
     max_chunks: int | None = None
     exports: list = field(default_factory=list)  # exporters.formats.ExportFormat, written beside the output
     export_options: dict = field(default_factory=dict)  # {format: {option: value}}
+    resume: bool = False  # the staged output keeps a checkpoint; an interrupted run's is continued
 
 
 def run(job: Job, recipe: Recipe, options: RunOptions, t0: float) -> tuple[dict, JobResult]:
@@ -55,9 +56,9 @@ def run(job: Job, recipe: Recipe, options: RunOptions, t0: float) -> tuple[dict,
         [form.default_output(options.output) for form in options.exports]
     with contextlib.ExitStack() as claims:  # every output held from here on: a second run is refused now
         for path in outputs:
-            claims.enter_context(claim(path))
-        staging = staged(Path(options.output), options.overwrite) if options.output is not None \
-            else contextlib.nullcontext(None)
+            claims.enter_context(claim(path, resume=options.resume))
+        staging = staged(Path(options.output), options.overwrite, resume=options.resume) \
+            if options.output is not None else contextlib.nullcontext(None)
         with staging as folder:
             summary, result = _run_staged(job, recipe, options, t0, folder)
         if options.exports:

@@ -84,3 +84,11 @@ class Sink:
 
     def add_output_quant(self, module_name: str, spec, params: torch.Tensor) -> None:
         """A linear's output quantization (KV cache): its spec and calibrated parameters."""
+
+    def snapshot(self) -> dict:
+        """Everything received so far made durable, and what restore() needs to continue from here (a resume
+        checkpoint's share)."""
+        return {}
+
+    def restore(self, snapshot: dict) -> None:
+        """Continue from a snapshot() taken by an earlier run's sink writing the same place."""

@@ -137,6 +137,26 @@ class StreamingWriter:
         self.offset += nbytes
         return nbytes
 
+    def snapshot(self) -> dict:
+        """What reopen() needs to continue this file from here: the data so far is flushed to disk first."""
+        self.spool.flush()
+        os.fsync(self.spool.fileno())
+        return {"file": self.path.name, "offset": self.offset, "header": self.header}
+
+    @classmethod
+    def reopen(cls, folder: Path, snapshot: dict, metadata: dict | None = None) -> "StreamingWriter":
+        """The writer of a snapshot, its spool cut back to the snapshot's end (what was written after it is
+        dropped)."""
+        writer = cls.__new__(cls)
+        writer.path = Path(folder) / snapshot["file"]
+        writer.spool_path = writer.path.with_name(writer.path.name + ".spool")
+        writer.spool = open(writer.spool_path, "r+b")
+        writer.spool.truncate(snapshot["offset"])
+        writer.spool.seek(snapshot["offset"])
+        writer.header, writer.offset = dict(snapshot["header"]), snapshot["offset"]
+        writer.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        return writer
+
     def close(self) -> None:
         self.spool.close()
         header = dict(self.header)

@@ -14,7 +14,10 @@ Every output (a folder or one file) is
 
 The next run that claims OUT finishes what a killed run left: staging folders are deleted (a run holding the
 lock is the only one that can be writing), an old folder is renamed back to OUT when OUT is missing (else
-deleted).
+deleted). A staging folder holding a resume checkpoint (`RESUME_DIR`, written by a run with --resume) is never
+deleted: a run with resume adopts it (renames it to its own staging name) and continues it; a run without is
+refused, with what to do. A resumable run stopped by an error, Ctrl-C or SIGTERM keeps its staging folder too;
+the checkpoint is removed just before the folder is put in place.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from .errors import LowbitError
 
 STAGING, OLD, LOCK = ".lowbit-tmp-", ".lowbit-old-", ".lowbit-lock"
+RESUME_DIR, RESUME_STATE = ".lowbit-resume", "state.json"  # a resumable run's checkpoint, inside its staging folder
 # top-level files that mark a folder as a model or an export (what --overwrite may replace)
 MODEL_MARKERS = ("config.json", "genai_config.json", "summary.json", "recipe.yaml")
 _held: dict[Path, int] = {}  # outputs this process has claimed (claims nest: quantize claims its exports too)
@@ -152,8 +156,14 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def recover(out: Path) -> None:
-    """Finish what a run that was killed while writing OUT left beside it (the caller holds OUT's lock)."""
+def resumable(tmp: Path) -> bool:
+    """Whether a staging folder holds a resume checkpoint."""
+    return (tmp / RESUME_DIR / RESUME_STATE).is_file()
+
+
+def recover(out: Path, resume: bool = False) -> None:
+    """Finish what a run that was killed while writing OUT left beside it (the caller holds OUT's lock); a
+    resumable staging folder is kept for a run with resume and refused otherwise."""
     for old in _leftovers(out, OLD):
         if not out.exists() and not out.is_symlink():
             os.rename(old, out)
@@ -162,14 +172,20 @@ def recover(out: Path) -> None:
             _remove(old)
             _say(f"note: removed {old.name}, the replaced output a stopped run had not deleted yet")
     for tmp in _leftovers(out, STAGING):
+        if resumable(tmp):
+            if not resume:
+                raise LowbitError(f"{tmp} holds an interrupted run of {out} that can be continued: rerun the same "
+                                  f"command with --resume, or delete {tmp} to start over")
+            continue
         _remove(tmp)
         _say(f"note: removed {tmp.name}, the unfinished output of a run that was stopped")
 
 
 @contextlib.contextmanager
-def claim(out, wait: bool = False):
+def claim(out, wait: bool = False, resume: bool = False):
     """Hold OUT for the duration (refusing when another run holds it, or waiting with wait=True), after
-    finishing what a stopped run left. Creates OUT's parent folders: call it after every check."""
+    finishing what a stopped run left (keeping a resumable staging folder with resume). Creates OUT's parent
+    folders: call it after every check."""
     out = absolute(out)
     if out in _held:
         _held[out] += 1
@@ -182,7 +198,7 @@ def claim(out, wait: bool = False):
     fd = _lock(out, wait)
     _held[out] = 1
     try:
-        recover(out)
+        recover(out, resume)
         yield out
     finally:
         del _held[out]
@@ -229,18 +245,39 @@ def put_in_place(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged(out, overwrite: bool = False, sources=(), is_file: bool = False):
+def staged(out, overwrite: bool = False, sources=(), is_file: bool = False, resume: bool = False):
     """Yield a staging path beside OUT (a folder, or a file path with is_file) after checking and claiming OUT;
-    on success it becomes OUT, on any failure (an error, Ctrl-C, SIGTERM, a full disk) it is deleted."""
+    on success it becomes OUT, on any failure (an error, Ctrl-C, SIGTERM, a full disk) it is deleted, unless
+    resume is on and it holds a checkpoint. With resume, an interrupted run's resumable staging folder becomes
+    this run's."""
     check_output(out, overwrite, sources, is_file)
-    with claim(out) as target:
+    with claim(out, resume=resume) as target:
         tmp = target.with_name(f".{target.name}{STAGING}{os.getpid()}")
-        _remove(tmp)
+        if not (resume and resumable(tmp)):  # this process's own interrupted run is continued as it is
+            _remove(tmp)
         try:
             if not is_file:
-                tmp.mkdir()
+                if resume and not tmp.exists():
+                    _adopt(target, tmp)
+                tmp.mkdir(exist_ok=resume)
             yield tmp
         except BaseException:
-            _remove(tmp)
+            if resume and resumable(tmp):
+                _say(f"note: kept {tmp}, the checkpoint of this run: rerun the same command with --resume to "
+                     f"continue it")
+            else:
+                _remove(tmp)
             raise
+        if resume:
+            _remove(tmp / RESUME_DIR)
         put_in_place(tmp, target)
+
+
+def _adopt(out: Path, tmp: Path) -> None:
+    """Rename the newest resumable staging folder of OUT (left by an interrupted run) to `tmp`."""
+    found = sorted((p for p in _leftovers(out, STAGING) if p != tmp and resumable(p)),
+                   key=lambda p: (p / RESUME_DIR / RESUME_STATE).stat().st_mtime_ns)
+    if found:
+        os.rename(found[-1], tmp)
+        for other in found[:-1]:
+            _remove(other)

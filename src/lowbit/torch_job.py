@@ -3,13 +3,18 @@ the demo), its plan and chain, run block by block by the engine into lowbit's na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import __version__
 from .data import calib_windows, load_text, tokenize
 from .engine import Engine
+from .engine.placement import Placement
+from .engine.resume import Checkpoint
 from .exporters.native import NativeSink, write_metadata
 from .hf.model import LoadedModel
 from .job import Job, JobResult
@@ -32,11 +37,16 @@ class TorchJob(Job):
     tokenizer: object | None  # when the chain calibrates
     keep: bool  # keep the fake-quant model in memory
     progress: bool = True
+    placement: Placement = field(default_factory=Placement)
+    resume: bool = False  # checkpoint after every block; continue the staged folder's checkpoint if any
+    sources: list = field(default_factory=list)  # the source's files and folders (the resume fingerprint)
     windows: torch.Tensor | None = None
+    resumed_at: int = 0
 
     def describe(self) -> dict:
         return {"source_folder": str(self.loaded.folder), "scheme": self.recipe.scheme.name,
-                "algorithms": [a.name for a in self.chain], "seed": self.recipe.calibration.get("seed", 0)}
+                "algorithms": [a.name for a in self.chain], "seed": self.recipe.calibration.get("seed", 0),
+                **self.placement.describe()}
 
     def prepare(self) -> torch.Tensor | None:
         if self.tokenizer is not None:
@@ -48,10 +58,16 @@ class TorchJob(Job):
         tied_lm_head = any(t.rpartition(".")[0] in self.plan and self.plan[t.rpartition(".")[0]].spec is not None
                            for t in self.loaded.layout.tied)  # before a rotation unties it
         sink = NativeSink(folder) if folder is not None else None
+        checkpoint = Checkpoint(folder, self.fingerprint()) if self.resume and folder is not None else None
         engine = Engine(self.loaded, self.plan, self.chain, self.windows, sink, keep_in_memory=self.keep,
                         batch_size=cal.get("batch_size", 8), progress=self.progress,
-                        propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"]))
-        report = engine.run()
+                        propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"]),
+                        placement=self.placement, checkpoint=checkpoint)
+        try:
+            report = engine.run()
+        finally:
+            self.placement.cleanup()
+        self.resumed_at = engine.resumed_at
         if folder is not None:
             sink.close()
             write_metadata(folder, self.loaded.folder, self.plan, self.recipe.to_dict(), self.loaded.source_dtype,
@@ -62,6 +78,8 @@ class TorchJob(Job):
                   "quantized_modules": sum(1 for lp in self.plan.values() if lp.spec is not None)}
         if report.rotation is not None:
             fields["rotation"] = report.rotation
+        if self.resume:
+            fields["resumed_at_block"] = engine.resumed_at
         return JobResult(report.layers, report, fields)
 
     def source_size(self) -> int:
@@ -71,4 +89,25 @@ class TorchJob(Job):
         return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
     def evaluation_target(self, folder: Path | None):
+        if self.resume:  # a resumed run never held the earlier blocks: measure what was written
+            from .hf.model import open_model
+
+            return "torch", open_model(folder).load_all(), self.loaded.tokenizer()
         return "torch", self.loaded.model, self.loaded.tokenizer()
+
+    def fingerprint(self) -> dict:
+        """What the output depends on, for resume.Checkpoint: a checkpoint of another run is refused."""
+        def digest(data) -> str:
+            return hashlib.sha256(data if isinstance(data, bytes) else json.dumps(data, sort_keys=True).encode()
+                                  ).hexdigest()[:16]
+
+        files = []
+        for path in map(Path, self.sources):
+            for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if f.is_file():
+                    st = f.stat()
+                    files.append([str(f), st.st_size, st.st_mtime_ns])
+        return {"source": digest(files), "recipe": digest(self.recipe.to_dict()),
+                "calibration": digest(self.windows.numpy().tobytes()) if self.windows is not None else None,
+                "precision": f"{self.placement.device.type}/{self.placement.dtype}", "lowbit": __version__,
+                "torch": torch.__version__}

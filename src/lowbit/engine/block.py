@@ -40,22 +40,28 @@ class BlockRun:
         raising StopForward). With keep_outputs each chunk is replaced by the block's output, the next block's
         inputs, as soon as it exists (one copy of the activations held, not two). `hooks` are removed after."""
         try:
+            place = self.engine.placement
             with torch.no_grad(), replaying(self.block, self.replays, lambda: self.chunk):
-                for k, (hidden, kwargs) in enumerate(self.inputs):
+                for k, (held, kwargs) in enumerate(self.inputs):
                     self.chunk = k
                     try:
-                        out = self.block(hidden, **kwargs)
+                        out = self.block(place.fetch(held), **kwargs)
                     except StopForward:
                         continue
                     if keep_outputs:
-                        self.inputs[k] = (out[0] if isinstance(out, tuple) else out, kwargs)
+                        self.inputs[k] = (place.replace(held, out[0] if isinstance(out, tuple) else out), kwargs)
                         self.outputs_ready = True
         finally:
             for h in hooks:
                 h.remove()
 
+    def probe_window(self) -> list:
+        """The first calibration window alone, on the device (hf.capture.first_window)."""
+        held, kwargs = self.inputs[0]
+        return first_window([(self.engine.placement.fetch(held), kwargs)])
+
     def find_stages(self, allow_replay: bool) -> Stages:
-        window = first_window(self.inputs)
+        window = self.probe_window()
 
         def probe(hooks):
             try:

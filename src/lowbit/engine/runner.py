@@ -11,6 +11,7 @@ from the calibration windows. A chain that needs no calibration (RTN, weight-onl
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,13 +26,14 @@ from ..arch.folding import Fold, find_folds
 from ..errors import LowbitError
 from ..formats import Quantized, activation_qparams
 from ..hf.actquant import attach_input_quant, attach_output_quant
-from ..hf.capture import capture_block_inputs, first_window
+from ..hf.capture import capture_block_inputs
 from ..hf.model import LoadedModel
 from ..memory import return_freed_memory_to_os, use_mmap_for_large_tensors
 from ..recipe import LayerPlan, has_static_inputs
 from ..results import LayerReport, Sink
 from .block import BlockRun, refuse_unfoldable
-from .placement import Placement
+from .placement import HostSink, Placement
+from .resume import Checkpoint
 from .step import layer_report
 
 PROPAGATE = ("quantized", "float")
@@ -51,7 +53,8 @@ class Engine:
     def __init__(self, loaded: LoadedModel, plan: dict[str, LayerPlan], chain: list[Algorithm],
                  calibration: torch.Tensor | None = None, sink: Sink | None = None,
                  keep_in_memory: bool = False, batch_size: int = 8, progress: bool = True,
-                 propagate: str = "float", replay: bool = True, placement: Placement | None = None):
+                 propagate: str = "float", replay: bool = True, placement: Placement | None = None,
+                 checkpoint: Checkpoint | None = None):
         self.loaded, self.plan, self.chain = loaded, plan, chain
         check_needs(chain)
         self.quantizer: Quantizer = chain[-1]
@@ -63,10 +66,15 @@ class Engine:
         if self.needs_calibration and calibration is None:
             raise ValueError("this chain needs calibration windows")
         self.calibration = calibration
+        self.placement = placement or Placement()
+        loaded.device = self.placement.device  # every weight materialized there, in the skeleton's dtype
         self.sink = sink or Sink()
+        if not self.placement.on_host:
+            self.sink = HostSink(self.sink)  # results leave the device here
         self.keep = keep_in_memory
         self.batch_size = batch_size
-        self.placement = placement or Placement()
+        self.checkpoint = checkpoint  # resume.Checkpoint: saved after every block, continued from when present
+        self.resumed_at = 0  # the first block this run quantized (> 0 when it continued an interrupted run)
         if propagate not in PROPAGATE:
             raise LowbitError(f"unknown propagation {propagate!r}; use one of {', '.join(PROPAGATE)}")
         # "float": the next block's inputs are this block's outputs before quantization, taken from the
@@ -93,25 +101,65 @@ class Engine:
         blocks = self.loaded.layout.blocks
         if self.rotation is not None:
             self._prepare_rotation()
-        inputs = self._capture_block0_inputs() if self.needs_calibration else None
-        bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", file=sys.stderr,
-                   disable=not self.progress, dynamic_ncols=True)
+        state = self.checkpoint.load() if self.checkpoint is not None else None
+        if state is not None:
+            inputs = self._restore(state)
+        else:
+            inputs = self._capture_block0_inputs() if self.needs_calibration else None
+        bar = tqdm(range(self.resumed_at, len(blocks)), desc="quantizing blocks", unit="block", file=sys.stderr,
+                   disable=not self.progress, dynamic_ncols=True, initial=self.resumed_at, total=len(blocks))
         for i in bar:
             start, first_layer = time.perf_counter(), len(self.report.layers)
             inputs = self._run_block(i, inputs, last=i + 1 == len(blocks))
             self.report.block_seconds.append(time.perf_counter() - start)
+            if self.checkpoint is not None and i + 1 < len(blocks):
+                self.checkpoint.save(i + 1, self._state(), self.sink.snapshot(), inputs, self.placement)
             errors = [r.relative_error for r in self.report.layers[first_layer:]]
             bar.set_postfix(block_s=f"{self.report.block_seconds[-1]:.2f}",
                             weight_err=f"{sum(errors) / max(len(errors), 1):.4f}")
         bar.close()
+        self.placement.drop(inputs)
         self._finish_outside_blocks()
         if self.rotator is not None:
             self.report.rotation = self.rotator.summary()  # the largest block error over all blocks
         return self.report
 
+    # -- resume -------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        """What the report and the rest of the run need from the finished blocks (resume.Checkpoint)."""
+        r = self.report
+        state = {"layers": [dataclasses.asdict(x) for x in r.layers], "block_seconds": r.block_seconds,
+                 "capture_seconds": r.capture_seconds, "quantized": sorted(self.quantized)}
+        if self.rotator is not None:
+            state["rotator"] = {"max_error": self.rotator.max_error, "online": self.rotator.online}
+        return state
+
+    def _restore(self, state: dict):
+        """Continue an interrupted run: its report, its sink's files, the next block's inputs."""
+        self.resumed_at = state["done"]
+        e = state["engine"]
+        self.report.layers = [LayerReport(**x) for x in e["layers"]]
+        self.report.block_seconds, self.report.capture_seconds = e["block_seconds"], e["capture_seconds"]
+        self.quantized = set(e["quantized"])
+        if self.rotator is not None and "rotator" in e:
+            self.rotator.max_error = e["rotator"]["max_error"]
+            self.rotator.online.update(e["rotator"]["online"])
+        self.sink.restore(state["sink"])
+        print(f"resuming: blocks 0-{self.resumed_at - 1} of {len(self.loaded.layout.blocks)} were finished by the "
+              f"interrupted run", file=sys.stderr, flush=True)
+        return self.checkpoint.inputs(state, self.placement)
+
     def _run_block(self, i: int, inputs, last: bool):
         """Quantize block i and emit it; returns the next block's inputs (None without calibration)."""
         prefix = self.loaded.layout.block_prefix(i)
+        with self.placement.scope():
+            inputs = self._work_on_block(i, prefix, inputs, last)
+        if not self.keep:
+            self.loaded.release(prefix)
+            return_freed_memory_to_os()
+        return inputs
+
+    def _work_on_block(self, i: int, prefix: str, inputs, last: bool):
         self.loaded.materialize(prefix)
         block = self.loaded.layout.blocks[i]
         linears = self._planned(block, prefix)
@@ -130,9 +178,6 @@ class Engine:
             self._quantize_modules(block, prefix)
         self._attach_input_quant(linears, ranges, out_ranges)
         self._emit_params(block, prefix)
-        if not self.keep:
-            self.loaded.release(prefix)
-            return_freed_memory_to_os()
         return inputs
 
     def _calibrate(self, run: BlockRun) -> None:
@@ -157,8 +202,9 @@ class Engine:
         else:  # any tokens serve to find the roles and check the function
             vocab = self.loaded.model.get_input_embeddings().weight.shape[0]
             probe = (torch.arange(1, 17) * 7919 % vocab)[None, :]
-        self.rotator = Rotator(self.loaded, self.rotation, probe)
-        self.report.rotation = self.rotator.prepare()
+        with self.placement.scope():
+            self.rotator = Rotator(self.loaded, self.rotation, self.placement.tokens(probe))
+            self.report.rotation = self.rotator.prepare()
 
     # -- calibration --------------------------------------------------------------------------------
     def _capture_block0_inputs(self) -> list[tuple[torch.Tensor, dict]]:
@@ -170,8 +216,10 @@ class Engine:
                    and n.rpartition(".")[0] not in self.plan]
         for name in outside:
             self.loaded.materialize(name)
-        captured = capture_block_inputs(model, layout.blocks[0], self.calibration.split(self.batch_size),
-                                        self.placement.activations)
+        with self.placement.scope():
+            captured = capture_block_inputs(model, layout.blocks[0],
+                                            [self.placement.tokens(b) for b in self.calibration.split(self.batch_size)],
+                                            self.placement.activations)
         if not self.keep:
             for name in outside:
                 self.loaded.release(name)
@@ -190,7 +238,7 @@ class Engine:
         rel = [tuple(n[len(prefix):] for n in st) for st in stages]
         key = tuple(rel)
         if key not in self._folds:
-            probe = first_window(run.inputs)
+            probe = run.probe_window()
 
             def forward():
                 out = block(probe[0][0], **probe[0][1])
@@ -239,9 +287,15 @@ class Engine:
         dequant = qt.dequantize(torch.float32)
         self.report.layers.append(layer_report(name, weight, qt, dequant, self.notes, self.quantizer))
         self.quantized.add(name)
-        set_module_tensor(self.loaded.model, f"{name}.weight", dequant.to(weight.dtype))
-        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        # rounded to the source dtype, as the written folder dequantizes, whatever the working precision
+        set_module_tensor(self.loaded.model, f"{name}.weight", dequant.to(self.loaded.source_dtype).to(weight.dtype))
+        bias = self._stored(module.bias) if getattr(module, "bias", None) is not None else None
         self.sink.add_quantized(name, qt, bias)
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A float tensor as written: in the source's dtype (the working precision may be wider)."""
+        tensor = tensor.detach()
+        return tensor.to(self.loaded.source_dtype) if tensor.is_floating_point() else tensor
 
     def _quantize_modules(self, root: nn.Module, prefix: str) -> None:
         for name, module in self._planned(root, prefix).items():
@@ -260,7 +314,7 @@ class Engine:
         for rel, param in root.named_parameters():
             name = prefix + rel
             if name not in skip:
-                self.sink.add_tensor(name, param.detach())
+                self.sink.add_tensor(name, self._stored(param))
 
     def _finish_outside_blocks(self) -> None:
         """Quantize and emit what lies outside the decoder blocks: embeddings, final norm, lm_head."""
@@ -269,7 +323,8 @@ class Engine:
         for name, module in outside:
             loaded.materialize(f"{name}.")
             if self.plan[name].spec is not None:
-                self._quantize_linear(name, module)
+                with self.placement.scope():
+                    self._quantize_linear(name, module)
         skip = self._quantized_param_names()
         seen = set()
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -283,7 +338,7 @@ class Engine:
                 param = model.get_parameter(name)
             if name not in seen:
                 seen.add(name)
-                self.sink.add_tensor(name, param.detach())
+                self.sink.add_tensor(name, self._stored(param))
             if not self.keep:
                 loaded.release(name)
         if self.keep:

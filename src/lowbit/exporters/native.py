@@ -47,6 +47,17 @@ class NativeSink(Sink):
         self.output_specs[module_name] = spec
         self.writer.add(f"{module_name}.output_scale", params.float().reshape(-1))
 
+    def snapshot(self) -> dict:
+        """Everything received so far, on disk, and what restore() needs (a resume checkpoint's share)."""
+        return {"writer": self.writer.snapshot(),
+                "input_specs": {n: s.to_dict() for n, s in self.input_specs.items()},
+                "output_specs": {n: s.to_dict() for n, s in self.output_specs.items()}}
+
+    def restore(self, snapshot: dict) -> None:
+        self.writer.restore(snapshot["writer"])
+        self.input_specs = {n: QuantSpec.from_dict(d) for n, d in snapshot["input_specs"].items()}
+        self.output_specs = {n: QuantSpec.from_dict(d) for n, d in snapshot["output_specs"].items()}
+
     def close(self) -> list[str]:
         return self.writer.close()
 

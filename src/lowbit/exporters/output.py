@@ -33,6 +33,21 @@ class ShardWriter:
         self.names.add(name)
         self.total += size
 
+    def snapshot(self) -> dict:
+        """Everything written so far, on disk, and what restore() needs to continue from here."""
+        return {"shards": [shard.snapshot() for shard in self.shards], "total": self.total}
+
+    def restore(self, snapshot: dict) -> None:
+        """Continue from a snapshot of an earlier writer into the same folder: shards started after it are
+        deleted, the others cut back to where it was taken."""
+        kept = {s["file"] for s in snapshot["shards"]}
+        for spool in self.folder.glob("shard-*.tmp.spool"):
+            if spool.name[:-len(".spool")] not in kept:
+                spool.unlink()
+        self.shards = [StreamingWriter.reopen(self.folder, s, self.metadata) for s in snapshot["shards"]]
+        self.names = {name for shard in self.shards for name in shard.header}
+        self.total = snapshot["total"]
+
     def close(self) -> list[str]:
         if not self.shards:
             self.shards.append(StreamingWriter(self.folder / "shard-00000.tmp", self.metadata))

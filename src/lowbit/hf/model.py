@@ -46,6 +46,7 @@ class LoadedModel:
     untied: dict[str, str] = field(default_factory=dict)  # parameter -> the tied source it is read from
     # called with the names of the parameters each materialize() loaded (a rotation rewrites them there)
     after_materialize: Callable[[list[str]], None] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where materialize() puts weights
 
     # -- weights ------------------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
@@ -82,7 +83,8 @@ class LoadedModel:
             if tuple(tensor.shape) != tuple(param.shape):
                 raise LowbitError(f"tensor {name} has shape {tuple(tensor.shape)} in {self.folder} but the config "
                                   f"asks for {tuple(param.shape)}; the checkpoint does not match its config.json")
-            set_module_tensor(self.model, name, tensor.to(param.dtype) if tensor.is_floating_point() else tensor)
+            set_module_tensor(self.model, name, tensor.to(self.device, param.dtype) if tensor.is_floating_point()
+                              else tensor.to(self.device))
             loaded.append(name)
         if loaded and self.after_materialize is not None:
             self.after_materialize(loaded)

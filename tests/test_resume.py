@@ -114,6 +114,17 @@ def test_working_precision_and_offload(deep_bf16, tmp_path):
     assert abs(a - b) / a < 0.05
 
 
+def test_the_device_path_on_the_cpu(deep_bf16, tmp_path, monkeypatch):
+    """The path a GPU run takes (work inside the device scope, results through HostSink, token ids and
+    activations moved), exercised on the CPU: the same bytes as the host path."""
+    from lowbit.engine.placement import Placement
+
+    host = quantize(deep_bf16, tmp_path / "host", algo="awq", **CAL)
+    monkeypatch.setattr(Placement, "on_host", property(lambda self: False))
+    device = quantize(deep_bf16, tmp_path / "device", algo="awq", **CAL)
+    assert files(device.output) == files(host.output)
+
+
 @pytest.mark.parametrize("device,why", [("tpu", "unknown device"), ("cuda:x", "unknown device")])
 def test_bad_devices(deep_bf16, tmp_path, device, why):
     with pytest.raises(LowbitError, match=why):

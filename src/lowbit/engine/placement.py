@@ -152,6 +152,8 @@ class Placement:
 
 
 def _fits_on_device(tensor: torch.Tensor, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
     free, _ = torch.cuda.mem_get_info(device)
     return tensor.numel() * tensor.element_size() + DEVICE_RESERVE < free
 

@@ -232,7 +232,8 @@ def _nothing():
 
 
 def hidden_bytes(loaded, windows: torch.Tensor) -> int:
-    """What streamed_perplexity holds between blocks (bytes): one hidden-state tensor per window, in the model's dtype."""
+    """What streamed_perplexity holds between blocks (bytes): one hidden-state tensor per window, in the model's
+    dtype."""
     width = getattr(loaded.model.config.get_text_config(), "hidden_size", None) or 0
     return windows.numel() * width * torch.finfo(loaded.dtype).bits // 8
 

@@ -196,3 +196,15 @@ def test_demo_streamed_equals_in_memory():
     windows = windows_of(whole, 128, 4)
     in_memory = perplexity(whole.load_all(), windows, 4, progress=False)
     assert_same(in_memory, streamed_perplexity(open_model("demo", torch.float32), windows, 4, progress=False))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--stream", "--runtime", "llama.cpp"], "runs in llama.cpp, which holds it whole"),
+    (["--no-stream", "--offload-dir", "."], "does nothing with --no-stream"),
+    (["--offload-dir", "missing-folder"], "is not an existing folder"),
+])
+def test_stream_option_refusals_are_one_line(extra, message, capsys, tiny_models):
+    assert main(["eval", str(tiny_models["llama"]), "--no-progress", *extra]) != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err

@@ -195,8 +195,7 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         raise LowbitError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if runtime == "onnxruntime-genai" and not is_onnx_model(model):
         raise LowbitError(f"--runtime onnxruntime-genai runs an ONNX folder with genai_config.json; {model} is not one")
-    if offload_dir is not None and not Path(offload_dir).is_dir():
-        raise LowbitError(f"--offload-dir {offload_dir} is not an existing folder")
+    _check_stream_options(model, runtime, stream, offload_dir)
     if is_onnx_model(model) or runtime == "llama.cpp":
         return _evaluate_in_runtime(Path(str(model)), runtime, dataset, seq_len, max_chunks, progress)
     if foreign_quantization(model):
@@ -222,6 +221,19 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         "dtype": str(loaded.dtype).replace("torch.", ""), "streamed": streamed,
     })
     return result
+
+
+def _check_stream_options(model, runtime: str, stream: bool | None, offload_dir) -> None:
+    """A stream is lowbit's own torch evaluation: refused, when asked for, of a model another runtime (ONNX,
+    llama.cpp) or transformers (compressed-tensors) runs; offload_dir is an existing folder, for a stream."""
+    if stream and (is_onnx_model(model) or runtime == "llama.cpp" or foreign_quantization(model)):
+        other = "onnxruntime" if is_onnx_model(model) else runtime if runtime == "llama.cpp" else "transformers"
+        raise LowbitError(f"--stream evaluates a torch model one block at a time; {model} runs in {other}, which "
+                          f"holds it whole: leave out --stream")
+    if offload_dir is not None and stream is False:
+        raise LowbitError("--offload-dir keeps a stream's hidden states on disk; it does nothing with --no-stream")
+    if offload_dir is not None and not Path(offload_dir).is_dir():
+        raise LowbitError(f"--offload-dir {offload_dir} is not an existing folder")
 
 
 def _choose_stream(loaded: LoadedModel, windows: torch.Tensor, batch_size: int, stream: bool | None,

@@ -60,10 +60,14 @@ class HiddenStore:
     def put(self, k: int, hidden: torch.Tensor) -> None:
         if self.folder is None:
             self.items[k] = hidden
-        else:
-            tmp = self.folder / f"{k}.tmp"
+            return
+        tmp = self.folder / f"{k}.tmp"
+        try:
             torch.save(hidden.contiguous(), tmp)
             os.replace(tmp, self.folder / f"{k}.pt")
+        except OSError as exc:
+            raise LowbitError(f"cannot write the hidden states to {self.folder} ({exc.strerror or exc}); free space "
+                              f"there or give another --offload-dir") from None
 
     def get(self, k: int) -> torch.Tensor:
         if self.folder is None:
@@ -203,7 +207,7 @@ def streamed_perplexity(loaded, windows: torch.Tensor, batch_size: int = 4, prog
     in a temporary folder made there, one file per batch). Gives perplexity.perplexity's figure on the model
     held whole."""
     loaded.model.eval()
-    with tempfile.TemporaryDirectory(prefix="lowbit-stream-", dir=offload_dir) if offload_dir else _nothing() as tmp:
+    with _spill_folder(offload_dir) as tmp:
         stream = BlockStream(loaded, list(windows.split(batch_size)), HiddenStore(Path(tmp) if tmp else None))
         with torch.inference_mode():
             head_less = outside_modules(loaded, with_head=False)
@@ -227,8 +231,17 @@ def streamed_perplexity(loaded, windows: torch.Tensor, batch_size: int = 4, prog
 
 
 @contextmanager
-def _nothing():
-    yield None
+def _spill_folder(offload_dir):
+    """A temporary folder under offload_dir, removed after (None without offload_dir)."""
+    if offload_dir is None:
+        yield None
+        return
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="lowbit-stream-", dir=offload_dir)
+    except OSError as exc:
+        raise LowbitError(f"cannot make a folder in --offload-dir {offload_dir} ({exc.strerror or exc})") from None
+    with tmp as name:
+        yield name
 
 
 def hidden_bytes(loaded, windows: torch.Tensor) -> int:

@@ -18,7 +18,7 @@ from .errors import LowbitError
 from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
 from .runtimes import is_onnx_model
 from .eval.perplexity import perplexity
-from .eval.streamed import hidden_bytes, largest_block_bytes, streamed_perplexity
+from .eval.streamed import all_blocks_params, hidden_bytes, largest_block_params, streamed_perplexity
 from .hf.source import DEMO, demo_gguf
 from .errors import log
 from .pipeline import EVAL_DTYPE, RunOptions
@@ -249,12 +249,14 @@ def _choose_stream(loaded: LoadedModel, windows: torch.Tensor, batch_size: int, 
     if stream is None:
         stream = not fits_in_memory(weights, logits)
     if stream and offload_dir is None:
-        held = hidden_bytes(loaded, windows)
-        room = available_bytes()
-        if room is not None and needed_bytes(largest_block_bytes(loaded) * itemsize, held + logits) > room:
-            raise LowbitError(f"a streamed evaluation holds the hidden states of every window between blocks "
-                              f"({held / 2**30:.2f} GiB) and {room / 2**30:.2f} GiB of memory is available; give "
-                              f"--offload-dir FOLDER to keep them on disk, or fewer --max-chunks")
+        held, room = hidden_bytes(loaded, windows), available_bytes()
+        blocks = [largest_block_params(loaded), parameter_count(loaded.model) - all_blocks_params(loaded)]
+        need = needed_bytes(max(blocks) * itemsize, held + logits)  # a block, or embedding + lm_head at the end
+        if room is not None and need > room:
+            raise LowbitError(f"a streamed evaluation needs {need / 2**30:.2f} GiB, {held / 2**30:.2f} GiB of it the "
+                              f"hidden states of every window held between blocks, and {room / 2**30:.2f} GiB of "
+                              f"memory is available; give --offload-dir FOLDER to keep them on disk, or fewer "
+                              f"--max-chunks")
     return bool(stream)
 
 

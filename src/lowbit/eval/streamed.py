@@ -251,6 +251,11 @@ def hidden_bytes(loaded, windows: torch.Tensor) -> int:
     return windows.numel() * width * torch.finfo(loaded.dtype).bits // 8
 
 
-def largest_block_bytes(loaded) -> int:
-    """The parameters of the largest decoder block (elements): what a stream holds of the blocks at once."""
+def largest_block_params(loaded) -> int:
+    """The parameter count of the largest decoder block: what a stream holds of the blocks at once."""
     return max(sum(p.numel() for p in block.parameters()) for block in loaded.layout.blocks)
+
+
+def all_blocks_params(loaded) -> int:
+    """The parameter count of every decoder block together; the rest of the model's is outside them."""
+    return sum(p.numel() for block in loaded.layout.blocks for p in block.parameters())

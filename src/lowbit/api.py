@@ -11,7 +11,7 @@ import torch
 
 from . import pipeline
 from .algorithms import parse_algo_args, parse_chain
-from .arch import check_seq_len, describe, linear_modules
+from .arch import check_seq_len, describe, linear_modules, parameter_count
 from .data import check_count, eval_windows, load_text, tokenize
 from .engine import check_needs
 from .engine.placement import Placement, resolve_device, resolve_dtype
@@ -19,6 +19,7 @@ from .errors import LowbitError
 from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
 from .runtimes import is_onnx_model
 from .eval.perplexity import perplexity
+from .eval.streamed import all_blocks_params, hidden_bytes, largest_block_params, streamed_perplexity
 from .hf.source import DEMO, demo_gguf
 from .errors import log
 from .pipeline import EVAL_DTYPE, RunOptions
@@ -203,12 +204,15 @@ def load(path, dtype: torch.dtype | str | None = None) -> tuple[torch.nn.Module,
 
 def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int | None = None,
              batch_size: int = 4, progress: bool = True, dtype: torch.dtype | str | None = EVAL_DTYPE,
-             runtime: str = "torch") -> dict:
+             runtime: str = "torch", stream: bool | None = None, offload_dir: str | Path | None = None) -> dict:
     """Perplexity (standard protocol) of a model source, with its size and parameter count. Computed in
     float32 by default whatever the stored dtype, so copies of the same weights give the same figure;
     dtype "auto" computes in the stored dtype. ONNX models (a file or a folder) run in onnxruntime, or with
     runtime "onnxruntime-genai" in onnxruntime-genai; runtime "llama.cpp" runs a .gguf file in llama.cpp itself
-    instead of dequantizing it for torch."""
+    instead of dequantizing it for torch. A torch model is streamed one decoder block at a time (the same
+    figure, eval.streamed) with stream True, or with None when its weights in the eval dtype do not fit in the
+    memory available (memory.fits_in_memory); the hidden states held between blocks then go to a temporary
+    folder under offload_dir when given."""
     check_count("--seq-len", seq_len, 2)
     check_count("--batch-size", batch_size)
     if max_chunks is not None:
@@ -217,6 +221,7 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         raise LowbitError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if runtime == "onnxruntime-genai" and not is_onnx_model(model):
         raise LowbitError(f"--runtime onnxruntime-genai runs an ONNX folder with genai_config.json; {model} is not one")
+    _check_stream_options(model, runtime, stream, offload_dir)
     if is_onnx_model(model) or runtime == "llama.cpp":
         return _evaluate_in_runtime(Path(str(model)), runtime, dataset, seq_len, max_chunks, progress)
     if foreign_quantization(model):
@@ -225,17 +230,60 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
     check_seq_len(seq_len, loaded.model, "evaluation")
     ids = tokenize(loaded.tokenizer(), load_text(dataset, "eval"))
     windows = eval_windows(ids, seq_len, max_chunks)
+    info = describe(loaded.model)
+    streamed = _choose_stream(loaded, windows, batch_size, stream, offload_dir)
     t0 = time.perf_counter()
-    net = loaded.load_all()
-    load_s = time.perf_counter() - t0
-    result = perplexity(net, windows, batch_size, progress).to_dict()
+    if streamed:
+        load_s = 0.0  # weights are read block by block inside the measured run
+        result = streamed_perplexity(loaded, windows, batch_size, progress, offload_dir).to_dict()
+    else:
+        net = loaded.load_all()
+        load_s = time.perf_counter() - t0
+        result = perplexity(net, windows, batch_size, progress).to_dict()
     result.update({
         "model": str(model), "dataset": dataset, "size_bytes": loaded.size_bytes(),
-        "parameters": describe(net)["parameters"], "quantized": bool(loaded.quantized),
+        "parameters": info["parameters"], "quantized": bool(loaded.quantized),
         "scheme": (loaded.quantization_config or {}).get("scheme"), "load_seconds": round(load_s, 3),
-        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "dtype": str(loaded.dtype).replace("torch.", ""), "streamed": streamed,
     })
     return result
+
+
+def _check_stream_options(model, runtime: str, stream: bool | None, offload_dir) -> None:
+    """A stream is lowbit's own torch evaluation: refused, when asked for, of a model another runtime (ONNX,
+    llama.cpp) or transformers (compressed-tensors) runs; offload_dir is an existing folder, for a stream."""
+    if stream and (is_onnx_model(model) or runtime == "llama.cpp" or foreign_quantization(model)):
+        other = "onnxruntime" if is_onnx_model(model) else runtime if runtime == "llama.cpp" else "transformers"
+        raise LowbitError(f"--stream evaluates a torch model one block at a time; {model} runs in {other}, which "
+                          f"holds it whole: leave out --stream")
+    if offload_dir is not None and stream is False:
+        raise LowbitError("--offload-dir keeps a stream's hidden states on disk; it does nothing with --no-stream")
+    if offload_dir is not None and not Path(offload_dir).is_dir():
+        raise LowbitError(f"--offload-dir {offload_dir} is not an existing folder")
+
+
+def _choose_stream(loaded: LoadedModel, windows: torch.Tensor, batch_size: int, stream: bool | None,
+                   offload_dir) -> bool:
+    """Whether to stream: as asked, or (stream None) when the weights in the eval dtype do not fit in the
+    memory available. A stream whose hidden states do not fit either, with no offload_dir, is refused."""
+    from .memory import available_bytes, fits_in_memory, needed_bytes
+
+    itemsize = torch.finfo(loaded.dtype).bits // 8
+    weights = parameter_count(loaded.model) * itemsize
+    vocab = getattr(loaded.model.config.get_text_config(), "vocab_size", 0) or 0
+    logits = min(batch_size, windows.shape[0]) * windows.shape[1] * vocab * 4 * 2  # logits and their float copy
+    if stream is None:
+        stream = not fits_in_memory(weights, logits)
+    if stream and offload_dir is None:
+        held, room = hidden_bytes(loaded, windows), available_bytes()
+        blocks = [largest_block_params(loaded), parameter_count(loaded.model) - all_blocks_params(loaded)]
+        need = needed_bytes(max(blocks) * itemsize, held + logits)  # a block, or embedding + lm_head at the end
+        if room is not None and need > room:
+            raise LowbitError(f"a streamed evaluation needs {need / 2**30:.2f} GiB, {held / 2**30:.2f} GiB of it the "
+                              f"hidden states of every window held between blocks, and {room / 2**30:.2f} GiB of "
+                              f"memory is available; give --offload-dir FOLDER to keep them on disk, or fewer "
+                              f"--max-chunks")
+    return bool(stream)
 
 
 def _evaluate_foreign(folder: Path, dataset: str, seq_len: int, max_chunks, batch_size: int, progress: bool,

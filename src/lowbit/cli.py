@@ -123,7 +123,8 @@ def cmd_eval(args) -> int:
     if dataset is not None:
         result = perplexity = api.evaluate(args.model, dataset=dataset, seq_len=args.seq_len, max_chunks=args.max_chunks,
                               batch_size=getattr(args, "batch_size", 4), progress=not args.no_progress,
-                              dtype=getattr(args, "dtype", "float32"), runtime=getattr(args, "runtime", "torch"))
+                              dtype=getattr(args, "dtype", "float32"), runtime=getattr(args, "runtime", "torch"),
+                              stream=getattr(args, "stream", None), offload_dir=getattr(args, "offload_dir", None))
     if tasks:
         from .eval.tasks import evaluate_tasks
 
@@ -150,7 +151,8 @@ def _print_perplexity(model, dataset: str, result: dict) -> None:
         kind = f"quantized, {result['scheme']}" if result["quantized"] else "float"
         print(f"{model} ({kind}): perplexity {result['perplexity']:.4f} on {dataset} in {result['dtype']} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['tokens']} predicted tokens); "
-              f"size {_fmt_size(result['size_bytes'])}, {result['parameters'] / 1e6:.1f} M parameters")
+              f"size {_fmt_size(result['size_bytes'])}, {result['parameters'] / 1e6:.1f} M parameters"
+              f"{'; streamed one block at a time' if result.get('streamed') else ''}")
 
 
 def format_tasks(model, result: dict) -> str:

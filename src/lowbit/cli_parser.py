@@ -183,6 +183,14 @@ def _add_eval_parser(sub) -> None:
                    help="torch (any source, dequantized; ONNX models run in onnxruntime), llama.cpp (a .gguf file "
                         "run by llama-cpp-python) or onnxruntime-genai (an ONNX folder with genai_config.json) "
                         "[default: torch]")
+    stream = e.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="torch perplexity one decoder block in memory at a time (the same figure) [default: "
+                             "only when the weights in --dtype do not fit in the memory available]")
+    stream.add_argument("--no-stream", dest="stream", action="store_false", help="hold the whole model in memory")
+    e.add_argument("--offload-dir", "--offload_dir", default=None, metavar="FOLDER",
+                   help="with a stream: keep the hidden states of the windows in a temporary folder made here "
+                        "instead of in memory")
     _add_task_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, windows, tokens, ...)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")

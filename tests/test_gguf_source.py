@@ -1,7 +1,9 @@
 """A GGUF source other than the demo: a tiny Llama written here with gguf-py (q/k rows permuted as llama.cpp
-stores them), loaded by lowbit and compared with the Hugging Face model it came from."""
+stores them), loaded by lowbit and compared with the Hugging Face model it came from. The cached folder of a
+GGUF source holds no weights: every tensor is read from the file and equals transformers' own GGUF load."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +13,9 @@ from transformers import AutoModelForCausalLM
 gguf = pytest.importorskip("gguf")
 
 from lowbit.api import load, quantize  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.hf.model import open_model  # noqa: E402
+from lowbit.hf.source import demo_gguf, resolve_source  # noqa: E402
 
 from .conftest import make_tiny  # noqa: E402
 
@@ -87,3 +92,60 @@ def test_gguf_file_loads_as_the_model_it_came_from(tokenizer_dir, tmp_path, monk
     out = tmp_path / "q"
     quantize(path, out, scheme="w_uint4_per_group_asym", group_size=32, progress=False, quiet=True)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "lowbit"
+
+
+def transformers_load(path):
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def assert_reads_as_transformers(path):
+    """The cached folder holds no weights, and every parameter lowbit reads equals transformers' own load."""
+    folder = resolve_source(path)
+    assert not list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
+    record = json.loads((folder / "lowbit_source.json").read_text())
+    assert record["weights"] == "gguf" and record["gguf"] == str(path.resolve())
+    assert (record["size"], record["mtime_ns"]) == (path.stat().st_size, path.stat().st_mtime_ns)
+    loaded = open_model(path)
+    assert type(loaded.ckpt).__name__ == "GGUFCheckpoint" and loaded.source_dtype == torch.float32
+    reference = transformers_load(path).state_dict()
+    for name, want in reference.items():
+        got = loaded.read(name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    return folder
+
+
+def test_gguf_tensors_are_read_from_the_file(tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny("llama", tmp_path / "hf", tokenizer_dir), path)
+    assert_reads_as_transformers(path)
+
+
+def test_a_changed_gguf_file_is_read_anew(tokenizer_dir, tmp_path, monkeypatch):
+    """A file rewritten after caching gets a new cache folder (the key holds its size and mtime); its old
+    folder, given directly, is refused with what to do."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny("llama", tmp_path / "hf", tokenizer_dir), path)
+    old_folder = resolve_source(path)
+    before = open_model(path).read("model.embed_tokens.weight")
+    write_gguf(make_tiny("llama", tmp_path / "hf2", tokenizer_dir, seed=1), path)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new mtime even on a coarse clock
+    assert resolve_source(path) != old_folder
+    after = assert_reads_as_transformers(path)
+    assert after != old_folder and not torch.equal(open_model(path).read("model.embed_tokens.weight"), before)
+    with pytest.raises(LowbitError, match="has changed since its cache folder .* give the .gguf file itself"):
+        open_model(old_folder)
+
+
+@pytest.mark.slow
+def test_demo_reads_as_transformers_loads_it(tmp_path, monkeypatch):
+    """The demo (Q4_1 and Q8_0 blocks): every parameter bit-identical to transformers' float32 GGUF load."""
+    try:
+        path = demo_gguf()
+    except LowbitError as exc:
+        pytest.skip(f"demo model not installed: {exc}")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    folder = assert_reads_as_transformers(path)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"

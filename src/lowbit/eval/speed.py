@@ -158,7 +158,7 @@ def _check_genai_context(folder: Path, length: int) -> None:
 
 def size_on_disk(model, runtime: str = "torch") -> int:
     """Bytes of the weight files the runtime reads: a .gguf file, an ONNX model with its external data, or a
-    folder's *.safetensors (demo: its shipped .gguf in llama.cpp, its float32 conversion in torch)."""
+    folder's *.safetensors (demo: its shipped .gguf, which both llama.cpp and lowbit's torch path read)."""
     from ..runtimes import is_onnx_model
     from ..hf.source import DEMO, demo_gguf
 

@@ -1,4 +1,5 @@
-"""Lazy access to the tensors of a safetensors checkpoint (one file or sharded with an index)."""
+"""Lazy access to the tensors of a safetensors checkpoint (one file or sharded with an index), or of the GGUF
+file a cached source folder names (lowbit.hf.gguf_checkpoint, same interface)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,16 @@ class LazyCheckpoint:
 
     def size_bytes(self) -> int:
         return sum((self.folder / n).stat().st_size for n in self._handles)
+
+
+def open_checkpoint(folder: Path):
+    """The tensor reader of a model folder: the GGUF file its lowbit_source.json names (a cached GGUF source),
+    else its safetensors."""
+    from .source import gguf_source
+
+    record = gguf_source(Path(folder))
+    if record is not None:
+        from .gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(record, folder)
+    return LazyCheckpoint(folder)

@@ -23,7 +23,7 @@ from ..arch.moe import read_aliased, unfuse_experts
 from ..errors import LowbitError
 from ..model_files import check_finite, custom_code_error, is_custom_code, load_config, load_tokenizer, read_json
 from ..spec import QuantSpec
-from .checkpoint import LazyCheckpoint
+from .checkpoint import LazyCheckpoint, open_checkpoint
 from .source import resolve_source
 
 QUANT_METHOD = "lowbit"
@@ -38,7 +38,7 @@ class LoadedModel:
     folder: Path
     model: nn.Module
     layout: Layout
-    ckpt: LazyCheckpoint
+    ckpt: LazyCheckpoint  # or a GGUFCheckpoint (same interface) for a GGUF source
     dtype: torch.dtype
     source_dtype: torch.dtype
     quantized: dict[str, QuantSpec] = field(default_factory=dict)
@@ -155,7 +155,7 @@ def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:
     config_dict = read_json(folder / "config.json", "model config")
     qconfig = config_dict.get("quantization_config")
     quantized = {}
-    ckpt = LazyCheckpoint(folder)
+    ckpt = open_checkpoint(folder)
     source_dtype = ckpt.dtype()
     if qconfig is not None:
         if not isinstance(qconfig, dict) or not isinstance(qconfig.get("modules", {}), dict):

@@ -1,9 +1,11 @@
-"""Model sources: a Hugging Face folder, a GGUF file (converted once to a cached folder), or `demo`.
+"""Model sources: a Hugging Face folder, a GGUF file (described once by a cached folder), or `demo`.
 
-Every source ends as a local Hugging Face folder (config.json, safetensors, tokenizer files) whose weights
-are then read lazily. GGUF files are dequantized to float32 by transformers' GGUF loader (exact for every
-GGUF block type) and cached under $LOWBIT_CACHE (default ~/.cache/lowbit), keyed by the file's path, size
-and modification time.
+Every source ends as a local Hugging Face folder (config.json, tokenizer files) whose weights are then read
+lazily. For a GGUF file that folder, cached under $LOWBIT_CACHE (default ~/.cache/lowbit) and keyed by the
+file's path, size and modification time, holds no weights: lowbit_source.json names the file, and each tensor
+is read from it when needed (lowbit.hf.gguf_checkpoint: dequantized in float32 by gguf-py, exact for every
+block type, and processed as transformers' GGUF loader does). Only architectures whose GGUF load combines
+tensors (MoE experts merged by transformers, ...) are converted whole, once, in the file's own float width.
 """
 
 from __future__ import annotations
@@ -68,62 +70,129 @@ def check_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path} has no config.json; give a Hugging Face model folder (config.json + *.safetensors)")
     read_json(path / "config.json", "model config")
-    if not list(path.glob("*.safetensors")):
+    if not list(path.glob("*.safetensors")) and gguf_source(path) is None:
         hint = " (only PyTorch .bin weights found: convert them to safetensors)" if list(path.glob("*.bin")) else ""
         raise LowbitError(f"{path} has no .safetensors weights{hint}")
 
 
-CONVERSION_VERSION = 2  # 2: config.json names `architectures` (onnxruntime-genai's builder needs it)
+CONVERSION_VERSION = 3  # 2: config.json names `architectures`; 3: no weights cached, read from the GGUF
 
 
-def _gguf_key(path: Path) -> str:
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CONVERSION_VERSION}"
+def _gguf_key(path: Path, st: os.stat_result) -> str:
+    """The file (path, size, modification time) and the readers whose processing the cached folder records."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    readers = []
+    for package in ("transformers", "gguf"):
+        try:
+            readers.append(version(package))
+        except PackageNotFoundError:
+            readers.append("-")
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CONVERSION_VERSION}|{'|'.join(readers)}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def gguf_to_folder(path: Path, name: str | None = None) -> Path:
-    """Convert a GGUF file into a cached float32 Hugging Face folder, once; return the folder. Another process
-    converting the same file waits for this one; a conversion that was killed is cleaned up (lowbit.staging)."""
-    target = cache_dir() / f"{name or path.stem}-{_gguf_key(path)}"
+    """The cached folder of a GGUF file (config, generation config, tokenizer, lowbit_source.json naming the
+    file), made once. Another process making the same folder waits for this one; one that was killed is cleaned
+    up (lowbit.staging). A changed file (size or modification time) gets a new folder."""
+    st = path.stat()
+    target = cache_dir() / f"{name or path.stem}-{_gguf_key(path, st)}"
     if (target / "config.json").is_file():
         return target
     with claim(target, wait=True):
         if not (target / "config.json").is_file():
             with staged(target, overwrite=target.exists(), sources=[path]) as tmp:
-                _convert_gguf(path, tmp)
+                _describe_gguf(path, st, tmp)
     return target
 
 
-def _convert_gguf(path: Path, out: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def gguf_source(folder: Path) -> dict | None:
+    """The record (lowbit_source.json) of a cached folder that reads its weights from a GGUF file (None for any
+    other folder), refused when the file is gone or has changed since the folder was made."""
+    record = Path(folder) / "lowbit_source.json"
+    if not record.is_file():
+        return None
+    info = read_json(record, "GGUF source record")
+    if info.get("weights") != "gguf":
+        return None  # an older cache, or a converted architecture: the weights are in the folder
+    path = Path(str(info.get("gguf")))
+    st = path.stat() if path.is_file() else None
+    if st is None or (st.st_size, st.st_mtime_ns) != (info.get("size"), info.get("mtime_ns")):
+        what = "is missing" if st is None else "has changed"
+        raise LowbitError(f"{path} {what} since its cache folder {folder} was made; give the .gguf file itself "
+                          f"(lowbit then reads it anew) instead of the cache folder")
+    return info
 
-    from ..arch import tied_parameters
 
-    print(f"converting {path.name} to a float32 Hugging Face folder (once) ...", file=sys.stderr, flush=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-    except ImportError as exc:
-        raise LowbitError(f"reading GGUF files needs extra packages ({exc}); pip install gguf accelerate") from None
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LowbitError(f"cannot read GGUF file {path} ({first}); check that it is a complete GGUF model "
-                          f"of an architecture transformers supports") from None
+def _describe_gguf(path: Path, st: os.stat_result, out: Path) -> None:
+    """Write config.json, the generation config, the tokenizer and lowbit_source.json for a GGUF file, reading
+    no weight. An architecture that transformers does not load one tensor at a time is converted whole instead
+    (model.safetensors in the GGUF's own width: float32 for block-quantized files)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .gguf_checkpoint import (describe_tensors, gguf_width, meta_model, open_reader, parse_once,
+                                  per_tensor_problem)
+
+    reader = open_reader(path)
+    width = gguf_width(reader)
+    with parse_once():
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+            model = meta_model(config)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        except ImportError as exc:
+            raise LowbitError(f"reading GGUF files needs extra packages ({exc}); pip install gguf accelerate") \
+                from None
+        except Exception as exc:
+            raise _unreadable(path, exc) from None
+        problem = per_tensor_problem(reader, model)
+        table = {} if problem else describe_tensors(path, reader, model)
+    del reader
     out.mkdir(parents=True, exist_ok=True)
-    tied = tied_parameters(model)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    config["architectures"] = [type(model).__name__]
-    config.pop("_name_or_path", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if problem:
+        model = _convert_whole(path, width, out, problem)
+    _write_config(model, width, out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "lowbit_source.json").write_text(json.dumps({"gguf": str(path), "dequantized_to": "float32"}))
+    record = {"gguf": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+              "weights": "model.safetensors" if problem else "gguf", "dtype": str(width).removeprefix("torch.")}
+    record |= {"converted_because": problem} if problem else table
+    (out / "lowbit_source.json").write_text(json.dumps(record))
+
+
+def _unreadable(path: Path, exc: Exception) -> LowbitError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return LowbitError(f"cannot read GGUF file {path} ({first}); check that it is a complete GGUF model "
+                       f"of an architecture transformers supports")
+
+
+def _write_config(model, width, out: Path) -> None:
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(width).removeprefix("torch.")
+    config["architectures"] = [type(model).__name__]
+    config.pop("_name_or_path", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _convert_whole(path: Path, width, out: Path, problem: str):
+    """The whole model loaded by transformers and saved to out/model.safetensors in `width`: for architectures
+    whose GGUF load combines tensors ({problem}); every other one is read tensor by tensor from the file."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import tied_parameters
+
+    print(f"converting {path.name} to a {str(width).removeprefix('torch.')} Hugging Face folder (once: {problem}) "
+          f"...", file=sys.stderr, flush=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=width,
+                                                     trust_remote_code=False)
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
+    tied = tied_parameters(model)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return model

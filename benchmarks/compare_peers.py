@@ -199,8 +199,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        model = subprocess.run([sys.executable, "-c", "from lowbit.hf.source import resolve_source; "
-                                "print(resolve_source('demo'))"], check=True, capture_output=True,
+        model = subprocess.run([sys.executable, "-c", "from lowbit.hf.weights_folder import weights_folder; "
+                                "print(weights_folder('demo'))"], check=True, capture_output=True,
                                text=True).stdout.strip().splitlines()[-1]
         data = str(Path(tmp) / "windows.pt")
         cmd = [sys.executable, str(PEERS_DIR / "lowbit_tasks.py"), "data", model, data,

@@ -41,7 +41,7 @@ def main() -> None:
     from lowbit.data import load_text
     from lowbit.eval.task_files import write_last_word_task
     from lowbit.eval.tasks import evaluate_tasks, run_tasks
-    from lowbit.hf.source import resolve_source
+    from lowbit.hf.weights_folder import weights_folder
 
     work = Path(args.work)
     tasks = work / "tasks"
@@ -57,7 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ours = evaluate_tasks("demo", "lambada_local", task_dir=tasks)["tasks"]["lambada_local"]["metrics"]
     t1 = time.perf_counter()
-    folder = resolve_source("demo")
+    folder = weights_folder("demo")
     folder = folder if isinstance(folder, Path) else Path(folder[0] if isinstance(folder, tuple) else folder)
     theirs = run_tasks(HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=1), "lambada_local",
                        tasks)["lambada_local"]["metrics"]

@@ -191,11 +191,11 @@ def demo_hf(work: Path) -> Path:
     """The demo model's float Hugging Face folder as the builder reads it."""
     from onnx_export import builder_input
 
-    from lowbit.hf.source import resolve_source
+    from lowbit.hf.weights_folder import weights_folder
 
     if (work / "builder-input").is_dir():
         return work / "builder-input"
-    return builder_input(resolve_source("demo"), work)
+    return builder_input(weights_folder("demo"), work)
 
 
 def demo_fp32(work: Path) -> Path:

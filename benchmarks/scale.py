@@ -1,28 +1,28 @@
 """Proofs that lowbit quantizes models that do not fit: each run under an enforced memory cap, on seeded random
 models with real shapes, plus a sweep over hidden size and calibration tokens and a projection to Llama-3.
 
-Models are built once under --work (config.json, sharded *.safetensors streamed tensor by tensor, index.json)
-with the demo model's tokenizer; vocab_size is set to that tokenizer's length (49152) so every token id is
-valid. Weights: normal(0, 0.02) per tensor from a generator seeded by (seed, tensor name), norms ones.
-Each proof is its own `lowbit` process in a cgroup v1 memory group nested under this process's own group
-(memory.limit_in_bytes = the cap); it passes when it exits 0 under the cap.
+Models are built once under --work (config.json, *.safetensors shards streamed tensor by tensor, index.json) with
+the demo model's tokenizer; vocab_size is that tokenizer's length (49152), so every token id is valid.
+Weights: normal(0, 0.02) per tensor from a generator seeded by (seed, tensor name), norms ones. Each proof is
+its own `lowbit` process in a cgroup v1 memory group (limit = the cap); it passes when it exits 0 under the cap.
 
     python benchmarks/scale.py [--only rtn-7b,rtn-1.1b,gptq-1.1b,awq-1.1b,ppl-1.1b,resume-1.1b,sweep-hidden,
-                                       sweep-calib] [--quick] [--work /tmp/lowbit-scale] [--json OUT] [--plot PNG]
-                               [--eval-flags '--stream'] [--delete-models] [--keep-outputs]
-
---quick: tiny shapes and short calibration (a smoke run of the machinery, seconds per proof).
-Disk: llama2-7b ~14 GB, tinyllama-1.1b ~2.4 GB, hidden-4096 ~2.5 GB (+ outputs while a proof runs).
+        sweep-calib] [--quick] [--work /tmp/lowbit-scale] [--json OUT] [--plot PNG] [--eval-flags '--stream']
+        [--keep-outputs]        (--quick: tiny shapes, short calibration; a smoke run)
+Disk: llama2-7b ~14 GB, tinyllama-1.1b ~2.4 GB, hidden-4096 ~2.5 GB, all ~20 GB in WORK/models (delete by hand),
+plus a proof's outputs while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -50,12 +50,13 @@ PROOFS = {  # name: (model shape, cap GiB, lowbit argv: {model} and {out} are fi
                                        "--no-progress", "{eval}"]),
     "resume-1.1b": ("tinyllama-1.1b", 2, [*QUANT, "--algo", "gptq", *CALIB]),  # + RESUME_FLAGS, killed halfway
 }
-SWEEP_H = (512, 1024, 2048, 4096)
+KNOWN = [*PROOFS, "sweep-hidden", "sweep-calib"]
+SWEEP_H, QUICK_SWEEP_H = (512, 1024, 2048, 4096), (128, 256, 512)
 SWEEP_CALIB = (4, 16, 64)  # windows of 512 tokens, at hidden 2048
 SWEEP_CAP_GIB = 16  # a measuring group, not a proof
-QUICK_SWEEP_H = (128, 256, 512)
 QUICK_ARGS = {"--num-calib-data": "4", "--seq-len": "128", "--max-chunks": "2"}
-TARGETS = {  # projection targets
+QUICK_SEQ = {"--seq-len": "128"}  # the sweeps keep their window counts
+TARGETS = {  # of the projection
     "Llama-3-8B": dict(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=128256),
     "Llama-3-70B": dict(hidden=8192, inter=28672, layers=80, heads=64, kv=8, vocab=128256),
 }
@@ -93,6 +94,10 @@ def tensor_list(s: dict) -> list[tuple[str, tuple]]:
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (VOCAB, h))]
 
 
+def nbytes(shape: tuple) -> int:
+    return math.prod(shape) * 2  # bf16
+
+
 def tensor_bytes(name: str, shape: tuple, seed: int):
     """A bf16 tensor's bytes: ones for norms, normal(0, 0.02) from a generator seeded by (seed, name) for the rest."""
     import torch
@@ -109,14 +114,12 @@ def write_shard(path: Path, entries: list, seed: int) -> None:
     as it is made, so at most one tensor is in memory."""
     header, offset = {}, 0
     for name, shape in entries:
-        size = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes(shape)]}
+        offset += nbytes(shape)
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(len(raw).to_bytes(8, "little") + raw)
         for name, shape in entries:
             f.write(tensor_bytes(name, shape, seed).data)
 
@@ -143,25 +146,22 @@ def build_model(work: Path, name: str, shape: dict, seed: int) -> Path:
     if len(tok) != VOCAB:
         raise SystemExit(f"the demo tokenizer has {len(tok)} tokens, not {VOCAB}; update VOCAB")
     tmp = folder.with_name(folder.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(folder, ignore_errors=True)
+    for old in (tmp, folder):
+        shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok.save_pretrained(tmp)
     (tmp / "config.json").write_text(json.dumps(llama_config(shape, tok), indent=2))
-    shards, size = [[]], 0
+    shards = [[]]
     for entry in tensor_list(shape):
-        nbytes = math.prod(entry[1]) * 2
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and sum(nbytes(s) for _, s in shards[-1]) + nbytes(entry[1]) > SHARD_BYTES:
             shards.append([])
-            size = 0
         shards[-1].append(entry)
-        size += nbytes
     weight_map, start = {}, time.perf_counter()
     for k, entries in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         write_shard(tmp / fname, entries, seed)
         weight_map.update({n: fname for n, _ in entries})
-    total = sum(math.prod(s) * 2 for _, s in tensor_list(shape))
+    total = sum(nbytes(s) for _, s in tensor_list(shape))
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     check_shards(tmp, weight_map)
@@ -178,9 +178,8 @@ def check_shards(folder: Path, weight_map: dict) -> None:
 
     for fname in sorted(set(weight_map.values())):
         with safe_open(str(folder / fname), framework="pt") as f:
-            keys = set(f.keys())
-        if keys != {n for n, v in weight_map.items() if v == fname}:
-            raise SystemExit(f"{fname}: safetensors reads other tensor names than written")
+            if set(f.keys()) != {n for n, v in weight_map.items() if v == fname}:
+                raise SystemExit(f"{fname}: safetensors reads other tensor names than written")
 
 
 def say(msg: str) -> None:
@@ -188,28 +187,17 @@ def say(msg: str) -> None:
 
 
 # -- capped runs -----------------------------------------------------------------------------------------------
-def own_memory_cgroup() -> Path | None:
-    """This process's cgroup v1 memory folder (groups made under it stay inside its own accounting)."""
-    base = Path("/sys/fs/cgroup/memory")
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, ctrls, path = line.split(":", 2)
-            if "memory" in ctrls.split(","):
-                own = base / path.lstrip("/")
-                return own if (own / "cgroup.procs").is_file() else None
-    except OSError:
-        pass
-    return None
-
-
 def make_group(name: str, cap: int) -> Path | None:
-    parent = own_memory_cgroup()
-    if parent is None:
+    """A cgroup v1 memory group lowbit-scale-NAME with the cap, made inside this process's own memory group (so
+    the machine's own accounting still holds it; at the hierarchy's root that is /sys/fs/cgroup/memory)."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines() if Path("/proc/self/cgroup").is_file() else []
+    own = [path for _, ctrls, path in (x.split(":", 2) for x in lines) if "memory" in ctrls.split(",")]
+    parent = Path("/sys/fs/cgroup/memory") / own[0].lstrip("/") if own else None
+    if parent is None or not (parent / "cgroup.procs").is_file():
         return None
     group = parent / f"lowbit-scale-{name}"
     try:
-        if group.exists():
-            group.rmdir()
+        remove_group(group)  # left by an earlier run
         group.mkdir()
         (group / "memory.limit_in_bytes").write_text(str(cap))
         if (group / "memory.memsw.limit_in_bytes").exists():
@@ -217,33 +205,30 @@ def make_group(name: str, cap: int) -> Path | None:
         return group
     except OSError as exc:
         say(f"cgroup v1 group {group} not usable ({exc})")
-        with_retries(group.rmdir)
+        remove_group(group)
         return None
 
 
 def read_group(group: Path) -> dict:
+    """max_usage counts page cache (reclaimed under the cap); the child's own peak RSS is measured apart."""
     oom = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
     return {"cgroup_max_usage_bytes": int((group / "memory.max_usage_in_bytes").read_text()),
             "cgroup_failcnt": int((group / "memory.failcnt").read_text()),
             "cgroup_oom_kills": int(oom.get("oom_kill", 0))}
 
 
-def with_retries(fn, tries: int = 20) -> None:
-    for _ in range(tries):
-        try:
-            return fn()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            time.sleep(0.25)
+def remove_group(group: Path) -> None:
+    for _ in range(20):  # the kernel may need a moment after the last task exits
+        with contextlib.suppress(OSError):
+            return group.rmdir() if group.exists() else None
+        time.sleep(0.25)
 
 
 def cap_prefix(name: str, cap: int) -> tuple[list[str], str, Path | None]:
-    """Command prefix that puts the child under the cap, the method's name, and the cgroup (v1 only).
-    The child joins the group from a shell that then execs lowbit (not a preexec_fn: a forked copy of this
-    process would count this process's pages in the child's peak RSS)."""
+    """Prefix putting the child under the cap, the method, the cgroup. The child joins from a shell that execs lowbit
+    (not a preexec_fn: a forked copy of this process would count this process's pages in the child's peak RSS)."""
     group = make_group(name, cap)
-    if group is not None:
+    if group is not None:  # the shell's pid becomes lowbit's by exec
         return ["sh", "-c", f'echo $$ > "{group}/cgroup.procs" && exec "$@"', "sh"], "cgroup-v1", group
     probe = ["systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={cap}", "--"]
     if shutil.which("systemd-run") and subprocess.run([*probe, "true"], capture_output=True).returncode == 0:
@@ -251,33 +236,36 @@ def cap_prefix(name: str, cap: int) -> tuple[list[str], str, Path | None]:
     return [], "UNCAPPED", None
 
 
-def run_capped(name: str, argv: list[str], cap: int, logs: Path, kill_at: float | None = None) -> dict:
+def run_capped(name: str, argv: list[str], cap: int, logs: Path, kill=None) -> dict:
     """Run `python -m lowbit ARGV` under the cap; its wall time, exit, peak RSS (wait4) and the cgroup's
-    counters. kill_at: SIGKILL it this many seconds after the start."""
+    counters. kill: SIGKILL it once kill() says so (asked every 0.1 s)."""
     prefix, method, group = cap_prefix(name, cap)
     cmd = [*prefix, sys.executable, "-m", "lowbit", *argv]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     logs.mkdir(parents=True, exist_ok=True)
     out_log, err_log = logs / f"{name}.out", logs / f"{name}.err"
     say(f"[{name}] cap {cap / GIB:.1f} GiB ({method}): lowbit {' '.join(argv)}")
     start, killed = time.perf_counter(), False
     with open(out_log, "wb") as out, open(err_log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if kill_at is not None and not killed and time.perf_counter() - start >= kill_at:
-                os.kill(proc.pid, 9)
-                killed = True
-            time.sleep(0.1)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"})
+        try:
+            while not (waited := os.wait4(proc.pid, os.WNOHANG))[0]:
+                if kill is not None and not killed and kill():
+                    os.kill(proc.pid, 9)
+                    killed = True
+                time.sleep(0.1)
+        except BaseException:  # ^C: no child left running in the group
+            os.kill(proc.pid, 9)
+            os.waitpid(proc.pid, 0)
+            raise
+    _, status, usage = waited
     proc.returncode = code = os.waitstatus_to_exitcode(status)
     res = {"cap_bytes": cap, "cap_method": method, "command": ["lowbit", *argv], "returncode": code,
            "killed_by_harness": killed, "seconds": round(time.perf_counter() - start, 2),
            "peak_rss_bytes": usage.ru_maxrss * 1024}
     if group is not None:
         res.update(read_group(group))
-        with_retries(group.rmdir)
+        remove_group(group)
     res["oom_killed"] = not killed and (code in (-9, 137) or res.get("cgroup_oom_kills", 0) > 0)
     res["passed"] = code == 0 and method != "UNCAPPED"
     if code != 0:
@@ -297,23 +285,18 @@ def fill(argv: list[str], model: Path, out: Path, eval_flags: list[str], quick_a
 def lowbit_fields(res: dict, out: Path | None) -> dict:
     """The run's own measures: from OUT/summary.json (quantize) or the printed JSON (eval)."""
     stdout = res.pop("stdout", "")
-    summary = None
     if out is not None and (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
     elif stdout.strip().startswith("{"):
         summary = json.loads(stdout)
-    if summary is None:
+    else:
         return res
     res["lowbit_peak_rss_bytes"] = summary.get("peak_rss_bytes")
-    blocks = summary.get("block_seconds") or []
-    if blocks:
+    if blocks := summary.get("block_seconds"):
         res.update(blocks=len(blocks), block_seconds=blocks, block_seconds_mean=statistics.mean(blocks),
                    block_seconds_median=statistics.median(blocks))
-    for key in ("perplexity", "windows", "tokens"):
-        if key in summary and not isinstance(summary[key], dict):
-            res[key] = summary[key]
-    if isinstance(summary.get("seconds"), dict):
-        res["lowbit_seconds"] = summary["seconds"]
+    res.update({k: summary[k] for k in ("perplexity", "windows", "tokens") if k in summary},
+               lowbit_seconds=summary.get("seconds"))
     if "perplexity" in res:
         res["finite"] = math.isfinite(res["perplexity"])
     return res
@@ -332,61 +315,71 @@ class Ctx:
         return build_model(self.work, name, self.shapes[shape], self.args.seed)
 
     def out(self, name: str) -> Path:
+        """WORK/out/NAME, emptied (and what a killed run left beside it)."""
         out = self.work / "out" / name
-        shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
+        for p in [out, *out.parent.glob(f".{name}.lowbit-*")]:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return out
 
     def done(self, *outs: Path) -> None:
-        if not self.args.keep_outputs:
-            for out in outs:
-                shutil.rmtree(out, ignore_errors=True)
+        for out in outs if not self.args.keep_outputs else ():
+            shutil.rmtree(out, ignore_errors=True)
 
 
-def run_proof(ctx: Ctx, name: str, shape: str, cap_gib: float, argv: list[str], extra=(), kill_at=None,
+def run_proof(ctx: Ctx, name: str, shape: str, cap_gib: float, argv: list[str], extra=(), kill=None,
               out: Path | None = None, quick_args: dict = QUICK_ARGS) -> dict:
     model = ctx.model(shape)
     out = out or ctx.out(name)
     full = fill(argv, model, out, ctx.eval_flags, quick_args if ctx.quick else {}) + list(extra)
-    res = run_capped(name, full, int(cap_gib * GIB), ctx.logs, kill_at)
-    res = lowbit_fields(res, out if argv[0] == "quantize" else None)
+    res = lowbit_fields(run_capped(name, full, int(cap_gib * GIB), ctx.logs, kill), out if "-o" in argv else None)
     return {"proof": name, "model": shape, "shape": ctx.shapes[shape], **res}
 
 
 def proof_resume(ctx: Ctx, name: str, shape: str, cap_gib: float, argv: list[str]) -> dict:
-    """Uninterrupted run; a --resume run SIGKILLed halfway (timed from the first run's block_seconds); the rerun
+    """Uninterrupted run; a --resume run SIGKILLed when its progress bar shows half the blocks done; the rerun
     with --resume; every output file compared by sha256."""
     ref = run_proof(ctx, name + "-reference", shape, cap_gib, argv)
     res = {"proof": name, "model": shape, "shape": ctx.shapes[shape], "cap_bytes": int(cap_gib * GIB),
            "cap_method": ref["cap_method"], "reference": ref, "passed": False}
     if ref["returncode"] != 0 or not ref.get("block_seconds"):
-        res["verdict"] = "the uninterrupted run failed"
-        return res
-    bs = ref["block_seconds"]
-    half = len(bs) // 2
-    head = ref["seconds"] - sum(bs)  # start-up before the first block (and the short tail after the last)
-    kill_at = head + sum(bs[:half]) + 0.5 * bs[half]
-    out = ctx.out(name)
-    first = run_proof(ctx, name + "-killed", shape, cap_gib, argv, RESUME_FLAGS, kill_at, out)
-    first["kill_at_seconds"] = round(kill_at, 2)
-    first["left_beside_out"] = {p.name: sorted(q.name for q in p.iterdir()) if p.is_dir() else "file"
-                                for p in out.parent.glob(f".{out.name}.lowbit-*")}
+        return {**res, "verdict": "the uninterrupted run failed"}
+    out, with_bar = ctx.out(name), [a for a in argv if a != "--no-progress"]
+    first = run_proof(ctx, name + "-killed", shape, cap_gib, with_bar, RESUME_FLAGS,
+                      halfway(ctx.logs / f"{name}-killed.err"), out)
+    first["left_beside_out"] = sorted(p.name for p in out.parent.glob(f".{out.name}.lowbit-*"))
     second = run_proof(ctx, name + "-resumed", shape, cap_gib, argv, RESUME_FLAGS, None, out)
     res.update(killed=first, resumed=second, seconds=second["seconds"], peak_rss_bytes=second["peak_rss_bytes"],
-               cgroup_max_usage_bytes=second.get("cgroup_max_usage_bytes"))
+               cgroup_max_usage_bytes=second.get("cgroup_max_usage_bytes"),
+               rerun_seconds_vs_reference=round(second["seconds"] / ref["seconds"], 3))  # ~0.5 + start-up if resumed
     if not first["killed_by_harness"]:
-        res["verdict"] = f"the --resume run was not killed: it ended first (exit {first['returncode']})"
+        res["verdict"] = f"the --resume run ended before the kill (exit {first['returncode']}: {last_line(first)})"
     elif second["returncode"] != 0:
-        res["verdict"] = f"the rerun with --resume failed (exit {second['returncode']})"
+        res["verdict"] = f"the rerun with --resume failed (exit {second['returncode']}: {last_line(second)})"
     else:
         a, b = file_hashes(ctx.work / "out" / (name + "-reference")), file_hashes(out)
         differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         res["differing_files"] = differ
         res["passed"] = not [k for k in differ if k != "summary.json"]
-        res["verdict"] = ("identical" if not differ else
-                          "identical but summary.json (timings)" if res["passed"] else f"differ: {', '.join(differ)}")
+        res["verdict"] = ("identical" if not differ else "identical but summary.json" if res["passed"] else
+                          f"differ: {', '.join(differ)}") + f"; rerun {res['rerun_seconds_vs_reference']}x ref. time"
     ctx.done(out, ctx.work / "out" / (name + "-reference"))
     return res
+
+
+def halfway(err_log: Path):
+    """A kill predicate: true once lowbit's progress bar on stderr shows half the blocks done."""
+    def check() -> bool:
+        with open(err_log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            done = re.findall(rb"quantizing blocks:.*?(\d+)/(\d+)", f.read())
+        return bool(done) and int(done[-1][0]) >= max(1, int(done[-1][1]) // 2)
+    return check
+
+
+def last_line(res: dict) -> str:
+    lines = (res.get("stderr_tail") or "").strip().splitlines()
+    return lines[-1][:160].replace("|", "/") if lines else ""
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -404,20 +397,18 @@ def sweep_runs(ctx: Ctx, which: str) -> list[dict]:
         plan = [(hs[-1] if ctx.quick else 2048, "gptq", n) for n in SWEEP_CALIB]
     rows = []
     for h, algo, n in plan:
-        argv = [*QUANT, "--algo", algo] + (["--num-calib-data", str(n), "--seq-len", "512"] if algo != "rtn" else [])
-        name = f"{which}-{algo}-h{h}" + (f"-c{n}" if algo != "rtn" else "")
-        row = run_proof(ctx, name, f"hidden-{h}", SWEEP_CAP_GIB, argv, quick_args={"--seq-len": "128"})
-        row.update(sweep=which, algo=algo, hidden=h, calib_windows=n if algo != "rtn" else 0,
-                   calib_tokens=n * (128 if ctx.quick else 512) if algo != "rtn" else 0)
+        cal = ["--num-calib-data", str(n), "--seq-len", "512"] if algo != "rtn" else []
+        name = f"{which}-{algo}-h{h}" + (f"-c{n}" if cal else "")
+        row = run_proof(ctx, name, f"hidden-{h}", SWEEP_CAP_GIB, [*QUANT, "--algo", algo, *cal], quick_args=QUICK_SEQ)
+        rows.append({**row, "sweep": which, "algo": algo, "hidden": h,
+                     "calib_tokens": n * int(QUICK_SEQ["--seq-len"] if ctx.quick else 512) if cal else 0})
         ctx.done(ctx.work / "out" / name)
-        rows.append(row)
     return rows
 
 
 def run_selected(ctx: Ctx, names: list[str]) -> list[dict]:
     rows = []
-    users = [PROOFS[n][0] if n in PROOFS else None for n in names]
-    for k, name in enumerate(names):
+    for name in names:
         if name in ("sweep-hidden", "sweep-calib"):
             rows += sweep_runs(ctx, name)
             continue
@@ -427,10 +418,7 @@ def run_selected(ctx: Ctx, names: list[str]) -> list[dict]:
         else:
             rows.append(run_proof(ctx, name, shape, cap, argv))
             ctx.done(ctx.work / "out" / name)
-        r = rows[-1]
-        say(f"[{name}] {'PASSED' if r['passed'] else 'FAILED'} {r.get('verdict', '')}")
-        if ctx.args.delete_models and shape not in users[k + 1:]:
-            shutil.rmtree(ctx.work / "models" / (shape + ("-quick" if ctx.quick else "")), ignore_errors=True)
+        say(f"[{name}] {'PASSED' if rows[-1]['passed'] else 'FAILED'} {rows[-1].get('verdict', '')}")
     return rows
 
 
@@ -479,14 +467,10 @@ def print_table(rows: list[dict], projections: list[dict]) -> None:
     print(f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; random bf16 models, "
           f"vocab_size {VOCAB} (the demo tokenizer); {SCHEME} g128")
     print("| proof | cap GiB | cap | passed | peak RSS MiB | lowbit peak MiB | cgroup max MiB | failcnt | seconds | "
-          "s/block | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "s/block | note |\n" + "|---" * 11 + "|")
     for r in rows:
-        note = r.get("verdict") or ("OOM-killed" if r.get("oom_killed") else "")
-        if "perplexity" in r:
-            note = f"ppl {r['perplexity']:.4g}"
-        if not r["passed"] and not note and r.get("stderr_tail"):
-            note = r["stderr_tail"].strip().splitlines()[-1][:100].replace("|", "/")
+        note = r.get("verdict") or ("OOM-killed" if r.get("oom_killed") else "") or (
+            f"ppl {r['perplexity']:.4g}" if "perplexity" in r else "" if r["passed"] else last_line(r))
         print(f"| {r['proof']} | {fmt(r['cap_bytes'], GIB, 1)} | {r['cap_method']} | {'yes' if r['passed'] else 'NO'} "
               f"| {fmt(r.get('peak_rss_bytes'), 2**20)} | {fmt(r.get('lowbit_peak_rss_bytes'), 2**20)} | "
               f"{fmt(r.get('cgroup_max_usage_bytes'), 2**20)} | {r.get('cgroup_failcnt', '')} | "
@@ -509,22 +493,18 @@ def plot(rows: list[dict], path: Path) -> None:
     panels = [("sweep-hidden", "hidden", "hidden size"), ("sweep-calib", "calib_tokens", "calibration tokens")]
     for col, (sweep, key, label) in enumerate(panels):
         for algo in ("rtn", "gptq"):
-            pts = sorted((r[key], r) for r in rows if r.get("sweep") == sweep and r["algo"] == algo and r["passed"])
-            if not pts:
-                continue
-            xs = [x for x, _ in pts]
-            rss = [(r.get("lowbit_peak_rss_bytes") or r["peak_rss_bytes"]) / GIB for _, r in pts]
-            axes[0][col].plot(xs, rss, "o-", label=algo)
-            axes[1][col].plot(xs, [r.get("block_seconds_mean") or 0 for _, r in pts], "o-", label=algo)
+            pts = sorted((r for r in rows if r.get("sweep") == sweep and r["algo"] == algo and r["passed"]),
+                         key=lambda r: r[key])
+            rss = [(r.get("lowbit_peak_rss_bytes") or r["peak_rss_bytes"]) / GIB for r in pts]
+            axes[0][col].plot([r[key] for r in pts], rss, "o-", label=algo)
+            axes[1][col].plot([r[key] for r in pts], [r.get("block_seconds_mean") or 0 for r in pts], "o-", label=algo)
         for row, ylabel in enumerate(("peak RSS GiB", "seconds per block")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel(label)
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend()
-    fig.suptitle("lowbit quantize on random Llama-shaped models (4 blocks, vocab 49152); w_uint4 g128")
+            axes[row][col].set_xscale("log", base=2)
+            axes[row][col].set(xlabel=label, ylabel=ylabel)
+            axes[row][col].grid(alpha=0.3)
+            axes[row][col].legend()
+    layers = "/".join(sorted({str(r["shape"]["layers"]) for r in rows if r.get("sweep")}))
+    fig.suptitle(f"lowbit quantize, random Llama-shaped models ({layers} blocks, vocab {VOCAB}), {SCHEME} g128")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -533,8 +513,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default=",".join([*PROOFS, "sweep-hidden", "sweep-calib"]),
-                    help="comma-separated proofs [default: all]")
+    ap.add_argument("--only", default=",".join(KNOWN), help=f"comma-separated, of {','.join(KNOWN)} [default: all]")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and short calibration (smoke run)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lowbit-scale"), help="models, outputs and logs")
     ap.add_argument("--seed", type=int, default=0)
@@ -543,27 +522,24 @@ def main() -> None:
                          "with --quick WORK/scale-quick.json]")
     ap.add_argument("--plot", type=Path, default=None, help="[default: docs/img/scale.png, with --quick WORK/...]")
     ap.add_argument("--eval-flags", default=None, help=f"extra `lowbit eval` flags [default: {' '.join(EVAL_FLAGS)}]")
-    ap.add_argument("--delete-models", action="store_true", help="delete each built model after its last proof")
     ap.add_argument("--keep-outputs", action="store_true", help="keep the quantized folders under WORK/out")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n]
-    unknown = [n for n in names if n not in PROOFS and n not in ("sweep-hidden", "sweep-calib")]
-    if unknown:
-        raise SystemExit(f"unknown proofs {unknown}; known: {', '.join([*PROOFS, 'sweep-hidden', 'sweep-calib'])}")
+    if set(names) - set(KNOWN):
+        raise SystemExit(f"unknown proofs {sorted(set(names) - set(KNOWN))}; known: {', '.join(KNOWN)}")
     sys.path.insert(0, str(ROOT / "src"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     json_path = args.json or (args.work / "scale-quick.json" if args.quick else ROOT / "benchmarks/results/scale.json")
     plot_path = args.plot or (args.work / "scale-quick.png" if args.quick else ROOT / "docs/img/scale.png")
     rows = run_selected(Ctx(args), names)
     old = json.loads(json_path.read_text())["rows"] if json_path.is_file() else []
-    fresh = {r["proof"] for r in rows}
-    rows = [r for r in old if r["proof"] not in fresh] + rows
+    rows = [r for r in old if r["proof"] not in {q["proof"] for q in rows}] + rows
     projections = project(rows)
     print_table(rows, projections)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"machine": {"arch": platform.machine(), "cores": os.cpu_count(),
-                                                 "python": platform.python_version()},
-                                     "quick": args.quick, "rows": rows, "projections": projections}, indent=1))
+    machine = {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    json_path.write_text(json.dumps({"machine": machine, "quick": args.quick, "rows": rows,
+                                     "projections": projections}, indent=1))
     say(f"wrote {json_path}")
     if any(r.get("sweep") for r in rows):
         plot(rows, plot_path)

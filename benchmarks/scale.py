@@ -295,7 +295,8 @@ def lowbit_fields(res: dict, out: Path | None) -> dict:
     if blocks := summary.get("block_seconds"):
         res.update(blocks=len(blocks), block_seconds=blocks, block_seconds_mean=statistics.mean(blocks),
                    block_seconds_median=statistics.median(blocks))
-    res.update({k: summary[k] for k in ("perplexity", "windows", "tokens") if k in summary},
+    res.update({k: summary[k] for k in ("perplexity", "windows", "tokens", "streamed", "resumed_at_block")
+                if k in summary},
                lowbit_seconds=summary.get("seconds"))
     if "perplexity" in res:
         res["finite"] = math.isfinite(res["perplexity"])
@@ -360,10 +361,26 @@ def proof_resume(ctx: Ctx, name: str, shape: str, cap_gib: float, argv: list[str
         a, b = file_hashes(ctx.work / "out" / (name + "-reference")), file_hashes(out)
         differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         res["differing_files"] = differ
-        res["passed"] = not [k for k in differ if k != "summary.json"]
-        res["verdict"] = ("identical" if not differ else "identical but summary.json" if res["passed"] else
-                          f"differ: {', '.join(differ)}") + f"; rerun {res['rerun_seconds_vs_reference']}x ref. time"
+        at = second.get("resumed_at_block", 0)
+        res["passed"] = at > 0 and not [k for k in differ if k != "summary.json"]
+        res["verdict"] = ("identical" if not differ else "identical but summary.json" if not
+                          [k for k in differ if k != "summary.json"] else f"differ: {', '.join(differ)}") + \
+            f"; resumed at block {at}/{second.get('blocks', '?')}; rerun {res['rerun_seconds_vs_reference']}x ref. time"
     ctx.done(out, ctx.work / "out" / (name + "-reference"))
+    return res
+
+
+def proof_ppl(ctx: Ctx, name: str, shape: str, cap_gib: float, argv: list[str]) -> dict:
+    """Perplexity streamed block by block under the cap, and the in-memory figure (--no-stream, a measuring
+    group) it must equal."""
+    res = run_proof(ctx, name, shape, cap_gib, argv)
+    ref = run_proof(ctx, name + "-in-memory", shape, SWEEP_CAP_GIB, [a for a in argv if a != "{eval}"],
+                    ["--no-stream"])
+    res["in_memory"] = {k: ref.get(k) for k in ("perplexity", "peak_rss_bytes", "seconds", "returncode")}
+    same = res.get("perplexity") is not None and res.get("perplexity") == ref.get("perplexity")
+    res["passed"] = bool(res["passed"] and same)
+    res["verdict"] = f"ppl {res.get('perplexity')} streamed, {ref.get('perplexity')} in memory" + \
+        ("" if same else " (DIFFER)")
     return res
 
 
@@ -415,6 +432,8 @@ def run_selected(ctx: Ctx, names: list[str]) -> list[dict]:
         shape, cap, argv = PROOFS[name]
         if name.startswith("resume"):
             rows.append(proof_resume(ctx, name, shape, cap, argv))
+        elif name.startswith("ppl"):
+            rows.append(proof_ppl(ctx, name, shape, cap, argv))
         else:
             rows.append(run_proof(ctx, name, shape, cap, argv))
             ctx.done(ctx.work / "out" / name)

@@ -128,8 +128,9 @@ def describe(n: int) -> str:
 
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed), float64."""
-    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
-    return q * torch.sign(torch.diagonal(r))[None, :]
+    g = torch.randn(n, n, dtype=torch.float64, generator=generator, device="cpu")  # the same draw on every device
+    q, r = torch.linalg.qr(g)
+    return (q * torch.sign(torch.diagonal(r))[None, :]).to(torch.get_default_device())
 
 
 class Rotation:
@@ -146,7 +147,8 @@ class Rotation:
         self.factors = [] if factors is None else [_factor_matrix(f) for f in _split_power_of_two(factors)]
         self.signs = torch.ones(n, dtype=torch.float64)
         if factors is not None and seed is not None:
-            self.signs = torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1
+            draw = torch.randint(0, 2, (n,), generator=generator, device="cpu")  # the same signs on every device
+            self.signs = draw.to(torch.get_default_device()).double() * 2 - 1
         self.reflect = None  # w: Q <- Q (I - 2 w w^T), sending the ones direction to itself
         if keep_mean:
             u = torch.full((1, n), 1 / math.sqrt(n), dtype=torch.float64)

@@ -92,7 +92,8 @@ def find_folds(block: nn.Module, stages: list[tuple[str, ...]], run, seed: int =
         candidates += [(n, "linear") for earlier in stages[:idx] for n in earlier
                        if getattr(modules[n], "out_features", None) == channels]
         for name, rule in candidates:
-            s = torch.empty(channels).uniform_(0.5, 2.0, generator=generator)
+            # drawn on the CPU (a seeded CPU generator), then where the block works
+            s = torch.empty(channels, device="cpu").uniform_(0.5, 2.0, generator=generator).to(x.device)
             if _output_unchanged(modules, name, rule, st, s, run, reference, tolerance):
                 folds[st] = Fold(name, rule)
                 break

@@ -58,7 +58,7 @@ def norm_rule(module: nn.Module) -> str | None:
     """"scale" when the norm computes n(x) * w (+ b), "one_plus" for n(x) * (1 + w), None for anything else;
     decided by running it with its own weight, with w = 1 and with w = 0 on a random input."""
     w = module.weight.detach()
-    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0), device="cpu").to(w.device, w.dtype)
     bias = getattr(module, "bias", None)
     beta = bias.detach() if isinstance(bias, torch.Tensor) else torch.zeros_like(w)
     tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
@@ -90,7 +90,7 @@ def subtracts_mean(module: nn.Module, rule: str) -> bool:
     """Whether the norm ignores a constant added to every channel (LayerNorm) - then only a rotation that keeps
     the all-ones direction commutes with it."""
     w = module.weight.detach()
-    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(1)).to(w.dtype)
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(1), device="cpu").to(w.device, w.dtype)
     with torch.no_grad(), _weights(module, identity_weight(rule, w), zero_bias=True):
         a, b = module(x), module(x + 3.0)
     return bool(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) < 1e-3)

@@ -321,8 +321,8 @@ class Engine:
         loaded, layout, model = self.loaded, self.loaded.layout, self.loaded.model
         outside = [(n, m) for n, m in model.named_modules() if n in self.plan and block_of(layout, n) is None]
         for name, module in outside:
-            loaded.materialize(f"{name}.")
             if self.plan[name].spec is not None:
+                loaded.materialize(f"{name}.")
                 with self.placement.scope():
                     self._quantize_linear(name, module)
         skip = self._quantized_param_names()
@@ -333,12 +333,18 @@ class Engine:
             if name in layout.tied and self.plan.get(name.rpartition(".")[0]) is not None \
                     and self.plan[name.rpartition(".")[0]].spec is None:
                 continue  # a tied weight that stays tied is written once, under its source name
+            if name in seen:
+                continue
+            seen.add(name)
+            if param.device.type == "meta" and not self.keep and self.rotator is None:
+                # written as stored, never widened to the working precision (a 128k x 8k embedding is 4 GiB
+                # in float32); the same bytes as materializing it and casting back
+                self.sink.add_tensor(name, self._stored(loaded.read_checked(name)))
+                continue
             if param.device.type == "meta":
                 loaded.materialize(name)
                 param = model.get_parameter(name)
-            if name not in seen:
-                seen.add(name)
-                self.sink.add_tensor(name, self._stored(param))
+            self.sink.add_tensor(name, self._stored(param))
             if not self.keep:
                 loaded.release(name)
         if self.keep:

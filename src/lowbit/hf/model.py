@@ -65,6 +65,16 @@ class LoadedModel:
                 return aliased
         return self.ckpt.get(name)
 
+    def read_checked(self, name: str) -> torch.Tensor:
+        """read(name), refused (one line) when it holds NaN or Inf or does not match the config's shape."""
+        tensor = self.read(name)
+        check_finite(name, tensor, self.folder)
+        expected = tuple(self.model.get_parameter(name).shape)
+        if tuple(tensor.shape) != expected:
+            raise LowbitError(f"tensor {name} has shape {tuple(tensor.shape)} in {self.folder} but the config "
+                              f"asks for {expected}; the checkpoint does not match its config.json")
+        return tensor
+
     def materialize(self, prefix: str = "") -> None:
         """Load every parameter whose name starts with prefix from disk into the skeleton. A tied weight
         stored only under its source (lm_head -> embeddings) shares the source's tensor."""
@@ -78,11 +88,7 @@ class LoadedModel:
                     self.materialize(source)
                 set_module_tensor(self.model, name, self.model.get_parameter(source))
                 continue
-            tensor = self.read(name)
-            check_finite(name, tensor, self.folder)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise LowbitError(f"tensor {name} has shape {tuple(tensor.shape)} in {self.folder} but the config "
-                                  f"asks for {tuple(param.shape)}; the checkpoint does not match its config.json")
+            tensor = self.read_checked(name)
             set_module_tensor(self.model, name, tensor.to(self.device, param.dtype) if tensor.is_floating_point()
                               else tensor.to(self.device))
             loaded.append(name)

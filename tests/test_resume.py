@@ -150,3 +150,42 @@ def test_cuda_agrees_with_cpu(deep_bf16, tmp_path, algo, scheme):
     gpu = quantize(deep_bf16, tmp_path / "gpu", scheme=scheme, algo=algo, device="cuda", calib_dtype="float32", **cal)
     for name, err in cpu.summary["layer_errors"].items():
         assert gpu.summary["layer_errors"][name] == pytest.approx(err, rel=2e-2, abs=1e-4)
+
+
+def test_each_block_gets_its_own_arguments(tokenizer_dir, tmp_path, monkeypatch):
+    """Gemma 3 with a sliding-window block then a full-attention one, windows longer than the slide: the engine
+    calibrates each block with the mask and rotary embeddings the model itself gives that block, not block 0's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _configs(len(AutoTokenizer.from_pretrained(tokenizer_dir)))["gemma3"]
+    config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 8
+    src = save_random_model(config, tmp_path / "gemma3", tokenizer_dir)
+    seen = {}
+    original = runner.Engine._work_on_block
+
+    def work(self, i, prefix, inputs, last):
+        seen[i] = (self.calibration[:self.batch_size], inputs[0][1])
+        return original(self, i, prefix, inputs, last)
+
+    monkeypatch.setattr(runner.Engine, "_work_on_block", work)
+    quantize(src, tmp_path / "out", algo="gptq", **{**CAL, "seq_len": 24})
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    given = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: given.update({i: kw}) and None, with_kwargs=True)
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=seen[0][0], use_cache=False)
+    for h in hooks:
+        h.remove()
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, tuple):
+            return isinstance(b, tuple) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    for i in (0, 1):
+        for key in ("position_embeddings", "attention_mask"):
+            assert same(seen[i][1].get(key), given[i].get(key)), (i, key)
+    assert not same(given[0]["position_embeddings"], given[1]["position_embeddings"])  # they do differ

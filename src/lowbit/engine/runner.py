@@ -26,7 +26,7 @@ from ..arch.folding import Fold, find_folds
 from ..errors import LowbitError
 from ..formats import Quantized, activation_qparams
 from ..hf.actquant import attach_input_quant, attach_output_quant
-from ..hf.capture import capture_block_inputs
+from ..hf.capture import capture_block_inputs, capture_block_kwargs, first_window, output_convention
 from ..hf.model import LoadedModel
 from ..memory import return_freed_memory_to_os, use_mmap_for_large_tensors
 from ..recipe import LayerPlan, has_static_inputs
@@ -75,6 +75,9 @@ class Engine:
         self.batch_size = batch_size
         self.checkpoint = checkpoint  # resume.Checkpoint: saved after every block, continued from when present
         self.resumed_at = 0  # the first block this run quantized (> 0 when it continued an interrupted run)
+        # the keyword arguments each block receives, per calibration batch (masks and rotary embeddings differ
+        # between attention types); None: every block gets block 0's
+        self.block_kwargs: list[list[dict]] | None = None
         if propagate not in PROPAGATE:
             raise LowbitError(f"unknown propagation {propagate!r}; use one of {', '.join(PROPAGATE)}")
         # "float": the next block's inputs are this block's outputs before quantization, taken from the
@@ -102,10 +105,10 @@ class Engine:
         if self.rotation is not None:
             self._prepare_rotation()
         state = self.checkpoint.load() if self.checkpoint is not None else None
+        inputs = self._capture_block0_inputs() if self.needs_calibration else None
         if state is not None:
+            self.placement.drop(inputs)
             inputs = self._restore(state)
-        else:
-            inputs = self._capture_block0_inputs() if self.needs_calibration else None
         bar = tqdm(range(self.resumed_at, len(blocks)), desc="quantizing blocks", unit="block", file=sys.stderr,
                    disable=not self.progress, dynamic_ncols=True, initial=self.resumed_at, total=len(blocks))
         for i in bar:
@@ -152,6 +155,8 @@ class Engine:
     def _run_block(self, i: int, inputs, last: bool):
         """Quantize block i and emit it; returns the next block's inputs (None without calibration)."""
         prefix = self.loaded.layout.block_prefix(i)
+        if inputs is not None and self.block_kwargs is not None:
+            inputs = [(held, self.block_kwargs[i][k]) for k, (held, _) in enumerate(inputs)]
         with self.placement.scope():
             inputs = self._work_on_block(i, prefix, inputs, last)
         if not self.keep:
@@ -208,7 +213,8 @@ class Engine:
 
     # -- calibration --------------------------------------------------------------------------------
     def _capture_block0_inputs(self) -> list[tuple[torch.Tensor, dict]]:
-        """Run the model up to block 0 on each calibration batch and keep block 0's inputs (CPU)."""
+        """Run the model up to block 0 on each calibration batch and keep block 0's inputs (on the device, as
+        placed), and record the keyword arguments every block receives (self.block_kwargs)."""
         start = time.perf_counter()
         layout, model = self.loaded.layout, self.loaded.model
         # what runs before block 0: embeddings (and norms); not lm_head, which is read at the end
@@ -216,15 +222,28 @@ class Engine:
                    and n.rpartition(".")[0] not in self.plan]
         for name in outside:
             self.loaded.materialize(name)
+        batches = [self.placement.tokens(b) for b in self.calibration.split(self.batch_size)]
         with self.placement.scope():
-            captured = capture_block_inputs(model, layout.blocks[0],
-                                            [self.placement.tokens(b) for b in self.calibration.split(self.batch_size)],
-                                            self.placement.activations)
+            captured = capture_block_inputs(model, layout.blocks[0], batches, self.placement.activations)
+            if len(layout.blocks) > 1:
+                self.block_kwargs = self._record_block_kwargs(batches, captured)
         if not self.keep:
             for name in outside:
                 self.loaded.release(name)
         self.report.capture_seconds = time.perf_counter() - start
         return captured
+
+    def _record_block_kwargs(self, batches, captured) -> list[list[dict]] | None:
+        """Every block's keyword arguments per batch (hf.capture.capture_block_kwargs), block 0 loaded for a
+        moment to see what a block returns."""
+        prefix = self.loaded.layout.block_prefix(0)
+        self.loaded.materialize(prefix)
+        held, kwargs = captured[0]
+        returns = output_convention(self.loaded.layout.blocks[0],
+                                    first_window([(self.placement.fetch(held), kwargs)]))
+        if not self.keep:
+            self.loaded.release(prefix)
+        return capture_block_kwargs(self.loaded.model, self.loaded.layout.blocks, batches, returns)
 
     def _planned(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:
         return {prefix + rel: m for rel, m in block.named_modules()

@@ -1,5 +1,8 @@
 """Capturing a decoder block's inputs: run the model up to its first block and keep what that block receives
-(hidden states and keyword arguments such as position embeddings and masks), minus any KV cache."""
+(hidden states and keyword arguments such as position embeddings and masks), minus any KV cache; and the
+keyword arguments every later block receives, which differ between blocks of different attention types
+(Gemma 2/3's sliding-window blocks get another mask and other rotary embeddings than their full-attention ones).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import torch
 from torch import nn
 
 # keyword arguments of a decoder block that carry a KV cache: dropped, so replays never append to a cache
-CACHE_KWARGS = ("past_key_value", "past_key_values", "use_cache", "layer_past")
+CACHE_KWARGS = ("past_key_value", "past_key_values", "use_cache", "layer_past", "cache")
 
 
 class StopForward(Exception):
@@ -57,3 +60,68 @@ def first_window(inputs):
         return v
 
     return [(hidden[:1], {k: cut(v) for k, v in kwargs.items()})]
+
+
+class _Stub(nn.Module):
+    """Stands in for decoder block `index` during a forward of the whole model and hands the call to `answer`.
+    Attribute reads the model makes of the block (its attention type) reach the original."""
+
+    def __init__(self, original: nn.Module, index: int, answer):
+        super().__init__()
+        object.__setattr__(self, "_original", original)  # not registered: the block's parameters stay its own
+        object.__setattr__(self, "_answer", answer)
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        return self._answer(self.index, args, kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(object.__getattribute__(self, "_original"), name)
+
+
+def output_convention(block: nn.Module, window) -> int:
+    """What a decoder block returns: 0 for a tensor, else its tuple's length (run once on a captured window)."""
+    (hidden, kwargs), = window
+    with torch.no_grad():
+        out = block(hidden, **kwargs)
+    return len(out) if isinstance(out, tuple) else 0
+
+
+def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batches, returns: int) -> list[list[dict]] | None:
+    """The keyword arguments each decoder block receives, per batch of token ids ([block][batch]; KV-cache
+    arguments dropped), from one forward per batch with every block replaced by a stub that passes its hidden
+    states on (shaped as the blocks return them: `returns`, output_convention). Needs only the weights before
+    the blocks. None when the model does not call each block once, in order, on the previous one's output with
+    keyword arguments only (then every block is given block 0's)."""
+    originals = list(blocks)
+    accepted = [set(inspect.signature(b.forward).parameters) for b in originals]
+    per_block: list[list[dict]] = [[] for _ in originals]
+    state = {"passed": None, "ok": True, "batch": 0}
+
+    def answer(i, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1 or (i > 0 and hidden is not state["passed"]) or len(per_block[i]) != state["batch"]:
+            state["ok"] = False
+        per_block[i].append({k: v for k, v in kwargs.items()
+                             if k not in CACHE_KWARGS and (k in accepted[i] or "kwargs" in accepted[i])})
+        if i + 1 == len(originals):
+            raise StopForward
+        state["passed"] = hidden
+        return hidden if not returns else (hidden,) + (None,) * (returns - 1)
+
+    for i, block in enumerate(originals):
+        blocks._modules[str(i)] = _Stub(block, i, answer)
+    try:
+        with torch.no_grad():
+            for k, batch in enumerate(batches):
+                state["batch"] = k
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks._modules[str(i)] = block
+    complete = all(len(kw) == len(batches) for kw in per_block)
+    return per_block if state["ok"] and complete else None

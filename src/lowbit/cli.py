@@ -249,9 +249,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP: stop like Ctrl-C (staged outputs are removed on the way out)."""
 
 
+_OWNER = os.getpid()  # the process whose SIGTERM / SIGHUP _stop turns into a clean stop
+
+
 def _stop(signum, frame):
-    """SIGTERM / SIGHUP in the lowbit command: stop like Ctrl-C (a second signal stops at once)."""
+    """SIGTERM / SIGHUP in the lowbit command: stop like Ctrl-C (a second signal stops at once). In a forked
+    child that still has this handler (the signal came before _default_signals_in_child ran), the default
+    action: the child dies, as its pool expects."""
     signal.signal(signum, signal.SIG_DFL)
+    if os.getpid() != _OWNER:
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated(signal.Signals(signum).name)
 
 

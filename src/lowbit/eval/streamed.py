@@ -220,14 +220,49 @@ def streamed_perplexity(loaded, windows: torch.Tensor, batch_size: int = 4, prog
             for i in bar:
                 stream.run_block(i)
             bar.close()
-            everything = outside_modules(loaded, with_head=True)
-            load_outside(loaded, everything)
-            stream.mode, stream.batch = "final", 0
-            try:
-                return windowed_perplexity(stream.logits, windows, batch_size, progress)
-            finally:
-                for name in everything:
-                    loaded.release(name)
+            with without_token_embedding(loaded) as spared:
+                everything = [n for n in outside_modules(loaded, with_head=True)
+                              if spared is None or not n.startswith(spared + ".")]
+                load_outside(loaded, everything)
+                stream.mode, stream.batch = "final", 0
+                try:
+                    return windowed_perplexity(stream.logits, windows, batch_size, progress)
+                finally:
+                    for name in everything:
+                        loaded.release(name)
+
+
+class ZeroEmbedding(nn.Module):
+    """Stands in for the token embedding in the last pass, whose blocks answer with the stored final states:
+    zeros of the right shape, so the embedding matrix need not be loaded."""
+
+    def __init__(self, width: int, dtype: torch.dtype):
+        super().__init__()
+        self.width, self.dtype = width, dtype
+
+    def forward(self, input_ids, *args, **kwargs):
+        return torch.zeros(*input_ids.shape, self.width, dtype=self.dtype)
+
+
+@contextmanager
+def without_token_embedding(loaded):
+    """The token embedding replaced by a ZeroEmbedding for the duration; yields its name, or None (nothing
+    replaced) when lm_head shares its weight or the model has no plain embedding."""
+    model = loaded.model
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    shared = (head is not None and head.weight is emb.weight) or any(
+        source.startswith(f"{name}.") for source in [*loaded.layout.tied.values(), *loaded.untied.values()])
+    if not isinstance(emb, nn.Embedding) or not name or shared:
+        yield None
+        return
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._modules[attr] = ZeroEmbedding(emb.embedding_dim, loaded.dtype)
+    try:
+        yield name
+    finally:
+        parent._modules[attr] = emb
 
 
 @contextmanager

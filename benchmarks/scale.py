@@ -292,6 +292,8 @@ def lowbit_fields(res: dict, out: Path | None) -> dict:
     else:
         return res
     res["lowbit_peak_rss_bytes"] = summary.get("peak_rss_bytes")
+    if summary.get("peak_rss_bytes"):  # the child's own VmHWM; wait4's ru_maxrss includes this launcher's RSS
+        res["wait4_maxrss_bytes"], res["peak_rss_bytes"] = res["peak_rss_bytes"], summary["peak_rss_bytes"]
     if blocks := summary.get("block_seconds"):
         res.update(blocks=len(blocks), block_seconds=blocks, block_seconds_mean=statistics.mean(blocks),
                    block_seconds_median=statistics.median(blocks))

@@ -14,6 +14,7 @@ from .algorithms import parse_algo_args, parse_chain
 from .arch import check_seq_len, describe, linear_modules, parameter_count
 from .data import check_count, eval_windows, load_text, tokenize
 from .engine import check_needs
+from .memory import peak_rss_bytes
 from .engine.placement import Placement, resolve_device, resolve_dtype
 from .errors import LowbitError
 from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
@@ -244,7 +245,7 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         "model": str(model), "dataset": dataset, "size_bytes": loaded.size_bytes(),
         "parameters": info["parameters"], "quantized": bool(loaded.quantized),
         "scheme": (loaded.quantization_config or {}).get("scheme"), "load_seconds": round(load_s, 3),
-        "dtype": str(loaded.dtype).replace("torch.", ""), "streamed": streamed,
+        "dtype": str(loaded.dtype).replace("torch.", ""), "streamed": streamed, "peak_rss_bytes": peak_rss_bytes(),
     })
     return result
 

@@ -15,9 +15,18 @@ FIT_HEADROOM = 512 << 20  # the interpreter, torch, tokenizer and small activati
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (getrusage; Linux reports KiB). The one measure of a run's
-    peak memory in summary.json; child processes (lowbit bench's) report their own VmHWM."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far, in bytes: the one measure of a run's peak memory in
+    summary.json, `lowbit eval --json` and lowbit bench's children. Linux's VmHWM (of this program's own memory
+    map), not ru_maxrss, which a process started by fork + exec inherits from its parent: a benchmark harness
+    holding 1.7 GiB made every child it started report at least 1.7 GiB."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _libc():

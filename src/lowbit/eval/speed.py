@@ -10,13 +10,13 @@ imports no torch at its top: a child measuring onnxruntime-genai or llama.cpp lo
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..memory import peak_rss_bytes
 from ..runtimes import (genai_context_length, genai_generator, genai_version, llama_version, onnx_folder,
                         onnx_model_path, open_genai_model, open_llama)
 
@@ -231,24 +231,11 @@ def run_in_child(function, job: dict) -> dict:
 
 # -- the measurement (child process) ----------------------------------------------------------------------
 
-def _peak_rss() -> int:
-    """This process's peak resident memory so far, in bytes: Linux's VmHWM, not ru_maxrss, which a spawned
-    child inherits from the parent it was forked from (its RSS at the fork, before the exec)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def _measure(job: dict) -> dict:
     """Open the model in its runtime, then time warmup + runs generations of the prompt; warmups discarded."""
     from tqdm import tqdm
 
-    before = _peak_rss()
+    before = peak_rss_bytes()
     t0 = time.perf_counter()
     generate, version = _OPENERS[job["runtime"]](job["target"], job["threads"], len(job["prompt"]) + job["new_tokens"])
     load_seconds = time.perf_counter() - t0
@@ -260,7 +247,7 @@ def _measure(job: dict) -> dict:
             prefill.append(p)
             decode.append(d)
     return {"prefill_seconds": prefill, "decode_seconds": decode, "load_seconds": load_seconds,
-            "runtime_version": version, "rss_before_load_bytes": before, "peak_rss_bytes": _peak_rss()}
+            "runtime_version": version, "rss_before_load_bytes": before, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _open_torch(source: str, threads: int, length: int):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -206,6 +207,7 @@ def streamed_perplexity(loaded, windows: torch.Tensor, batch_size: int = 4, prog
     memory at a time; the hidden states of every window are held between blocks (in memory, or with offload_dir
     in a temporary folder made there, one file per batch). Gives perplexity.perplexity's figure on the model
     held whole."""
+    start = time.perf_counter()
     loaded.model.eval()
     with _spill_folder(offload_dir) as tmp:
         stream = BlockStream(loaded, list(windows.split(batch_size)), HiddenStore(Path(tmp) if tmp else None))
@@ -226,7 +228,9 @@ def streamed_perplexity(loaded, windows: torch.Tensor, batch_size: int = 4, prog
                 load_outside(loaded, everything)
                 stream.mode, stream.batch = "final", 0
                 try:
-                    return windowed_perplexity(stream.logits, windows, batch_size, progress)
+                    result = windowed_perplexity(stream.logits, windows, batch_size, progress)
+                    result.seconds = time.perf_counter() - start  # the block passes included
+                    return result
                 finally:
                     for name in everything:
                         loaded.release(name)

@@ -532,6 +532,17 @@ def plot(rows: list[dict], path: Path) -> None:
     say(f"wrote {path}")
 
 
+def merge(json_path: Path, new: list[dict], quick: bool) -> list[dict]:
+    """The rows of json_path with `new` in place of rows of the same proofs, written back with the projection."""
+    old = json.loads(json_path.read_text())["rows"] if json_path.is_file() else []
+    rows = [r for r in old if r["proof"] not in {q["proof"] for q in new}] + new
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    json_path.write_text(json.dumps({"machine": machine, "quick": quick, "rows": rows,
+                                     "projections": project(rows)}, indent=1))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(KNOWN), help=f"comma-separated, of {','.join(KNOWN)} [default: all]")
@@ -552,15 +563,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     json_path = args.json or (args.work / "scale-quick.json" if args.quick else ROOT / "benchmarks/results/scale.json")
     plot_path = args.plot or (args.work / "scale-quick.png" if args.quick else ROOT / "docs/img/scale.png")
-    rows = run_selected(Ctx(args), names)
-    old = json.loads(json_path.read_text())["rows"] if json_path.is_file() else []
-    rows = [r for r in old if r["proof"] not in {q["proof"] for q in rows}] + rows
-    projections = project(rows)
-    print_table(rows, projections)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
-    json_path.write_text(json.dumps({"machine": machine, "quick": args.quick, "rows": rows,
-                                     "projections": projections}, indent=1))
+    ctx = Ctx(args)
+    for name in names:  # merged into the JSON after each proof, so a stopped run keeps what it finished
+        rows = merge(json_path, run_selected(ctx, [name]), args.quick)
+    print_table(rows, project(rows))
     say(f"wrote {json_path}")
     if any(r.get("sweep") for r in rows):
         plot(rows, plot_path)

@@ -236,13 +236,16 @@ class Engine:
     def _record_block_kwargs(self, batches, captured) -> list[list[dict]] | None:
         """Every block's keyword arguments per batch (hf.capture.capture_block_kwargs), block 0 loaded for a
         moment to see what a block returns."""
-        prefix = self.loaded.layout.block_prefix(0)
-        self.loaded.materialize(prefix)
         held, kwargs = captured[0]
-        returns = output_convention(self.loaded.layout.blocks[0],
-                                    first_window([(self.placement.fetch(held), kwargs)]))
-        if not self.keep:
-            self.loaded.release(prefix)
+        window = first_window([(self.placement.fetch(held), kwargs)])
+        block = self.loaded.layout.blocks[0]
+        returns = output_convention(block, window, meta=True)  # shapes only: block 0's weights stay on disk
+        if returns is None:  # an op without a meta kernel: run it with its weights
+            prefix = self.loaded.layout.block_prefix(0)
+            self.loaded.materialize(prefix)
+            returns = output_convention(block, window)
+            if not self.keep:
+                self.loaded.release(prefix)
         return capture_block_kwargs(self.loaded.model, self.loaded.layout.blocks, batches, returns)
 
     def _planned(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:

@@ -79,12 +79,31 @@ class _Stub(nn.Module):
         return getattr(object.__getattribute__(self, "_original"), name)
 
 
-def output_convention(block: nn.Module, window) -> int:
-    """What a decoder block returns: 0 for a tensor, else its tuple's length (run once on a captured window)."""
+def output_convention(block: nn.Module, window, meta: bool = False) -> int | None:
+    """What a decoder block returns: 0 for a tensor, else its tuple's length (run once on a captured window).
+    With meta, the block's weights are on the meta device and so are the inputs given to it: only shapes are
+    computed, no memory; None when one of its ops cannot run there."""
     (hidden, kwargs), = window
-    with torch.no_grad():
-        out = block(hidden, **kwargs)
+    if meta:
+        if any(p.device.type != "meta" for p in block.parameters()):
+            return None
+        hidden, kwargs = _on_meta(hidden), {k: _on_meta(v) for k, v in kwargs.items()}
+    try:
+        with torch.no_grad():
+            out = block(hidden, **kwargs)
+    except Exception:  # noqa: BLE001 - a meta run that fails only means: run it with weights
+        if not meta:
+            raise
+        return None
     return len(out) if isinstance(out, tuple) else 0
+
+
+def _on_meta(value):
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, tuple):
+        return tuple(_on_meta(v) for v in value)
+    return value
 
 
 def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batches, returns: int) -> list[list[dict]] | None:

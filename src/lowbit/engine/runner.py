@@ -234,8 +234,8 @@ class Engine:
         return captured
 
     def _record_block_kwargs(self, batches, captured) -> list[list[dict]] | None:
-        """Every block's keyword arguments per batch (hf.capture.capture_block_kwargs), block 0 loaded for a
-        moment to see what a block returns."""
+        """Every block's keyword arguments per batch (hf.capture.capture_block_kwargs), after seeing what a
+        block returns from a shapes-only (meta) run of block 0, or a real one where that cannot run."""
         held, kwargs = captured[0]
         window = first_window([(self.placement.fetch(held), kwargs)])
         block = self.loaded.layout.blocks[0]

@@ -93,6 +93,10 @@ def test_resume_without_a_checkpoint_starts_from_block_0(deep_bf16, tmp_path):
     result = quantize(deep_bf16, tmp_path / "out", algo="gptq", resume=True, evaluate_after=True, max_chunks=2,
                       eval_seq_len=32, **CAL)
     assert result.summary["resumed_at_block"] == 0 and result.summary["perplexity"]["perplexity"] > 1
+    from lowbit.api import evaluate  # the written folder, measured streamed: the figure of loading it whole
+
+    whole = evaluate(tmp_path / "out", seq_len=32, max_chunks=2, progress=False, stream=False)
+    assert whole["perplexity"] == result.summary["perplexity"]["perplexity"]
     with pytest.raises(LowbitError, match="output folder"):
         quantize(deep_bf16, None, algo="gptq", resume=True, **CAL)
 

@@ -46,5 +46,6 @@ class Job:
         return 0
 
     def evaluation_target(self, folder: Path | None):
-        """("torch", model, tokenizer) or ("onnx", folder, tokenizer): what `--eval` measures."""
+        """("torch", model, tokenizer), ("torch-folder", folder, tokenizer) or ("onnx", folder, tokenizer): what
+        `--eval` measures."""
         raise NotImplementedError

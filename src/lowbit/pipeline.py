@@ -111,7 +111,8 @@ def _measures(job: Job, result: JobResult, folder, t0: float, t_prepared: float,
 def evaluate_result(target, dataset: str, seq_len: int, max_chunks: int | None, progress: bool) -> dict:
     """Perplexity of a just-quantized model: the in-memory fake-quant torch model, in float32 like
     api.evaluate (weights already rounded to the source dtype, so the figure equals evaluating the written
-    folder), or the written ONNX folder in onnxruntime."""
+    folder), the written folder streamed block by block ("torch-folder", a resumed run, which never held the
+    earlier blocks), or the written ONNX folder in onnxruntime."""
     from .data import eval_windows, load_text, tokenize
 
     kind, model, tokenizer = target
@@ -120,6 +121,11 @@ def evaluate_result(target, dataset: str, seq_len: int, max_chunks: int | None, 
         from .eval.onnx_perplexity import onnx_perplexity
 
         return onnx_perplexity(model, windows, progress=progress).to_dict()
+    if kind == "torch-folder":  # a resumed run: the written folder, one block in memory at a time
+        from .eval.streamed import streamed_perplexity
+        from .hf.model import open_model
+
+        return streamed_perplexity(open_model(model, EVAL_DTYPE), windows, progress=progress).to_dict()
     from .eval.perplexity import perplexity
 
     return perplexity(model.to(EVAL_DTYPE).eval(), windows, progress=progress).to_dict()

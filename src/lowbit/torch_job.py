@@ -90,9 +90,7 @@ class TorchJob(Job):
 
     def evaluation_target(self, folder: Path | None):
         if self.resume:  # a resumed run never held the earlier blocks: measure what was written
-            from .hf.model import open_model
-
-            return "torch", open_model(folder).load_all(), self.loaded.tokenizer()
+            return "torch-folder", folder, self.loaded.tokenizer()
         return "torch", self.loaded.model, self.loaded.tokenizer()
 
     def fingerprint(self) -> dict:

@@ -29,9 +29,9 @@ import torch
 
 from ..algorithms import InputStats
 from ..errors import LowbitError
+from ..hf.model import parse_dtype
 from ..results import Sink
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_RESERVE = 1 << 30  # device memory left free beside the activations held there (the block's own work)
 
 
@@ -57,14 +57,8 @@ def resolve_device(name: str | None) -> torch.device:
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The working precision from --calib-dtype: float32 / bfloat16 / float16, or auto (float32 on the CPU,
     bfloat16 on a GPU)."""
-    if isinstance(name, torch.dtype):
-        return name
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise LowbitError(f"unknown --calib-dtype {name!r}; use float32, bfloat16, float16 or auto")
-    return DTYPES[name]
+    dtype = parse_dtype(name.strip().lower() if isinstance(name, str) else name)
+    return dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
 
 
 @dataclass

@@ -24,22 +24,12 @@ from pathlib import Path
 import torch
 
 from ..errors import LowbitError
+from ..hf.capture import moved
 from ..staging import RESUME_DIR, RESUME_STATE
 
 FINGERPRINT_PARTS = {"source": "source model files", "recipe": "recipe (scheme, algorithms, calibration settings)",
                      "calibration": "calibration windows", "precision": "device and --calib-dtype",
                      "lowbit": "lowbit version", "torch": "torch version"}
-
-
-def _to(value, device):
-    """A captured block argument (a tensor, or tuples / dicts of them) moved to device."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def _write(path: Path, write) -> None:
@@ -84,7 +74,7 @@ class Checkpoint:
         chunks = []
         for j in range(state["chunks"]):
             hidden, kwargs = torch.load(folder / f"{j}.pt", map_location="cpu", weights_only=True)
-            chunks.append((placement.activations(hidden.to(placement.dtype)), _to(kwargs, placement.device)))
+            chunks.append((placement.activations(hidden.to(placement.dtype)), moved(kwargs, placement.device)))
         return chunks
 
     def save(self, done: int, engine_state: dict, sink_state: dict, inputs: list | None, placement) -> None:
@@ -98,7 +88,7 @@ class Checkpoint:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
             for j, (held, kwargs) in enumerate(inputs):
-                chunk = (placement.fetch(held).cpu(), _to(kwargs, "cpu"))
+                chunk = (placement.fetch(held).cpu(), moved(kwargs, "cpu"))
                 _write(folder / f"{j}.pt", lambda p, c=chunk: torch.save(c, p))
         state = {"fingerprint": self.fingerprint, "done": done, "engine": engine_state, "sink": sink_state,
                  "inputs": name, "chunks": len(inputs) if inputs is not None else 0}

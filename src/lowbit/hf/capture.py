@@ -87,7 +87,7 @@ def output_convention(block: nn.Module, window, meta: bool = False) -> int | Non
     if meta:
         if any(p.device.type != "meta" for p in block.parameters()):
             return None
-        hidden, kwargs = _on_meta(hidden), {k: _on_meta(v) for k, v in kwargs.items()}
+        hidden, kwargs = moved(hidden, "meta"), moved(kwargs, "meta")
     try:
         with torch.no_grad():
             out = block(hidden, **kwargs)
@@ -98,11 +98,14 @@ def output_convention(block: nn.Module, window, meta: bool = False) -> int | Non
     return len(out) if isinstance(out, tuple) else 0
 
 
-def _on_meta(value):
+def moved(value, device):
+    """A captured block argument (a tensor, or tuples / dicts of them) moved to device; anything else as is."""
     if isinstance(value, torch.Tensor):
-        return value.to("meta")
+        return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_on_meta(v) for v in value)
+        return tuple(moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: moved(v, device) for k, v in value.items()}
     return value
 
 

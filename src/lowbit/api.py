@@ -17,6 +17,7 @@ from .engine import check_needs
 from .memory import peak_rss_bytes
 from .engine.placement import Placement, resolve_device, resolve_dtype
 from .errors import LowbitError
+from .parallel import Ranks, join, rank_device
 from .model_files import check_carried, check_onnx_file, load_tokenizer, read_json
 from .runtimes import is_onnx_model
 from .eval.perplexity import perplexity
@@ -92,8 +93,12 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     device: cpu, cuda, cuda:N or auto (default: a GPU when present); calib_dtype: the working precision (float32,
     bfloat16, float16; default float32 on the CPU, bfloat16 on a GPU); offload_dir: spill calibration activations
     there; resume: checkpoint after every block and continue an interrupted run of the same output.
+
+    Started by torchrun as one of several processes (WORLD_SIZE > 1), it joins them (parallel.join): they share
+    the calibration windows and the solves, and rank 0 alone writes `output` and its exports and evaluates.
     """
     t0 = time.perf_counter()
+    ranks = join(device)  # first: any refusal below is then agreed between the processes (parallel.Ranks.agree)
     recipe = recipe or make_recipe(**recipe_args)
     if max_chunks is not None:
         check_count("--max-chunks", max_chunks)
@@ -102,6 +107,9 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if is_onnx_model(model):
         from .onnx.run import onnx_job
 
+        if ranks.distributed:
+            raise LowbitError("several processes (torchrun, --nproc) quantize Hugging Face and GGUF sources; an ONNX "
+                              "model is calibrated in onnxruntime by one process: run it without them")
         if export:
             raise LowbitError("export= applies to Hugging Face / GGUF sources; an ONNX model is written as ONNX")
         torch_only = {"--device": device, "--calib-dtype": calib_dtype, "--offload-dir": offload_dir,
@@ -119,7 +127,12 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if resume and (output is None or keep_in_memory):
         raise LowbitError("resume continues a run that writes an output folder (-o OUT); it cannot keep the model "
                           "in memory")
-    placement = _placement(device, calib_dtype, offload_dir)
+    if ranks.distributed and resume:
+        raise LowbitError("--resume is not supported with several processes yet (each holds its own share of the "
+                          "activations); run it in one process, or without --resume")
+    placement = _placement(device, calib_dtype, offload_dir, ranks)
+    if not ranks.is_writer:  # another rank writes, exports and evaluates; this one calibrates and solves its share
+        output, export, evaluate_after, keep_in_memory, progress, quiet = None, None, False, False, False, True
     job, exports = _torch_job(model, output, recipe, overwrite, keep_in_memory or (evaluate_after and not resume),
                               progress, quiet, export, placement)
     job.resume = resume
@@ -131,11 +144,12 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     return QuantizeResult(Path(output) if output is not None else None, summary, result.report, model_out, job.plan)
 
 
-def _placement(device, calib_dtype, offload_dir) -> Placement:
-    """Where and in what precision the engine works (checked before anything else)."""
-    where = resolve_device(device)
+def _placement(device, calib_dtype, offload_dir, ranks: Ranks) -> Placement:
+    """Where and in what precision the engine works (checked before anything else); with several processes,
+    each on its own device."""
+    where = rank_device(device, ranks.local_rank, ranks.size) if ranks.distributed else resolve_device(device)
     return Placement(where, resolve_dtype(calib_dtype, where),
-                     Path(offload_dir).expanduser() if offload_dir is not None else None)
+                     Path(offload_dir).expanduser() if offload_dir is not None else None, ranks)
 
 
 def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progress: bool, quiet: bool,

@@ -12,6 +12,7 @@ import sys
 import threading
 
 from .cli_parser import build_parser
+from . import parallel
 from .errors import LowbitError
 from .onnx.options import ONNX_ONLY, normalize_modelopt_args, onnx_options
 from .recipe import DEFAULT_CALIBRATION
@@ -65,9 +66,29 @@ def _fmt_size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _launch(args) -> int | None:
+    """--nproc N (N > 1): the same command as N processes under torchrun's launcher; None: run it here."""
+    if args.nproc is None or args.nproc == 1:
+        return None
+    if parallel.launched():
+        raise LowbitError("--nproc starts the processes itself; under torchrun leave it out (torchrun's "
+                          "--nproc-per-node says how many)")
+    argv, given = [], iter(args.argv)
+    for a in given:  # the command line without --nproc
+        if a == "--nproc":
+            next(given, None)
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    return parallel.launch(argv, args.nproc)
+
+
 def cmd_quantize(args) -> int:
     from . import api
 
+    launched = _launch(args)
+    if launched is not None:
+        return launched
+    parallel.join(args.device)  # under torchrun: joined first, so that every refusal below is agreed on
     modelopt_form = normalize_modelopt_args(args)
     if args.model is None:
         raise LowbitError("quantize needs a MODEL (a Hugging Face folder, .gguf file, `demo` or an ONNX model)")
@@ -94,6 +115,8 @@ def cmd_quantize(args) -> int:
                           evaluate_after=args.eval, eval_dataset=args.dataset, eval_seq_len=args.seq_len,
                           max_chunks=args.max_chunks, progress=not args.no_progress, quiet=args.json,
                           export=args.export, export_options=_export_options(args), onnx_options=onnx, **scale)
+    if not parallel.current().is_writer:
+        return 0  # rank 0 reports
     s = result.summary
     if args.json:
         print(to_json({"output": str(result.output), **s}))
@@ -293,12 +316,16 @@ def main(argv=None) -> int:
     handlers = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        parallel.leave()
+        return code
     except LowbitError as exc:
         return _fail(str(exc), 2)
     except Terminated as exc:
-        return _fail(f"stopped by {exc}; nothing was written (an unfinished output is removed)", 128 + getattr(
-            signal, str(exc), signal.SIGTERM))
+        code = 128 + getattr(signal, str(exc), signal.SIGTERM)
+        if parallel.current().distributed:
+            return code  # torchrun stops every rank when one fails; the failed one said why
+        return _fail(f"stopped by {exc}; nothing was written (an unfinished output is removed)", code)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written (an unfinished output is removed)", 130)
     except MemoryError:
@@ -310,6 +337,8 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("LOWBIT_DEBUG"):
             raise
+        if _peer_gone(exc):
+            return 1  # another rank stopped (it, or torchrun, says why)
         first = (str(exc).strip().splitlines() or [""])[0]
         return _fail(f"internal error ({type(exc).__name__}: {first}); please report it, with the traceback that "
                      f"LOWBIT_DEBUG=1 shows", 1)
@@ -319,8 +348,30 @@ def main(argv=None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
+    """Print the one error line. With several processes: a failure before the work starts is agreed between them
+    first and printed once, by rank 0 (naming the rank unless all had it); a later one by the rank it happened
+    on, naming it (the others are stopped by torchrun)."""
+    ranks = parallel.current()
+    if ranks.distributed:
+        if not ranks.agreed:
+            ranks.agree(message)
+        if ranks.failures:
+            if ranks.is_writer:
+                print(f"error: {ranks.failure_line()}", file=sys.stderr, flush=True)
+            return code
+        message = f"rank {ranks.rank} of {ranks.size}: {message} (every rank stops)"
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def _peer_gone(exc: Exception) -> bool:
+    """Whether a collective failed because another rank went away."""
+    if not parallel.current().distributed:
+        return False
+    import torch.distributed as dist
+
+    return isinstance(exc, (dist.DistError, ConnectionError)) or (
+        isinstance(exc, RuntimeError) and re.search(r"Connection (closed|reset) by peer|remote worker", str(exc)))
 
 
 # optional packages (top-level module) -> the extra of pyproject.toml that installs them

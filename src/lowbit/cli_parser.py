@@ -164,6 +164,10 @@ def _add_scale_args(q) -> None:
                    help="checkpoint after every block (finished tensors and the next block's inputs, in the staging "
                         "folder beside OUT) and continue an interrupted run of the same command from its last "
                         "finished block; the output is byte-for-byte that of an uninterrupted run")
+    g.add_argument("--nproc", type=count(1, 1024), default=None, metavar="N",
+                   help="run as N processes on this host (torchrun's launcher, torch.distributed: gloo on CPUs, "
+                        "nccl with one GPU each): calibration windows and solves are shared; for several hosts "
+                        "start `torchrun ... -m lowbit quantize ...` on each instead")
 
 
 def _add_eval_parser(sub) -> None:

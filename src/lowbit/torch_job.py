@@ -80,6 +80,8 @@ class TorchJob(Job):
             fields["rotation"] = report.rotation
         if self.resume:
             fields["resumed_at_block"] = engine.resumed_at
+        if report.ranks is not None:
+            fields["per_rank"] = report.ranks
         return JobResult(report.layers, report, fields)
 
     def source_size(self) -> int:

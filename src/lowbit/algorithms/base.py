@@ -85,6 +85,12 @@ class Quantizer(Algorithm):
         """Receive a chunk of the common input (tokens, in_features) of the linears `names`
         (calibrated quantizers only)."""
 
+    def statistics(self) -> dict:
+        """The input statistics observe() accumulated, by group of linears (InputStats; the dict itself, live):
+        with several processes the engine sums each group's across processes before quantize_group, and drops
+        those of groups another process quantizes."""
+        return {}
+
     def take_stats(self, names: tuple[str, ...], stats) -> bool:
         """Accept statistics of the linears' whole input gathered by an earlier step (InputStats with its
         Gram matrix), instead of observing the inputs again; False when this quantizer cannot use them."""

@@ -134,6 +134,9 @@ class GPTQ(Quantizer):
             acc = self.hessians[names] = HessianAccumulator(inputs.shape[-1])
         acc.add(inputs)
 
+    def statistics(self) -> dict:
+        return self.hessians
+
     def take_stats(self, names: tuple[str, ...], stats) -> bool:
         if stats.gram is None or self.true_sequential:
             return False

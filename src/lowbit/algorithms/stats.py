@@ -55,6 +55,22 @@ class InputStats:
             g[i:i + width, i:].addmm_(x[:, i:i + width].T, x[:, i:], alpha=1.0 / (self.count + n))
         self._upper_only = True
 
+    def combine(self, sum_, max_) -> None:
+        """Merge the statistics other processes gathered on their share of the tokens into these: `sum_` and
+        `max_` reduce a list of tensors in place across processes (parallel.Ranks). Every process must call it
+        for the same statistics in the same order, whether or not it saw any token."""
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        sum_([count])
+        gram = self.gram  # the full matrix (its lower blocks mirrored)
+        if gram is not None:
+            gram.mul_(self.count)  # the mean times its count: a sum, which adds across processes
+            sum_([gram])
+            gram.div_(max(float(count), 1.0))
+        if self.abs_sum is not None:
+            sum_([self.abs_sum])
+            max_([self.abs_max])
+        self.count = int(count)
+
     @property
     def abs_mean(self) -> torch.Tensor:
         return (self.abs_sum / max(self.count, 1)).float()

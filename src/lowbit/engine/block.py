@@ -14,7 +14,6 @@ from ..algorithms import InputStats
 from ..arch.folding import divide_output, multiply_inputs
 from ..errors import LowbitError
 from ..hf.capture import StopForward, first_window
-from .placement import reduce_stats
 from .replay import cached_input, replaying
 from .stages import Stages, find_stages
 from .step import InputGroup, scale_and_clip
@@ -72,8 +71,10 @@ class BlockRun:
                 for h in hooks:
                     h.remove()
 
-        self.stages = find_stages(self.block, self.prefix, self.linears, probe, self.inputs[0][0].shape[-1],
-                                  allow_replay)
+        found = find_stages(self.block, self.prefix, self.linears, probe, self.inputs[0][0].shape[-1], allow_replay)
+        # rank 0's, found on the first window of all: another rank's first window may route a MoE block's tokens
+        # to other experts, and every rank must run the same stages (their statistics are summed stage by stage)
+        self.stages = self.engine.placement.ranks.same(found)
         return self.stages
 
     # -- transforms (AWQ, SmoothQuant) ----------------------------------------------------------------
@@ -89,7 +90,7 @@ class BlockRun:
         hooks = [self.linears[g[0]].register_forward_pre_hook(lambda m, a, key=g: stats[key].add(a[0]))
                  for g in groups]
         self.run_pass(hooks, keep_outputs=keep_outputs)  # never with stage passes
-        stats = reduce_stats(stats)
+        stats = e.placement.reduce(stats)
         scale_and_clip(e.transforms, [self._input_group(g, stats[g], folds[g]) for g in groups], e.notes, e.clips)
         return stats
 
@@ -120,6 +121,20 @@ class BlockRun:
         hooks = [self.linears[st[0]].register_forward_pre_hook(lambda m, a, names=tuple(st): seen(names, a[0]))
                  for st in stages]
         self.run_pass(hooks, keep_outputs=self.engine.float_next and stop_at is None)
+        self._combine_observed(stages)
+
+    def _combine_observed(self, stages: list[list[str]]) -> None:
+        """With several processes, the quantizer's statistics of these stages summed over every process's share
+        of the windows. A process that saw no token of a stage (a rarely routed expert) shows the quantizer an
+        empty chunk first, so every process holds the same statistics to sum."""
+        place, quantizer = self.engine.placement, self.engine.quantizer
+        if not place.ranks.distributed:
+            return
+        held = quantizer.statistics()
+        for st in stages:
+            if tuple(st) not in held:
+                quantizer.observe(tuple(st), torch.empty(0, self.linears[st[0]].in_features))
+        place.reduce({tuple(st): held[tuple(st)] for st in stages if tuple(st) in held})
 
     def calibrate_and_quantize(self, stats_by_stage=None) -> None:
         """Calibrated quantization of the block: one pass for all stages (the default), or none when the
@@ -128,19 +143,17 @@ class BlockRun:
         A stage whose module can be replayed keeps its inputs, and later passes replay its module from them."""
         e, groups = self.engine, self.stages.groups
         if stats_by_stage and all(e.quantizer.take_stats(tuple(st), stats_by_stage[tuple(st)]) for st in groups):
-            for stage in groups:  # one pass of the transforms' statistics serves the quantizer too
-                e.quantize_stage(stage, self.linears)
+            e.quantize_stages(groups, self.linears)  # one pass of the transforms' statistics serves the quantizer too
             return
         if not e.stage_passes:
             self.observe(groups)
-            for stage in groups:
-                e.quantize_stage(stage, self.linears)
+            e.quantize_stages(groups, self.linears)
             return
         for stage in groups:
             target = self.stages.replay_of.get(stage[0])
             cache = [] if target else None
             self.observe([stage], stop_at=stage[0], cache=cache)
-            e.quantize_stage(stage, self.linears)
+            e.quantize_stages([stage], self.linears)
             if target and len(cache) == len(self.inputs):
                 self.replays[target[0]] = (self.linears[stage[0]], cache, target[1])
 
@@ -162,7 +175,8 @@ class BlockRun:
         hooks += [m.register_forward_hook(lambda m, a, out, n=n: record(out_ranges, n, out))
                   for n, m in self.linears.items() if n in output_specs]
         self.run_pass(hooks, keep_outputs=True)
-        return ranges, out_ranges
+        place = self.engine.placement
+        return place.reduce_ranges(ranges, input_specs), place.reduce_ranges(out_ranges, output_specs)
 
 
 def refuse_unfoldable(transforms, prefix: str, first_stage: tuple) -> None:

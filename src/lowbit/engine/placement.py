@@ -10,15 +10,15 @@ Activations between blocks are held on the device while they fit (one chunk per 
 the host; with `offload_dir` they are spilled to files there and read back one chunk at a time, so host memory
 holds one chunk instead of all of them.
 
-Reduction: statistics of a linear's input (InputStats) are complete only once every process's share of the
-calibration windows is in them. `reduce_stats` is where they are summed across processes before any
-algorithm reads them; a single process has nothing to sum.
+Reduction: with several processes (parallel.Ranks) each holds its share of the calibration windows, so the
+statistics of a linear's input (InputStats) and the activation ranges it records are complete only once every
+process's share is in them. `reduce` and `reduce_ranges` are where they are combined across processes before
+any algorithm reads them; a single process has nothing to combine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import os
 import shutil
@@ -30,6 +30,7 @@ import torch
 from ..algorithms import InputStats
 from ..errors import LowbitError
 from ..hf.model import parse_dtype
+from ..parallel import Ranks
 from ..results import Sink
 
 DEVICE_RESERVE = 1 << 30  # device memory left free beside the activations held there (the block's own work)
@@ -84,6 +85,7 @@ class Placement:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # working precision of blocks and their activations
     offload_dir: Path | None = None  # activation chunks spilled here, one file each
+    ranks: Ranks = field(default_factory=Ranks)  # the processes sharing the calibration windows (parallel.py)
 
     @property
     def on_host(self) -> bool:
@@ -140,9 +142,30 @@ class Placement:
         with self.scope():
             return InputStats(columns, gram=gram)
 
+    def reduce(self, stats: dict) -> dict:
+        """Statistics ({key: InputStats}, the same keys in the same order on every process) summed over every
+        process's share of the calibration windows; one process: returned as they are."""
+        if self.ranks.distributed:
+            for s in stats.values():
+                s.combine(self.ranks.sum_, self.ranks.max_)
+        return stats
+
+    def reduce_ranges(self, ranges: dict, names) -> dict:
+        """Activation ranges ({name: [lo, hi]}) widened to every process's: the least lo and the largest hi of
+        each of `names` (the same on every process); a name no process saw stays absent."""
+        if not self.ranks.distributed:
+            return ranges
+        names = list(names)
+        lo = torch.tensor([ranges.get(n, [float("inf")])[0] for n in names], dtype=torch.float64)
+        hi = torch.tensor([ranges.get(n, [0.0, float("-inf")])[1] for n in names], dtype=torch.float64)
+        self.ranks.min_([lo])
+        self.ranks.max_([hi])
+        return {n: [a, b] for n, a, b in zip(names, lo.tolist(), hi.tolist()) if a <= b}
+
     def describe(self) -> dict:
         return {"device": str(self.device), "calib_dtype": str(self.dtype).replace("torch.", ""),
-                **({"offload_dir": str(self.offload_dir)} if self.offload_dir is not None else {})}
+                **({"offload_dir": str(self.offload_dir)} if self.offload_dir is not None else {}),
+                **self.ranks.describe()}
 
 
 def _fits_on_device(tensor: torch.Tensor, device: torch.device) -> bool:
@@ -164,10 +187,8 @@ class HostSink(Sink):
             self.sink.add_tensor(name, tensor.cpu())
 
     def add_quantized(self, module_name, qt, bias):
-        host = dataclasses.replace(qt, **{f.name: getattr(qt, f.name).cpu() for f in dataclasses.fields(qt)
-                                         if isinstance(getattr(qt, f.name), torch.Tensor)})
         with torch.device("cpu"):
-            self.sink.add_quantized(module_name, host, None if bias is None else bias.cpu())
+            self.sink.add_quantized(module_name, qt.to("cpu"), None if bias is None else bias.cpu())
 
     def add_input_quant(self, module_name, spec, params):
         with torch.device("cpu"):
@@ -182,9 +203,3 @@ class HostSink(Sink):
 
     def restore(self, snapshot: dict) -> None:
         self.sink.restore(snapshot)
-
-
-def reduce_stats(stats: dict) -> dict:
-    """Statistics summed over every process that saw calibration windows ({key: InputStats}); one process:
-    returned as they are."""
-    return stats

@@ -28,7 +28,7 @@ from ..formats import Quantized, activation_qparams
 from ..hf.actquant import attach_input_quant, attach_output_quant
 from ..hf.capture import capture_block_inputs, capture_block_kwargs, first_window, output_convention
 from ..hf.model import LoadedModel
-from ..memory import return_freed_memory_to_os, use_mmap_for_large_tensors
+from ..memory import peak_rss_bytes, return_freed_memory_to_os, use_mmap_for_large_tensors
 from ..recipe import LayerPlan, has_static_inputs
 from ..results import LayerReport, Sink
 from .block import BlockRun, refuse_unfoldable
@@ -45,6 +45,7 @@ class EngineReport:
     block_seconds: list[float] = field(default_factory=list)
     capture_seconds: float = 0.0
     rotation: dict | None = None  # what the rotation did (hf.rotate.Rotator.summary)
+    ranks: dict | None = None  # with several processes: each one's peak memory and collective payload
 
 
 class Engine:
@@ -67,6 +68,9 @@ class Engine:
             raise ValueError("this chain needs calibration windows")
         self.calibration = calibration
         self.placement = placement or Placement()
+        self.ranks = self.placement.ranks  # the processes sharing this run (parallel.py); rank 0 writes
+        if self.needs_calibration:
+            self.ranks.shard(calibration)  # refused here, on every rank, when there are fewer windows than ranks
         loaded.device = self.placement.device  # every weight materialized there, in the skeleton's dtype
         self.sink = sink or Sink()
         if not self.placement.on_host:
@@ -102,6 +106,8 @@ class Engine:
     def run(self) -> EngineReport:
         use_mmap_for_large_tensors()
         blocks = self.loaded.layout.blocks
+        if self.ranks.distributed and self.ranks.agree(None):  # another rank's setup failed: stop with it
+            raise LowbitError(self.ranks.failure_line())
         if self.rotation is not None:
             self._prepare_rotation()
         state = self.checkpoint.load() if self.checkpoint is not None else None
@@ -110,7 +116,8 @@ class Engine:
             self.placement.drop(inputs)
             inputs = self._restore(state)
         bar = tqdm(range(self.resumed_at, len(blocks)), desc="quantizing blocks", unit="block", file=sys.stderr,
-                   disable=not self.progress, dynamic_ncols=True, initial=self.resumed_at, total=len(blocks))
+                   disable=not self.progress or not self.ranks.is_writer, dynamic_ncols=True,
+                   initial=self.resumed_at, total=len(blocks))
         for i in bar:
             start, first_layer = time.perf_counter(), len(self.report.layers)
             inputs = self._run_block(i, inputs, last=i + 1 == len(blocks))
@@ -122,7 +129,11 @@ class Engine:
                             weight_err=f"{sum(errors) / max(len(errors), 1):.4f}")
         bar.close()
         self.placement.drop(inputs)
-        self._finish_outside_blocks()
+        if self.ranks.distributed:
+            self.report.ranks = {"peak_rss_bytes": self.ranks.gather(peak_rss_bytes()),
+                                 "collective_bytes": self.ranks.gather(self.ranks.sent_bytes)}
+        if self.ranks.is_writer:  # the other ranks write nothing, so they need nothing outside the blocks
+            self._finish_outside_blocks()
         if self.rotator is not None:
             self.report.rotation = self.rotator.summary()  # the largest block error over all blocks
         return self.report
@@ -222,7 +233,7 @@ class Engine:
                    and n.rpartition(".")[0] not in self.plan]
         for name in outside:
             self.loaded.materialize(name)
-        batches = [self.placement.tokens(b) for b in self.calibration.split(self.batch_size)]
+        batches = [self.placement.tokens(b) for b in self.ranks.shard(self.calibration).split(self.batch_size)]
         with self.placement.scope():
             captured = capture_block_inputs(model, layout.blocks[0], batches, self.placement.activations)
             if len(layout.blocks) > 1:
@@ -266,7 +277,7 @@ class Engine:
                 out = block(probe[0][0], **probe[0][1])
                 return out[0] if isinstance(out, tuple) else out
 
-            self._folds[key] = find_folds(block, rel, forward)
+            self._folds[key] = self.ranks.same(find_folds(block, rel, forward))  # rank 0's probe decides
             if self._folds[key][rel[0]] is None and run.stages.first_at_entry:
                 refuse_unfoldable(self.transforms, prefix, rel[0])
         return {st: self._folds[key][r] for st, r in zip(map(tuple, stages), rel)}
@@ -292,12 +303,52 @@ class Engine:
                 self.sink.add_output_quant(name, spec, params)
 
     # -- quantization and output --------------------------------------------------------------------
-    def quantize_stage(self, names: list[str], linears: dict[str, nn.Module]) -> None:
-        weights = [linears[n].weight.detach() for n in names]
-        qts = self.quantizer.quantize_group(tuple(names), weights, [self.plan[n].spec for n in names],
-                                            [self.clips.get(n) for n in names])
-        for name, qt in zip(names, qts):
-            self._record(name, linears[name], qt)
+    def quantize_stages(self, stages: list[list[str]], linears: dict[str, nn.Module]) -> None:
+        """The quantizer's codes for every linear of these stages (each stage's linears share an input and are
+        quantized together). With several processes each stage is solved by one of them, chosen by cost, and
+        the results are shared (weight parallel): N processes solve N stages at once."""
+        def solve(names):
+            qts = self.quantizer.quantize_group(tuple(names), [linears[n].weight.detach() for n in names],
+                                                [self.plan[n].spec for n in names], [self.clips.get(n) for n in names])
+            return self._shareable(names, qts)
+
+        self._record_shared([list(st) for st in stages], solve, linears)
+
+    def _quantize_modules(self, root: nn.Module, prefix: str) -> None:
+        """Linears that calibration did not reach (all of them for RTN), one job each."""
+        linears = {n: m for n, m in self._planned(root, prefix).items() if n not in self.quantized}
+
+        def solve(names):
+            (name,) = names
+            qt = self.quantizer.quantize(name, linears[name].weight.detach(), self.plan[name].spec,
+                                         self.clips.get(name))
+            return self._shareable(names, [qt])
+
+        self._record_shared([[n] for n in linears], solve, linears)
+
+    def _record_shared(self, jobs: list[list[str]], solve, linears: dict[str, nn.Module]) -> None:
+        """solve(names) -> (quantized weights, notes) for each job, spread over the processes (parallel.Ranks.share),
+        then every result recorded on every process, in job order."""
+        calibrated = self.quantizer.needs_calibration
+
+        def cost(names):  # GPTQ: rows x K^2 for the updates and K^3 for the inverse; RTN: the weights' size
+            k = linears[names[0]].in_features
+            rows = sum(linears[n].out_features for n in names)
+            return rows * k * k + k ** 3 if calibrated else rows * k
+
+        results = self.ranks.share(jobs, [cost(j) for j in jobs], solve)
+        for names, (qts, notes) in zip(jobs, results):
+            self.quantizer.statistics().pop(tuple(names), None)  # solved elsewhere: no longer needed here
+            self.quantizer.notes.update(notes)
+            for name, qt in zip(names, qts):
+                self._record(name, linears[name], qt.to(self.placement.device))
+
+    def _shareable(self, names, qts: list[Quantized]) -> tuple[list[Quantized], dict]:
+        """A solve's result as shared with the other processes: the quantized weights (on the host when there
+        are others) and the quantizer's notes on them."""
+        if self.ranks.distributed:
+            qts = [qt.to("cpu") for qt in qts]
+        return qts, {n: self.quantizer.notes[n] for n in names if n in self.quantizer.notes}
 
     def _quantize_linear(self, name: str, module: nn.Linear) -> None:
         self._record(name, module, self.quantizer.quantize(name, module.weight.detach(), self.plan[name].spec,
@@ -318,11 +369,6 @@ class Engine:
         """A float tensor as written: in the source's dtype (the working precision may be wider)."""
         tensor = tensor.detach()
         return tensor.to(self.loaded.source_dtype) if tensor.is_floating_point() else tensor
-
-    def _quantize_modules(self, root: nn.Module, prefix: str) -> None:
-        for name, module in self._planned(root, prefix).items():
-            if name not in self.quantized:
-                self._quantize_linear(name, module)
 
     def _quantized_param_names(self) -> set[str]:
         names = set()

@@ -100,3 +100,34 @@ def write_metadata(folder: Path, source_folder: Path, plan: dict[str, LayerPlan]
             config["text_config"]["tie_word_embeddings"] = False
     (Path(folder) / "config.json").write_text(json.dumps(config, indent=2))
     copy_carried(source_folder, folder, TOKENIZER_FILES)
+
+
+def compare_folders(a: Path, b: Path) -> dict:
+    """How two lowbit folders of the same model and plan differ: quantized codes (each linear's qweight unpacked,
+    counting the code slots of its packed rows) and every other tensor (largest absolute difference). For
+    checking that two ways of computing one result agree (several processes against one)."""
+    from safetensors import safe_open
+
+    from ..formats.packing import _unit, unpack_rows
+
+    specs = {n: QuantSpec.from_dict(d) for n, d in
+             read_json(Path(a) / "config.json")["quantization_config"]["modules"].items()}
+    out = {"codes": 0, "codes_differing": 0, "tensors": 0, "tensors_differing": 0, "max_abs_difference": 0.0}
+    for shard in sorted(Path(a).glob("*.safetensors")):
+        with safe_open(shard, "pt") as fa, safe_open(Path(b) / shard.name, "pt") as fb:
+            for name in fa.keys():
+                x, y = fa.get_tensor(name), fb.get_tensor(name)
+                module, _, kind = name.rpartition(".")
+                if kind == "qweight" and module in specs:
+                    bits = specs[module].bits
+                    cols = x.shape[1] // _unit(bits)[1] * _unit(bits)[0]
+                    cx, cy = unpack_rows(x, bits, cols), unpack_rows(y, bits, cols)
+                    out["codes"] += cx.numel()
+                    out["codes_differing"] += int((cx != cy).sum())
+                    continue
+                out["tensors"] += 1
+                if not torch.equal(x, y):
+                    out["tensors_differing"] += 1
+                    out["max_abs_difference"] = max(out["max_abs_difference"],
+                                                    float((x.double() - y.double()).abs().max()))
+    return out

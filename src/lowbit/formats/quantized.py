@@ -4,6 +4,7 @@ quantization, dispatched to formats.integer (integers with float32 scales and ze
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ class Quantized:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype)
+
+    def to(self, device) -> "Quantized":
+        """The same weight with its tensors on `device`."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def tensor_scale(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:

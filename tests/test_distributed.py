@@ -171,3 +171,23 @@ def test_statistics_summed_across_two_processes(tmp_path):
         assert torch.allclose(got["gram"], whole.gram, rtol=1e-5, atol=1e-6)
         assert torch.allclose(got["abs_mean"], whole.abs_mean, rtol=1e-6)
         assert torch.equal(got["abs_max"], whole.abs_max)
+
+
+def test_resume_after_a_killed_rank(tiny_models, tmp_path):
+    """Each rank checkpoints its share of the next block's inputs in rank 0's staging folder; a rerun with
+    --resume continues from the last finished block and writes the uninterrupted run's bytes."""
+    args = ["quantize", str(tiny_models["llama"]), "--scheme", G4, "--group-size", "32", "--algo", "gptq",
+            "--no-progress", *CAL]
+    whole = lowbit([*args, "-o", str(tmp_path / "whole")], tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out"
+    killed = lowbit([*args, "-o", str(out), "--resume"], tmp_path, fail="kill")
+    assert killed.returncode != 0 and "rank 1 of 2 was killed by SIGKILL" in killed.stderr
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".out.lowbit-tmp-")]
+    resumed = lowbit([*args, "-o", str(out), "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: blocks 0-0 of 2" in resumed.stderr
+    for f in (tmp_path / "whole").iterdir():
+        if f.name != "summary.json":
+            assert f.read_bytes() == (out / f.name).read_bytes(), f.name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

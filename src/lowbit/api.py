@@ -127,9 +127,6 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if resume and (output is None or keep_in_memory):
         raise LowbitError("resume continues a run that writes an output folder (-o OUT); it cannot keep the model "
                           "in memory")
-    if ranks.distributed and resume:
-        raise LowbitError("--resume is not supported with several processes yet (each holds its own share of the "
-                          "activations); run it in one process, or without --resume")
     placement = _placement(device, calib_dtype, offload_dir, ranks)
     if not ranks.is_writer:  # another rank writes, exports and evaluates; this one calibrates and solves its share
         output, export, evaluate_after, keep_in_memory, progress, quiet = None, None, False, False, False, True
@@ -170,6 +167,7 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
     tokenizer = None
     if calibrated:  # refusals about the windows and the tokenizer come before any output is claimed
         check_seq_len(recipe.calibration["seq_len"], loaded.model, "calibration")
+        placement.ranks.check_windows(recipe.calibration["num_samples"])
         tokenizer = loaded.tokenizer()
     log(format_plan(plan), quiet)
     exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,

@@ -48,10 +48,14 @@ class Ranks:
     def shard(self, windows: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous share of the calibration windows (rank 0 holds the first)."""
         n = len(windows)
+        self.check_windows(n)
+        return windows[self.rank * n // self.size:(self.rank + 1) * n // self.size]
+
+    def check_windows(self, n: int) -> None:
+        """Refuse fewer calibration windows than ranks (a rank without windows has nothing to calibrate on)."""
         if n < self.size:
             raise LowbitError(f"{n} calibration windows cannot be shared by {self.size} processes; use at least "
                               f"--num-calib-data {self.size}, or fewer processes")
-        return windows[self.rank * n // self.size:(self.rank + 1) * n // self.size]
 
     # -- collectives (one process: the identity) ----------------------------------------------------
     def sum_(self, tensors: list[torch.Tensor]) -> None:
@@ -88,6 +92,12 @@ class Ranks:
         self.agreed = True
         self.failures = [(r, e) for r, e in enumerate(self.gather(error)) if e is not None]
         return self.failures
+
+    def ready(self) -> None:
+        """Before the first collective of the work: agree that this rank's setup succeeded, and stop (one line,
+        said by rank 0) when another's failed. Once per run; nothing to agree with one process."""
+        if self.distributed and not self.agreed and self.agree(None):
+            raise LowbitError(self.failure_line())
 
     def failure_line(self) -> str:
         """The one line for failed setups: the reason, with the rank unless every rank had it."""

@@ -57,8 +57,11 @@ class TorchJob(Job):
         cal = self.recipe.calibration
         tied_lm_head = any(t.rpartition(".")[0] in self.plan and self.plan[t.rpartition(".")[0]].spec is not None
                            for t in self.loaded.layout.tied)  # before a rotation unties it
-        sink = NativeSink(folder) if folder is not None else None
-        checkpoint = Checkpoint(folder, self.fingerprint()) if self.resume and folder is not None else None
+        ranks = self.placement.ranks
+        ranks.ready()  # every rank's setup succeeded (before the first collective)
+        sink = NativeSink(folder) if folder is not None else None  # rank 0's alone: the other ranks write nothing
+        shared = ranks.same(folder) if self.resume else folder  # the checkpoint lives in rank 0's staging folder
+        checkpoint = Checkpoint(shared, self.fingerprint()) if self.resume and shared is not None else None
         engine = Engine(self.loaded, self.plan, self.chain, self.windows, sink, keep_in_memory=self.keep,
                         batch_size=cal.get("batch_size", 8), progress=self.progress,
                         propagate=cal.get("propagate", DEFAULT_CALIBRATION["propagate"]),
@@ -110,4 +113,5 @@ class TorchJob(Job):
         return {"source": digest(files), "recipe": digest(self.recipe.to_dict()),
                 "calibration": digest(self.windows.numpy().tobytes()) if self.windows is not None else None,
                 "precision": f"{self.placement.device.type}/{self.placement.dtype}", "lowbit": __version__,
+                "ranks": self.placement.ranks.size,
                 "torch": torch.__version__}

@@ -29,7 +29,7 @@ from ..staging import RESUME_DIR, RESUME_STATE
 
 FINGERPRINT_PARTS = {"source": "source model files", "recipe": "recipe (scheme, algorithms, calibration settings)",
                      "calibration": "calibration windows", "precision": "device and --calib-dtype",
-                     "lowbit": "lowbit version", "torch": "torch version"}
+                     "lowbit": "lowbit version", "torch": "torch version", "ranks": "number of processes"}
 
 
 def _write(path: Path, write) -> None:
@@ -70,29 +70,36 @@ class Checkpoint:
         """The saved inputs of the next block, held as the engine holds activations (placement)."""
         if state.get("inputs") is None:
             return None
-        folder = self.dir / state["inputs"]
+        folder, count = self.dir / state["inputs"], state["chunks"]
+        if isinstance(count, list):  # several processes: each its own share
+            folder, count = folder / f"rank-{placement.ranks.rank}", count[placement.ranks.rank]
         chunks = []
-        for j in range(state["chunks"]):
+        for j in range(count):
             hidden, kwargs = torch.load(folder / f"{j}.pt", map_location="cpu", weights_only=True)
             chunks.append((placement.activations(hidden.to(placement.dtype)), moved(kwargs, placement.device)))
         return chunks
 
     def save(self, done: int, engine_state: dict, sink_state: dict, inputs: list | None, placement) -> None:
         """Record that blocks 0..done-1 are finished (their tensors already handed to the sink) and the inputs
-        of block `done`."""
-        self.dir.mkdir(exist_ok=True)
+        of block `done`. With several processes each saves its own share of the inputs (`inputs-k/rank-R/`) and
+        rank 0, once every share is saved, the state."""
+        ranks = placement.ranks
+        self.dir.mkdir(parents=True, exist_ok=True)
         name = None
         if inputs is not None:
             name = f"inputs-{done}"
-            folder = self.dir / name
+            folder = self.dir / name / f"rank-{ranks.rank}" if ranks.distributed else self.dir / name
             shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
+            folder.mkdir(parents=True)
             for j, (held, kwargs) in enumerate(inputs):
                 chunk = (placement.fetch(held).cpu(), moved(kwargs, "cpu"))
                 _write(folder / f"{j}.pt", lambda p, c=chunk: torch.save(c, p))
+        counts = ranks.gather(len(inputs) if inputs is not None else 0)  # also: every share is on disk now
+        if not ranks.is_writer:
+            return
         state = {"fingerprint": self.fingerprint, "done": done, "engine": engine_state, "sink": sink_state,
-                 "inputs": name, "chunks": len(inputs) if inputs is not None else 0}
+                 "inputs": name, "chunks": counts if ranks.distributed else counts[0]}
         _write(self.dir / RESUME_STATE, lambda p: p.write_text(json.dumps(state)))
         for old in self.dir.glob("inputs-*"):
-            if old.name != name:
+            if old.name != name and old.name.split("-")[-1].isdigit() and int(old.name.split("-")[-1]) < done:
                 shutil.rmtree(old, ignore_errors=True)

@@ -69,8 +69,6 @@ class Engine:
         self.calibration = calibration
         self.placement = placement or Placement()
         self.ranks = self.placement.ranks  # the processes sharing this run (parallel.py); rank 0 writes
-        if self.needs_calibration:
-            self.ranks.shard(calibration)  # refused here, on every rank, when there are fewer windows than ranks
         loaded.device = self.placement.device  # every weight materialized there, in the skeleton's dtype
         self.sink = sink or Sink()
         if not self.placement.on_host:
@@ -106,11 +104,12 @@ class Engine:
     def run(self) -> EngineReport:
         use_mmap_for_large_tensors()
         blocks = self.loaded.layout.blocks
-        if self.ranks.distributed and self.ranks.agree(None):  # another rank's setup failed: stop with it
-            raise LowbitError(self.ranks.failure_line())
+        self.ranks.ready()  # another rank's setup failed: stop with it
         if self.rotation is not None:
             self._prepare_rotation()
         state = self.checkpoint.load() if self.checkpoint is not None else None
+        if self.checkpoint is not None and self.ranks.distributed:
+            self._check_same_checkpoint(state)
         inputs = self._capture_block0_inputs() if self.needs_calibration else None
         if state is not None:
             self.placement.drop(inputs)
@@ -159,9 +158,19 @@ class Engine:
             self.rotator.max_error = e["rotator"]["max_error"]
             self.rotator.online.update(e["rotator"]["online"])
         self.sink.restore(state["sink"])
-        print(f"resuming: blocks 0-{self.resumed_at - 1} of {len(self.loaded.layout.blocks)} were finished by the "
-              f"interrupted run", file=sys.stderr, flush=True)
+        if self.ranks.is_writer:
+            print(f"resuming: blocks 0-{self.resumed_at - 1} of {len(self.loaded.layout.blocks)} were finished by "
+                  f"the interrupted run", file=sys.stderr, flush=True)
         return self.checkpoint.inputs(state, self.placement)
+
+    def _check_same_checkpoint(self, state) -> None:
+        """Every rank must continue from the same block: the checkpoint lies in rank 0's staging folder, which
+        the other ranks must see (one host, or a shared filesystem)."""
+        seen = self.ranks.gather(None if state is None else state["done"])
+        if len(set(seen)) > 1:
+            where = ", ".join(f"rank {r}: {'none' if d is None else f'after block {d - 1}'}" for r, d in enumerate(seen))
+            raise LowbitError(f"the ranks see different resume checkpoints in {self.checkpoint.folder} ({where}); "
+                              f"resuming several hosts needs the output folder on a filesystem they share")
 
     def _run_block(self, i: int, inputs, last: bool):
         """Quantize block i and emit it; returns the next block's inputs (None without calibration)."""
@@ -341,13 +350,13 @@ class Engine:
             self.quantizer.statistics().pop(tuple(names), None)  # solved elsewhere: no longer needed here
             self.quantizer.notes.update(notes)
             for name, qt in zip(names, qts):
-                self._record(name, linears[name], qt.to(self.placement.device))
+                self._record(name, linears[name], qt.widened(self.placement.device) if self.ranks.distributed else qt)
 
     def _shareable(self, names, qts: list[Quantized]) -> tuple[list[Quantized], dict]:
-        """A solve's result as shared with the other processes: the quantized weights (on the host when there
-        are others) and the quantizer's notes on them."""
+        """A solve's result as shared with the other processes: the quantized weights (on the host, codes in one
+        byte each, when there are others) and the quantizer's notes on them."""
         if self.ranks.distributed:
-            qts = [qt.to("cpu") for qt in qts]
+            qts = [qt.compact() for qt in qts]
         return qts, {n: self.quantizer.notes[n] for n in names if n in self.quantizer.notes}
 
     def _quantize_linear(self, name: str, module: nn.Linear) -> None:

@@ -37,6 +37,21 @@ class Quantized:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
 
+    def compact(self) -> "Quantized":
+        """On the host, its codes in the narrowest integer dtype that holds them (one byte up to 8 bits): the form
+        sent to other processes. widened() undoes it."""
+        host = self.to("cpu")
+        if host.codes.numel():
+            lo, hi = int(host.codes.min()), int(host.codes.max())
+            for dtype in (torch.uint8, torch.int8, torch.int16):
+                if torch.iinfo(dtype).min <= lo and hi <= torch.iinfo(dtype).max:
+                    return dataclasses.replace(host, codes=host.codes.to(dtype))
+        return host
+
+    def widened(self, device) -> "Quantized":
+        """A compact() weight as the engine holds it: int32 codes, on `device`."""
+        return dataclasses.replace(self.to(device), codes=self.codes.to(device=device, dtype=torch.int32))
+
 
 def tensor_scale(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     """The second-level per-tensor scale of a two-level spec (NVFP4), else None."""

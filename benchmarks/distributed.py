@@ -118,8 +118,9 @@ def main() -> None:
         for name, shape in SHAPES.items()}
     for name, by_algo in results["payload_per_block"].items():
         g = by_algo["gptq"]
+        traffic = ", ".join(f"N={n}: {g[n]['ring_traffic_per_rank'] / 2**20:.1f}" for n in (2, 4, 8))
         print(f"{name:22s} gptq all-reduce {g[2]['all_reduce'] / 2**20:9.1f} MiB/block; ring traffic per rank "
-              f"{', '.join(f'N={n}: {g[n]["ring_traffic_per_rank"] / 2**20:.1f}' for n in (2, 4, 8))} MiB")
+              f"{traffic} MiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

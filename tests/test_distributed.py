@@ -5,7 +5,6 @@ across processes) are exact."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path

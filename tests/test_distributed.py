@@ -190,3 +190,16 @@ def test_resume_after_a_killed_rank(tiny_models, tmp_path):
         if f.name != "summary.json":
             assert f.read_bytes() == (out / f.name).read_bytes(), f.name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_solved_weights_travel_in_one_byte_per_code():
+    from lowbit.formats import quantize as rtn
+    from lowbit.spec import parse_scheme
+
+    w = torch.randn(8, 64)
+    for name in ("w_uint4_per_group_asym", "w_int4_per_channel_sym", "w_fp8", "w_mxfp4"):
+        qt = rtn(w, parse_scheme(name, 32 if "group" in name else None).weight)
+        sent = qt.compact()
+        assert sent.codes.element_size() == 1
+        back = sent.widened("cpu")
+        assert back.codes.dtype == torch.int32 and torch.equal(back.dequantize(), qt.dequantize())

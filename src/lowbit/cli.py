@@ -3,6 +3,7 @@ cli_parser.py) and calls lowbit.api."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -303,6 +304,19 @@ if hasattr(os, "register_at_fork"):
 
 
 def main(argv=None) -> int:
+    """The `lowbit` command; returns its exit status. One of several processes ends here at once (os._exit, after
+    flushing its output): the interpreter's teardown of a torch.distributed process group whose peers are gone
+    can abort it (SIGABRT, "terminate called without an active exception")."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt as exc:  # a stop signal that came while an error was being handled: said already
+        code = 128 + getattr(signal, str(exc), signal.SIGINT) if isinstance(exc, Terminated) else 130
+    if parallel.current().distributed:
+        parallel.exit_now(code)
+    return code
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -316,9 +330,7 @@ def main(argv=None) -> int:
     handlers = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
-        code = COMMANDS[args.command](args)
-        parallel.leave()
-        return code
+        return COMMANDS[args.command](args)
     except LowbitError as exc:
         return _fail(str(exc), 2)
     except Terminated as exc:
@@ -327,7 +339,9 @@ def main(argv=None) -> int:
             return code  # torchrun stops every rank when one fails; the failed one said why
         return _fail(f"stopped by {exc}; nothing was written (an unfinished output is removed)", code)
     except KeyboardInterrupt:
-        return _fail("interrupted; nothing was written (an unfinished output is removed)", 130)
+        if not parallel.current().is_writer:
+            return 130  # Ctrl-C reaches every rank; rank 0 says it
+        return _fail("interrupted; nothing was written (an unfinished output is removed)", 130, agree=False)
     except MemoryError:
         return _fail("out of memory; use a smaller --batch-size or --num-calib-data", 1)
     except ModuleNotFoundError as exc:
@@ -347,17 +361,24 @@ def main(argv=None) -> int:
             signal.signal(sig, old)
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(message: str, code: int, agree: bool = True) -> int:
     """Print the one error line. With several processes: a failure before the work starts is agreed between them
     first and printed once, by rank 0 (naming the rank unless all had it); a later one by the rank it happened
-    on, naming it (the others are stopped by torchrun)."""
+    on, naming it (torchrun stops the others). `agree=False`: a stop every rank received (Ctrl-C), said by
+    rank 0 alone."""
     ranks = parallel.current()
-    if ranks.distributed:
+    if ranks.distributed and agree:
         if not ranks.agreed:
-            ranks.agree(message)
+            try:
+                ranks.agree(message)
+            except Exception as exc:  # noqa: BLE001 - a rank is gone before agreeing: say it here
+                if not _peer_gone(exc):
+                    raise
         if ranks.failures:
             if ranks.is_writer:
                 print(f"error: {ranks.failure_line()}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                ranks.gather(None)  # said: now every rank may exit (torchrun stops the rest when one does)
             return code
         message = f"rank {ranks.rank} of {ranks.size}: {message} (every rank stops)"
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -224,13 +224,15 @@ def rank_device(name: str | None, local_rank: int, size: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}")
 
 
-def leave() -> None:
-    """Leave the process group (at the end of a command)."""
-    if _current.distributed:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def exit_now(code: int) -> None:
+    """End this rank's process with `code`, its output flushed, without the interpreter's teardown (which can
+    abort a process holding a process group whose peers are gone); the OS closes its connections."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def launch(argv: list[str], nproc: int) -> int:
@@ -240,6 +242,7 @@ def launch(argv: list[str], nproc: int) -> int:
     import logging
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -249,10 +252,15 @@ def launch(argv: list[str], nproc: int) -> int:
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
     try:
         elastic_launch(config, sys.executable)("-m", "lowbit", *argv)
+    except (SignalException, KeyboardInterrupt):  # Ctrl-C or a stop signal: the ranks stopped, rank 0 said so
+        return 130
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        if failure.exitcode >= 0:
-            return failure.exitcode  # the rank printed why
+        # a rank killed by a signal (not the SIGTERM torchrun stops the others with) said nothing: name it here;
+        # a rank that failed otherwise printed why, and the others noticed it gone and stayed silent
+        killed = sorted((rank, f) for rank, f in exc.failures.items() if f.exitcode < 0 and f.signal_name() != "SIGTERM")
+        if not killed:
+            return exc.get_first_failure()[1].exitcode
+        rank, failure = killed[0]
         print(f"error: rank {rank} of {nproc} was killed by {failure.signal_name()}; every rank was stopped and "
               f"nothing was written", file=sys.stderr, flush=True)
         return 1

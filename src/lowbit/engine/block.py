@@ -91,7 +91,8 @@ class BlockRun:
                  for g in groups]
         self.run_pass(hooks, keep_outputs=keep_outputs)  # never with stage passes
         stats = e.placement.reduce(stats)
-        scale_and_clip(e.transforms, [self._input_group(g, stats[g], folds[g]) for g in groups], e.notes, e.clips)
+        scale_and_clip(e.transforms, [self._input_group(g, stats[g], folds[g]) for g in groups], e.notes, e.clips,
+                       e.share)
         return stats
 
     def _input_group(self, names: tuple, stats: InputStats, fold) -> InputGroup:

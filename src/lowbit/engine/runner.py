@@ -26,7 +26,7 @@ from ..arch.folding import Fold, find_folds
 from ..errors import LowbitError
 from ..formats import Quantized, activation_qparams
 from ..hf.actquant import attach_input_quant, attach_output_quant
-from ..hf.capture import capture_block_inputs, capture_block_kwargs, first_window, output_convention
+from ..hf.capture import capture_block_inputs, capture_block_kwargs, first_window, moved, output_convention
 from ..hf.model import LoadedModel
 from ..memory import peak_rss_bytes, return_freed_memory_to_os, use_mmap_for_large_tensors
 from ..recipe import LayerPlan, has_static_inputs
@@ -351,6 +351,14 @@ class Engine:
             self.quantizer.notes.update(notes)
             for name, qt in zip(names, qts):
                 self._record(name, linears[name], qt.widened(self.placement.device) if self.ranks.distributed else qt)
+
+    def share(self, jobs: list, costs: list, solve) -> list:
+        """solve(job) for every job; with several processes each job on one of them (parallel.Ranks.share), its
+        result (tensors, tuples and dicts of them) sent through the host and returned on the device."""
+        if not self.ranks.distributed:
+            return [solve(job) for job in jobs]
+        results = self.ranks.share(jobs, costs, lambda job: moved(solve(job), "cpu"))
+        return [moved(r, self.placement.device) for r in results]
 
     def _shareable(self, names, qts: list[Quantized]) -> tuple[list[Quantized], dict]:
         """A solve's result as shared with the other processes: the quantized weights (on the host, codes in one

@@ -30,26 +30,44 @@ class InputGroup:
 
 
 def scale_and_clip(transforms: list[Transform], groups: list[InputGroup], notes: dict[str, str],
-                   clips: dict[str, torch.Tensor]) -> None:
-    """Each transform in turn: scales for every group folded (statistics divided alike, so no second pass),
-    then clipping factors for the scaled weights. Groups with too few calibration tokens or no op to fold
-    into are noted and left as they are."""
+                   clips: dict[str, torch.Tensor], share=None) -> None:
+    """Each transform in turn: scales for every group, then folded in order (statistics divided alike, so no
+    second pass), then clipping factors for the scaled weights. Groups with too few calibration tokens or no op
+    to fold into are noted and left as they are.
+
+    The searches are independent of one another: a group's fold changes only its own linears and the op
+    producing its input, which runs before it, so no other group's search reads what it changed. `share(jobs,
+    costs, solve)` may therefore run them anywhere (parallel.Ranks.share: spread over processes); by default
+    here, in order."""
+    share = share or (lambda jobs, costs, solve: [solve(job) for job in jobs])
     for t in transforms:
-        for g in groups:
-            if not _usable(t, g, notes):
-                continue
-            s = t.channel_scales(g.names, g.weights(), g.specs, g.stats)
-            if s is None:
-                continue
-            g.fold(s)
-            g.stats.divide_channels(s)
-        for g in groups:
-            if g.stats is None or g.stats.count < MIN_CALIBRATION_TOKENS:
-                continue
-            ratios = t.clip_ratios(g.names, g.weights(), g.specs, g.stats)
-            clips.update({n: c for n, c in zip(g.names, ratios) if c is not None})
+        usable = [g for g in groups if _usable(t, g, notes)]
+        found = share(usable, [_cost(g) for g in usable],
+                      lambda g: _noted(t, g.names, t.channel_scales(g.names, g.weights(), g.specs, g.stats)))
+        for g, (s, said) in zip(usable, found):
+            t.notes.update(said)
+            if s is not None:
+                g.fold(s)
+                g.stats.divide_channels(s)
+        clipped = [g for g in groups if g.stats is not None and g.stats.count >= MIN_CALIBRATION_TOKENS]
+        ratios = share(clipped, [_cost(g) for g in clipped],
+                       lambda g: _noted(t, g.names, tuple(t.clip_ratios(g.names, g.weights(), g.specs, g.stats))))
+        for g, (found_ratios, said) in zip(clipped, ratios):
+            t.notes.update(said)
+            clips.update({n: c for n, c in zip(g.names, found_ratios) if c is not None})
         for n, note in t.notes.items():
             notes.setdefault(n, note)
+
+
+def _noted(t: Transform, names, value) -> tuple:
+    """A search's result with the transform's notes on its linears (they travel with it to other processes)."""
+    return value, {n: t.notes[n] for n in names if n in t.notes}
+
+
+def _cost(g: InputGroup) -> int:
+    """Work of a group's searches: the output error is a K x K product per weight row."""
+    k = g.stats.gram.shape[0] if g.stats is not None and g.stats.gram is not None else 1
+    return sum(w.numel() for w in g.weights()) * k
 
 
 def _usable(t: Transform, g: InputGroup, notes: dict[str, str]) -> bool:

@@ -25,6 +25,7 @@ CASES = {  # name -> (scheme, algorithm chain, group size)
     "awq": (G4, "awq", 32),
     "gptq": (G4, "gptq", 32),
     "smoothquant_w8a8": ("w_int8_a_int8_per_tensor_sym", "smoothquant", None),  # static activation ranges
+    "gptaq": (G4, "gptaq", 32),  # two activation streams, paired statistics summed
 }
 # A tenth of a percent of the codes may flip where the order of summing the statistics across processes
 # changes a rounding; measured: none on these models.

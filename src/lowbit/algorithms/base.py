@@ -81,9 +81,10 @@ class Quantizer(Algorithm):
     # quantized (true-sequential), rather than on one pass of the block
     calibrates_stage_by_stage = False
 
-    def observe(self, names: tuple[str, ...], inputs) -> None:
-        """Receive a chunk of the common input (tokens, in_features) of the linears `names`
-        (calibrated quantizers only)."""
+    def observe(self, names: tuple[str, ...], inputs, targets=None) -> None:
+        """Receive a chunk of the common input (tokens, in_features) of the linears `names` (calibrated
+        quantizers only); for a quantizer needing FLOAT_AND_QUANTIZED_INPUTS, `targets` is the same tokens'
+        input in the float model (`inputs`: in the model being quantized)."""
 
     def statistics(self) -> dict:
         """The input statistics observe() accumulated, by group of linears (InputStats; the dict itself, live):

@@ -43,9 +43,12 @@ def _per_column(params: torch.Tensor, group_of_col: torch.Tensor, rows: int) -> 
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = True,
-                  clip: torch.Tensor | None = None) -> tuple[Quantized, float]:
+                  damp: float = 0.01, act_order: bool = True, clip: torch.Tensor | None = None,
+                  cross: torch.Tensor | None = None, alpha: float = 0.25) -> tuple[Quantized, float]:
     """GPTQ of weight (N, K) with input Hessian H (K, K); `clip` shrinks each block's range (as RTN's).
+    With `cross` = 2/n sum (x - x~) x~^T (x~ the input H is made of, x the float model's), GPTAQ's asymmetric
+    calibration: each column's update also moves the later columns towards the float model's output,
+    through P = alpha * triu1(cross U^T) U (U: the upper Cholesky factor of H^-1; alpha scales the term).
     Returns the quantized weight and the damping used."""
     W = weight.float().clone()
     N, K = W.shape
@@ -53,6 +56,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    if cross is not None:
+        cross = cross.float().clone()
+        cross[:, dead] = 0
 
     group = spec.block_shape(N, K)[1]  # columns sharing one scale (MX6/MX9: a sub-block)
     n_groups = -(-K // group)
@@ -70,6 +76,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, used = inverse_cholesky(H, damp)
+    P = alpha * torch.triu(cross[perm][:, perm] @ Hinv.T, diagonal=1) @ Hinv if cross is not None else None
     group_of_col = perm // group  # the (original-order) group of each processed column
 
     values = torch.zeros(N, K)  # element values relative to the zero point: dequantized = values * scale
@@ -94,10 +101,15 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
             v = grid_round(w / S1[:, i], spec, None if Z1 is None else Z1[:, i])
             V1[:, i] = v
             err = (w - v * S1[:, i]) / Hinv1[i, i]
-            W1[:, i:].sub_(err[:, None] * Hinv1[i, i:][None, :])
+            update = err[:, None] * Hinv1[i, i:][None, :]
+            if P is not None:  # the asymmetry term, from the column as it was before its own update
+                update -= w[:, None] * P[i1 + i, i1 + i:i2][None, :]
+            W1[:, i:].sub_(update)
             Err1[:, i] = err
         values[:, i1:i2] = V1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if P is not None:
+            W[:, i2:] += W1 @ P[i1:i2, i2:]
 
     codes = values_to_codes(values, None if zero is None else _per_column(zero, group_of_col, N), spec)
     out = torch.empty_like(codes)
@@ -137,6 +149,12 @@ class GPTQ(Quantizer):
     def statistics(self) -> dict:
         return self.hessians
 
+    _solver_args: dict = {}
+
+    def solver_args(self, acc) -> dict:
+        """Further arguments of gptq_quantize from a group's statistics (none for GPTQ)."""
+        return {}
+
     def take_stats(self, names: tuple[str, ...], stats) -> bool:
         if stats.gram is None or self.true_sequential:
             return False
@@ -151,7 +169,8 @@ class GPTQ(Quantizer):
         if clip is None and self.clip and (self.act_order or spec.granularity != "group"):
             clip = search_clip(weight, spec, H / 2)  # static groups: ranges chosen for the output error
         try:
-            qt, used = gptq_quantize(weight, H, spec, self.block_size, self.damp, self.act_order, clip)
+            qt, used = gptq_quantize(weight, H, spec, self.block_size, self.damp, self.act_order, clip,
+                                     **self._solver_args)
         except torch.linalg.LinAlgError as exc:
             for n in names:
                 self.notes[n] = f"{exc}: RTN"
@@ -171,6 +190,7 @@ class GPTQ(Quantizer):
         acc = self.hessians.pop(tuple(names), None)
         count = acc.count if acc is not None else 0
         H = acc.H if count >= MIN_CALIBRATION_TOKENS else None
+        self._solver_args = self.solver_args(acc) if H is not None else {}
         if 0 < count < MIN_CALIBRATION_TOKENS:  # a rarely routed MoE expert: a Hessian of a few tokens misleads
             for n in names:
                 self.notes[n] = f"only {count} calibration tokens"

@@ -90,6 +90,32 @@ class InputStats:
             self._gram /= s[:, None] * s[None, :]  # the mirrored and the pending blocks alike
 
 
+class PairedStats(InputStats):
+    """Statistics of an input seen in two models at once, chunk by chunk: x~ in the model being quantized (its
+    upstream already quantized) and x in the float model (asymmetric calibration, GPTAQ). The Gram matrix is
+    x~'s; `cross` = mean_t (x_t - x~_t) x~_t^T (K x K, float32)."""
+
+    def __init__(self, columns: int):
+        super().__init__(columns, gram=True, channel_stats=False)
+        self.cross = torch.zeros(columns, columns, dtype=torch.float32)
+
+    def add_pair(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """A chunk of x~ and the same tokens' x."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if n == 0:
+            return
+        delta = target.reshape(-1, target.shape[-1]).float() - x
+        self.cross.mul_(self.count / (self.count + n)).addmm_(delta.T, x, alpha=1.0 / (self.count + n))
+        self.add(x)
+
+    def combine(self, sum_, max_) -> None:
+        self.cross.mul_(self.count)
+        sum_([self.cross])
+        super().combine(sum_, max_)
+        self.cross.div_(max(self.count, 1))
+
+
 class HessianAccumulator(InputStats):
     """GPTQ's statistics: the Gram matrix alone."""
 

@@ -32,17 +32,24 @@ class BlockRun:
     chunk: int = 0
     replays: dict[str, tuple] = field(default_factory=dict)  # module -> (its final linear, cached inputs, length)
     outputs_ready: bool = False
+    # for a quantizer needing FLOAT_AND_QUANTIZED_INPUTS (GPTAQ): the float model's inputs of this block (held
+    # chunks, the same windows as `inputs`), and a float copy of the block made before any stage is quantized
+    float_inputs: list | None = None
+    float_block: nn.Module | None = None
 
     # -- passes over the block --------------------------------------------------------------------------
-    def run_pass(self, hooks=(), keep_outputs: bool = False) -> None:
+    def run_pass(self, hooks=(), keep_outputs: bool = False, before=None) -> None:
         """Run the block over every calibration chunk for its hooks' sake (a hook may stop the forward early by
         raising StopForward). With keep_outputs each chunk is replaced by the block's output, the next block's
-        inputs, as soon as it exists (one copy of the activations held, not two). `hooks` are removed after."""
+        inputs, as soon as it exists (one copy of the activations held, not two). `before(k)` runs before chunk
+        k's forward. `hooks` are removed after."""
         try:
             place = self.engine.placement
             with torch.no_grad(), replaying(self.block, self.replays, lambda: self.chunk):
                 for k, (held, kwargs) in enumerate(self.inputs):
                     self.chunk = k
+                    if before is not None:
+                        before(k)
                     try:
                         out = self.block(place.fetch(held), **kwargs)
                     except StopForward:
@@ -111,9 +118,17 @@ class BlockRun:
         first linear). With `stop_at` (a stage's first linear), each forward stops right there, since nothing
         later is needed yet, and the input is also appended to `cache` when one is given."""
         quantizer = self.engine.quantizer
+        targets: dict[tuple, torch.Tensor] = {}  # the float model's input of each stage, for the current chunk
 
         def seen(names, x):
-            quantizer.observe(names, x.reshape(-1, x.shape[-1]))
+            if self.float_block is not None:
+                # token for token only where both are the block's token grid: a MoE expert's input holds the
+                # tokens routed to it, which differ between the float and the quantized model (then: None)
+                t = targets.pop(names)
+                aligned = t.shape == x.shape and x.dim() >= 3
+                quantizer.observe(names, x.reshape(-1, x.shape[-1]), t.reshape(-1, x.shape[-1]) if aligned else None)
+            else:
+                quantizer.observe(names, x.reshape(-1, x.shape[-1]))
             if names[0] == stop_at:
                 if cache is not None:
                     cache.append(cached_input(x))
@@ -121,8 +136,42 @@ class BlockRun:
 
         hooks = [self.linears[st[0]].register_forward_pre_hook(lambda m, a, names=tuple(st): seen(names, a[0]))
                  for st in stages]
-        self.run_pass(hooks, keep_outputs=self.engine.float_next and stop_at is None)
+        before = self._float_stage_inputs(stages, targets) if self.float_block is not None else None
+        self.run_pass(hooks, keep_outputs=self.engine.float_next and stop_at is None, before=before)
         self._combine_observed(stages)
+
+    def _float_stage_inputs(self, stages: list[list[str]], targets: dict):
+        """before(k) for run_pass: the float copy of the block run on chunk k of the float model's inputs, up to
+        the last of these stages, keeping each stage's input in `targets`."""
+        place, rel = self.engine.placement, len(self.prefix)
+        last = tuple(stages[-1])
+
+        def keep(names, x):
+            targets[names] = x
+            if names == last:
+                raise StopForward
+
+        def before(k: int) -> None:
+            hooks = [self.float_block.get_submodule(st[0][rel:]).register_forward_pre_hook(
+                lambda m, a, names=tuple(st): keep(names, a[0])) for st in stages]
+            try:
+                self.float_block(place.fetch(self.float_inputs[k][0]), **self.inputs[k][1])
+            except StopForward:
+                pass
+            finally:
+                for h in hooks:
+                    h.remove()
+
+        return before
+
+    def advance_float(self) -> None:
+        """Replace the float model's inputs by the float block's outputs (the next block's), and drop the copy."""
+        place = self.engine.placement
+        with torch.no_grad():
+            for k, (held, _) in enumerate(self.float_inputs):
+                out = self.float_block(place.fetch(held), **self.inputs[k][1])
+                self.float_inputs[k] = (place.replace(held, out[0] if isinstance(out, tuple) else out), None)
+        self.float_block = None
 
     def _combine_observed(self, stages: list[list[str]]) -> None:
         """With several processes, the quantizer's statistics of these stages summed over every process's share

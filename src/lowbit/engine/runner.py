@@ -11,6 +11,7 @@ from the calibration windows. A chain that needs no calibration (RTN, weight-onl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
@@ -80,6 +81,10 @@ class Engine:
         # the keyword arguments each block receives, per calibration batch (masks and rotary embeddings differ
         # between attention types); None: every block gets block 0's
         self.block_kwargs: list[list[dict]] | None = None
+        # a quantizer that needs each linear's input in the float model too (GPTAQ): the float model's
+        # activations, propagated block by block beside the quantized ones (twice the activation memory)
+        self.paired = FLOAT_AND_QUANTIZED_INPUTS in self.quantizer.needs
+        self.float_inputs: list | None = None
         if propagate not in PROPAGATE:
             raise LowbitError(f"unknown propagation {propagate!r}; use one of {', '.join(PROPAGATE)}")
         # "float": the next block's inputs are this block's outputs before quantization, taken from the
@@ -128,6 +133,7 @@ class Engine:
                             weight_err=f"{sum(errors) / max(len(errors), 1):.4f}")
         bar.close()
         self.placement.drop(inputs)
+        self.placement.drop(self.float_inputs)
         if self.ranks.distributed:
             self.report.ranks = {"peak_rss_bytes": self.ranks.gather(peak_rss_bytes()),
                                  "collective_bytes": self.ranks.gather(self.ranks.sent_bytes)}
@@ -190,14 +196,18 @@ class Engine:
         linears = self._planned(block, prefix)
         ranges, out_ranges = {}, {}  # calibrated activation ranges (static inputs, KV cache) per linear
         if inputs is not None:
-            run = BlockRun(self, block, prefix, linears, inputs)
+            run = BlockRun(self, block, prefix, linears, inputs, float_inputs=self.float_inputs)
             if (self.transforms or self.quantizer.needs_calibration) and linears:
                 self._calibrate(run)
+            if run.float_inputs is not None and run.float_block is None:
+                run.float_block = copy.deepcopy(block)  # nothing calibrated: the float block is this one, as is
             self._quantize_modules(block, prefix)  # whatever calibration did not reach
             if not run.outputs_ready and (not last or self.static_inputs):
                 ranges, out_ranges = run.advance(
                     {n: s for n in linears if (s := self.plan[n].input_spec) is not None and not s.dynamic},
                     {n: s for n in linears if (s := self.plan[n].output_spec) is not None})
+            if run.float_inputs is not None and not last:
+                run.advance_float()  # the float model's inputs of the next block
             inputs = run.inputs
         else:
             self._quantize_modules(block, prefix)
@@ -211,6 +221,8 @@ class Engine:
         stats = None
         if self.transforms and run.stages.groups:
             stats = run.transform(self._fold_map(run), keep_outputs=self.float_next)
+        if run.float_inputs is not None:  # the float model's block: after the transforms' (exact) folds, before
+            run.float_block = copy.deepcopy(run.block)  # any weight is quantized
         if self.quantizer.needs_calibration and run.stages.groups:
             run.calibrate_and_quantize(stats)
 
@@ -245,6 +257,9 @@ class Engine:
         batches = [self.placement.tokens(b) for b in self.ranks.shard(self.calibration).split(self.batch_size)]
         with self.placement.scope():
             captured = capture_block_inputs(model, layout.blocks[0], batches, self.placement.activations)
+            if self.paired:  # the float model's inputs of block 0: the same
+                self.float_inputs = [(self.placement.activations(self.placement.fetch(held).clone()), None)
+                                     for held, _ in captured]
             if len(layout.blocks) > 1:
                 self.block_kwargs = self._record_block_kwargs(batches, captured)
         if not self.keep:
@@ -436,10 +451,13 @@ class Engine:
             loaded.materialize("")  # tied weights that stayed tied share their source again
 
 
-def check_needs(chain: list[Algorithm]) -> None:
-    """Refuse, before any work, an algorithm needing what the engine (and the ONNX quantizer, which serves
-    input statistics only) does not serve yet."""
+def check_needs(chain: list[Algorithm], onnx: bool = False) -> None:
+    """Refuse, before any work, an algorithm needing what the engine does not serve yet (the ONNX quantizer,
+    `onnx`, serves input statistics only)."""
+    unserved = {FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD} if onnx else {BLOCK_FORWARD}
     for a in chain:
-        missing = a.needs & {FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD}
+        missing = a.needs & unserved
         if missing:
-            raise LowbitError(f"{a.name} needs {', '.join(sorted(missing))}, which this engine does not provide yet")
+            where = "the ONNX front end" if onnx else "this engine"
+            raise LowbitError(f"{a.name} needs {', '.join(sorted(missing))}, which {where} does not provide yet"
+                              f"{'; quantize the Hugging Face model instead' if onnx else ''}")

@@ -64,7 +64,7 @@ def onnx_job(model, output, recipe: Recipe, options: OnnxOptions | None = None, 
     decoder = OnnxDecoder(model)  # the source's refusals come first
     check_output(Path(output), overwrite, [decoder.folder])
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
-    check_needs(chain)
+    check_needs(chain, onnx=True)
     from .static_int8 import static_int8_applies
 
     if static_int8_applies(recipe, chain):  # weights and activations: static int8 QDQ (static_int8.py)

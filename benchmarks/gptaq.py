@@ -1,10 +1,12 @@
-"""GPTAQ (asymmetric calibration) against GPTQ on one model: one-pass GPTQ (lowbit's default, float propagation),
-true-sequential GPTQ with quantized propagation (the same passes GPTAQ makes), and GPTAQ, each at the same
-scheme and calibration windows; perplexity of the written folders on the evaluation text, and quantization time.
+"""GPTAQ and Qronos (asymmetric calibration) against GPTQ on one model: one-pass GPTQ (lowbit's default, float
+propagation), true-sequential GPTQ with quantized propagation (the same passes GPTAQ and Qronos make), GPTAQ and
+Qronos, each at the same scheme and calibration windows; perplexity of the written folders on the evaluation
+text, and quantization time.
 
     python benchmarks/gptaq.py [--model demo] [--scheme w_uint3_per_group_asym] [--group-size 64]
                                [--num-calib-data 16] [--seq-len 512] [--eval-chunks 16] [--dataset pydoc]
-                               [--alphas 0.25] [--work /tmp/lowbit-gptaq]
+                               [--alphas 0.25] [--qronos-damps 1e-6] [--runs gptq,gptq-seq,gptaq,qronos]
+                               [--work /tmp/lowbit-gptaq]
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     p.add_argument("--eval-chunks", type=int, default=16)
     p.add_argument("--dataset", default="pydoc")
     p.add_argument("--alphas", default="0.25")
+    p.add_argument("--qronos-damps", default="1e-6")
+    p.add_argument("--runs", default="gptq,gptq-seq,gptaq,qronos")
     p.add_argument("--work", type=Path, default=Path("/tmp/lowbit-gptaq"))
     args = p.parse_args()
     from lowbit.api import evaluate, quantize
@@ -36,17 +40,22 @@ def main() -> None:
         return evaluate(model, dataset=args.dataset, seq_len=512, max_chunks=args.eval_chunks,
                         progress=False)["perplexity"]
 
-    runs = [("gptq (one pass, float propagation)", "gptq", {}),
-            ("gptq (true-sequential, quantized propagation)", "gptq",
-             {"algo_args": ["gptq:true_sequential=true"], "propagate": "quantized"})]
-    runs += [(f"gptaq alpha={a}", "gptaq", {"algo_args": [f"gptaq:alpha={a}"]}) for a in args.alphas.split(",")]
+    wanted = args.runs.split(",")
+    runs = [("gptq (one pass, float propagation)", "gptq", {})] if "gptq" in wanted else []
+    if "gptq-seq" in wanted:
+        runs.append(("gptq (true-sequential, quantized propagation)", "gptq",
+                     {"algo_args": ["gptq:true_sequential=true"], "propagate": "quantized"}))
+    if "gptaq" in wanted:
+        runs += [(f"gptaq alpha={a}", "gptaq", {"algo_args": [f"gptaq:alpha={a}"]}) for a in args.alphas.split(",")]
+    if "qronos" in wanted:
+        runs += [(f"qronos damp={d}", "qronos", {"algo_args": [f"qronos:damp={d}"]}) for d in args.qronos_damps.split(",")]
     rows = {"float": {"perplexity": ppl(args.model)}}
     print(f"float: {rows['float']['perplexity']:.4f}", flush=True)
     for k, (label, algo, extra) in enumerate(runs):
         start = time.perf_counter()
-        out = quantize(args.model, args.work / f"run{k}", scheme=args.scheme, group_size=args.group_size,
-                       algo=algo, num_calib_data=args.num_calib_data, seq_len=args.seq_len, progress=False,
-                       quiet=True, overwrite=True, **extra)
+        out = quantize(args.model, args.work / f"{label.split()[0]}{k}", scheme=args.scheme,
+                       group_size=args.group_size, algo=algo, num_calib_data=args.num_calib_data,
+                       seq_len=args.seq_len, progress=False, quiet=True, overwrite=True, **extra)
         seconds = time.perf_counter() - start
         rows[label] = {"perplexity": ppl(out.output), "seconds": round(seconds, 1)}
         print(f"{label}: {rows[label]['perplexity']:.4f} in {seconds:.0f} s", flush=True)

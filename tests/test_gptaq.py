@@ -110,3 +110,38 @@ def test_gptaq_after_awq_and_refusals(tiny_models, onnx_tiny, tmp_path):
     with pytest.raises(LowbitError, match="ONNX front end"):
         quantize(onnx_tiny["gqa"][1], tmp_path / "o", algo="gptaq", onnx_options=OnnxOptions(), **CAL)
     assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+
+
+def test_qronos_without_asymmetry_is_gptq():
+    """Equal inputs: Qronos's least-squares steps are GPTQ's first step, so its codes are GPTQ's (with the same
+    damping) up to float rounding."""
+    from lowbit.algorithms.qronos import largest_eigenvalue, qronos_quantize
+
+    W, X, _ = problem()
+    acc = paired(X, X)
+    H = acc.H
+    qt, _ = qronos_quantize(W, H, 2 * (acc.cross + acc.gram), SPEC, damp=1e-3)
+    ref, _ = gptq_quantize(W, H, SPEC, damp=1e-3 * largest_eigenvalue(H) / float(H.diagonal().mean()))
+    assert (qt.codes != ref.codes).float().mean() < 0.01
+
+
+def test_qronos_closer_to_the_float_output():
+    from lowbit.algorithms.qronos import qronos_quantize
+
+    for seed in range(4):
+        W, X, Xq = problem(seed=seed)
+        acc = paired(X, Xq)
+        plain, _ = gptq_quantize(W, acc.H, SPEC)
+        qronos, _ = qronos_quantize(W, acc.H, 2 * (acc.cross + acc.gram), SPEC)
+
+        def err(qt):
+            return ((Xq @ qt.dequantize().T - X @ W.T) ** 2).mean().item()
+
+        assert err(qronos) < err(plain)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_qronos_on_families(tiny_models, tmp_path, arch):
+    out = quantize(tiny_models[arch], tmp_path / "out", algo="qronos", **CAL)
+    assert all(0 < e < 1 for e in out.summary["layer_errors"].values())
+    assert not any("damping" in n or "RTN" in n for n in out.summary["layer_notes"].values())

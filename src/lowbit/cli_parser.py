@@ -118,7 +118,8 @@ def _add_quantize_parser(sub) -> None:
     _add_recipe_args(q, required=False)
     q.add_argument("--algo", default="rtn",
                    help="algorithm chain, comma-separated: at most one scaling step (awq or smoothquant) then at most "
-                        "one quantizer (rtn or gptq, rtn if none), e.g. awq, gptq, awq,gptq, smoothquant,gptq "
+                        "one quantizer (rtn, gptq, gptaq or qronos; rtn if none), e.g. awq, gptq, awq,gptq, gptaq, "
+                        "smoothquant,gptq "
                         "[default: rtn]")
     q.add_argument("--algo-arg", "--algo_arg", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="an algorithm option, e.g. gptq:damp=0.05, gptq:act_order=false, awq:clip=false, "

@@ -42,29 +42,44 @@ def _per_column(params: torch.Tensor, group_of_col: torch.Tensor, rows: int) -> 
     return params[:, group_of_col].expand(rows, -1).float()
 
 
+def prepared(weight: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 copies of a weight and its Hessian with dead inputs (never nonzero) neutralised: their columns
+    zeroed, their diagonal 1. Returns (W, H, dead)."""
+    W, H = weight.float().clone(), H.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H, dead
+
+
+def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """The order columns are quantized in: by decreasing Hessian diagonal (act-order), else as stored."""
+    return torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(H.shape[0])
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = True, clip: torch.Tensor | None = None,
-                  cross: torch.Tensor | None = None, alpha: float = 0.25) -> tuple[Quantized, float]:
+                  cross: torch.Tensor | None = None, alpha: float = 0.25,
+                  qparams: tuple | None = None) -> tuple[Quantized, float]:
     """GPTQ of weight (N, K) with input Hessian H (K, K); `clip` shrinks each block's range (as RTN's).
     With `cross` = 2/n sum (x - x~) x~^T (x~ the input H is made of, x the float model's), GPTAQ's asymmetric
     calibration: each column's update also moves the later columns towards the float model's output,
     through P = alpha * triu1(cross U^T) U (U: the upper Cholesky factor of H^-1; alpha scales the term).
+    `qparams` = (scale, zero, tensor scale) fixes the grid (static groups) instead of computing it from the weight.
     Returns the quantized weight and the damping used."""
-    W = weight.float().clone()
+    W, H, dead = prepared(weight, H)
     N, K = W.shape
-    H = H.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     if cross is not None:
         cross = cross.float().clone()
         cross[:, dead] = 0
 
     group = spec.block_shape(N, K)[1]  # columns sharing one scale (MX6/MX9: a sub-block)
     n_groups = -(-K // group)
-    static = act_order or spec.granularity != "group" or spec.subblock_size > 0
-    t = tensor_scale(W, spec)  # two-level specs: one tensor scale for every group, however they are made
-    if static:
+    static = qparams is not None or act_order or spec.granularity != "group" or spec.subblock_size > 0
+    t = tensor_scale(W, spec) if qparams is None else qparams[2]  # two-level specs: one for every group
+    if qparams is not None:
+        scale, zero = qparams[0], qparams[1]
+    elif static:
         scale, zero = compute_qparams(W, spec, clip, t)
     else:
         scale = torch.ones(N, n_groups)
@@ -73,7 +88,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
         block_size = group * max(1, block_size // group)
     column_spec = None if static else spec.with_changes(granularity="channel", group_size=None)
 
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K)
+    perm = column_order(H, act_order)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, used = inverse_cholesky(H, damp)
     P = alpha * torch.triu(cross[perm][:, perm] @ Hinv.T, diagonal=1) @ Hinv if cross is not None else None
@@ -152,8 +167,12 @@ class GPTQ(Quantizer):
     _solver_args: dict = {}
 
     def solver_args(self, acc) -> dict:
-        """Further arguments of gptq_quantize from a group's statistics (none for GPTQ)."""
+        """Further arguments of solve() from a group's statistics (none for GPTQ)."""
         return {}
+
+    def solve(self, weight, H, spec: QuantSpec, clip, **extra) -> tuple[Quantized, float]:
+        """One weight's codes from its Hessian: gptq_quantize (subclasses solve otherwise)."""
+        return gptq_quantize(weight, H, spec, self.block_size, self.damp, self.act_order, clip, **extra)
 
     def take_stats(self, names: tuple[str, ...], stats) -> bool:
         if stats.gram is None or self.true_sequential:
@@ -169,8 +188,7 @@ class GPTQ(Quantizer):
         if clip is None and self.clip and (self.act_order or spec.granularity != "group"):
             clip = search_clip(weight, spec, H / 2)  # static groups: ranges chosen for the output error
         try:
-            qt, used = gptq_quantize(weight, H, spec, self.block_size, self.damp, self.act_order, clip,
-                                     **self._solver_args)
+            qt, used = self.solve(weight, H, spec, clip, **self._solver_args)
         except torch.linalg.LinAlgError as exc:
             for n in names:
                 self.notes[n] = f"{exc}: RTN"

@@ -57,6 +57,19 @@ def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
     return torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(H.shape[0])
 
 
+def _grid(W: torch.Tensor, spec: QuantSpec, clip, static: bool) -> tuple:
+    """(scale, zero, tensor scale) of a weight about to be quantized: from the whole weight for static groups;
+    else placeholders, each group's filled in when GPTQ reaches it (from the weights updated so far)."""
+    t = tensor_scale(W, spec)  # two-level specs: one tensor scale for every group, however they are made
+    if static:
+        return (*compute_qparams(W, spec, clip, t), t)
+    N, K = W.shape
+    n_groups = -(-K // spec.block_shape(N, K)[1])
+    zero = None if not spec.plain_int or (spec.symmetric and spec.signed) else \
+        torch.zeros(N, n_groups, dtype=torch.int32)
+    return torch.ones(N, n_groups), zero, t
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = True, clip: torch.Tensor | None = None,
                   cross: torch.Tensor | None = None, alpha: float = 0.25,
@@ -74,17 +87,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
         cross[:, dead] = 0
 
     group = spec.block_shape(N, K)[1]  # columns sharing one scale (MX6/MX9: a sub-block)
-    n_groups = -(-K // group)
     static = qparams is not None or act_order or spec.granularity != "group" or spec.subblock_size > 0
-    t = tensor_scale(W, spec) if qparams is None else qparams[2]  # two-level specs: one for every group
-    if qparams is not None:
-        scale, zero = qparams[0], qparams[1]
-    elif static:
-        scale, zero = compute_qparams(W, spec, clip, t)
-    else:
-        scale = torch.ones(N, n_groups)
-        zero = None if not spec.plain_int or (spec.symmetric and spec.signed) else \
-            torch.zeros(N, n_groups, dtype=torch.int32)
+    scale, zero, t = qparams if qparams is not None else _grid(W, spec, clip, static)
+    if not static:
         block_size = group * max(1, block_size // group)
     column_spec = None if static else spec.with_changes(granularity="channel", group_size=None)
 

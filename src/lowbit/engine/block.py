@@ -124,8 +124,8 @@ class BlockRun:
             if self.float_block is not None:
                 # token for token only where both are the block's token grid: a MoE expert's input holds the
                 # tokens routed to it, which differ between the float and the quantized model (then: None)
-                t = targets.pop(names)
-                aligned = t.shape == x.shape and x.dim() >= 3
+                t = targets.pop(names, None)  # None: the float model routed no token here
+                aligned = t is not None and t.shape == x.shape and x.dim() >= 3
                 quantizer.observe(names, x.reshape(-1, x.shape[-1]), t.reshape(-1, x.shape[-1]) if aligned else None)
             else:
                 quantizer.observe(names, x.reshape(-1, x.shape[-1]))
@@ -152,6 +152,7 @@ class BlockRun:
                 raise StopForward
 
         def before(k: int) -> None:
+            targets.clear()  # nothing of an earlier chunk
             hooks = [self.float_block.get_submodule(st[0][rel:]).register_forward_pre_hook(
                 lambda m, a, names=tuple(st): keep(names, a[0])) for st in stages]
             try:

@@ -54,7 +54,8 @@ def interrupt_at(monkeypatch, block: int) -> None:
 @pytest.mark.parametrize("algo,scheme", [("rtn", "w_uint4_per_group_asym"), ("gptq", "w_uint4_per_group_asym"),
                                          ("awq", "w_int4_per_group_sym"),
                                          ("smoothquant", "w_int8_a_int8_per_tensor_sym"),
-                                         ("rotation,gptq", "w_int4_per_channel_sym")])
+                                         ("rotation,gptq", "w_int4_per_channel_sym"),
+                                         ("gptaq", "w_uint4_per_group_asym")])  # two activation streams
 def test_resumed_run_writes_the_same_bytes(deep_bf16, tmp_path, monkeypatch, algo, scheme):
     CAL = globals()["CAL"] if "group" in scheme else WHOLE
     whole = quantize(deep_bf16, tmp_path / "whole", scheme=scheme, algo=algo, **CAL)

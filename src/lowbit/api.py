@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import pipeline
-from .algorithms import FLOAT_AND_QUANTIZED_INPUTS, parse_algo_args, parse_chain
+from .algorithms import parse_algo_args, parse_chain
 from .arch import check_seq_len, describe, linear_modules, parameter_count
 from .data import check_count, eval_windows, load_text, tokenize
 from .engine import check_needs
@@ -127,10 +127,6 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     if resume and (output is None or keep_in_memory):
         raise LowbitError("resume continues a run that writes an output folder (-o OUT); it cannot keep the model "
                           "in memory")
-    if resume and any(FLOAT_AND_QUANTIZED_INPUTS in a.needs for a in parse_chain(
-            [a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})):
-        raise LowbitError("--resume does not checkpoint the float model's activations gptaq also needs yet; run "
-                          "gptaq without --resume")
     placement = _placement(device, calib_dtype, offload_dir, ranks)
     if not ranks.is_writer:  # another rank writes, exports and evaluates; this one calibrates and solves its share
         output, export, evaluate_after, keep_in_memory, progress, quiet = None, None, False, False, False, True

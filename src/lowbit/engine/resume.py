@@ -5,7 +5,7 @@ After block k-1 is finished the checkpoint holds, in the staging folder's RESUME
 - the sink's snapshot (the packed tensors of blocks 0..k-1 are already in the output's shard files, flushed
   and fsynced; the snapshot records where each shard ends, so what a killed run wrote of block k is cut off);
 - `inputs-k/`: the calibration activations entering block k, one file per calibration batch (none for a chain
-  without calibration);
+  without calibration), and in `inputs-k/float/` the float model's, for a quantizer that needs both (GPTAQ);
 - state.json: the fingerprint of the run, k, the engine's report so far and the files above.
 Each file is written under a temporary name, fsynced and renamed, state.json last, and the previous block's
 inputs are removed only after it: a kill at any moment leaves a complete earlier checkpoint.
@@ -66,20 +66,23 @@ class Checkpoint:
                               f"interrupted run's; rerun its command unchanged, or delete {self.folder} to start over")
         return state
 
-    def inputs(self, state: dict, placement) -> list | None:
-        """The saved inputs of the next block, held as the engine holds activations (placement)."""
+    def inputs(self, state: dict, placement, stream: str = "") -> list | None:
+        """The saved inputs of the next block, held as the engine holds activations (placement); `stream`
+        "float": the float model's."""
         if state.get("inputs") is None:
             return None
         folder, count = self.dir / state["inputs"], state["chunks"]
         if isinstance(count, list):  # several processes: each its own share
             folder, count = folder / f"rank-{placement.ranks.rank}", count[placement.ranks.rank]
+        folder = folder / stream if stream else folder
         chunks = []
         for j in range(count):
             hidden, kwargs = torch.load(folder / f"{j}.pt", map_location="cpu", weights_only=True)
             chunks.append((placement.activations(hidden.to(placement.dtype)), moved(kwargs, placement.device)))
         return chunks
 
-    def save(self, done: int, engine_state: dict, sink_state: dict, inputs: list | None, placement) -> None:
+    def save(self, done: int, engine_state: dict, sink_state: dict, inputs: list | None, placement,
+             float_inputs: list | None = None) -> None:
         """Record that blocks 0..done-1 are finished (their tensors already handed to the sink) and the inputs
         of block `done`. With several processes each saves its own share of the inputs (`inputs-k/rank-R/`) and
         rank 0, once every share is saved, the state."""
@@ -94,6 +97,11 @@ class Checkpoint:
             for j, (held, kwargs) in enumerate(inputs):
                 chunk = (placement.fetch(held).cpu(), moved(kwargs, "cpu"))
                 _write(folder / f"{j}.pt", lambda p, c=chunk: torch.save(c, p))
+            if float_inputs is not None:  # the same windows in the float model (kwargs: the chunks' above)
+                (folder / "float").mkdir()
+                for j, (held, _) in enumerate(float_inputs):
+                    chunk = (placement.fetch(held).cpu(), None)
+                    _write(folder / "float" / f"{j}.pt", lambda p, c=chunk: torch.save(c, p))
         counts = ranks.gather(len(inputs) if inputs is not None else 0)  # also: every share is on disk now
         if not ranks.is_writer:
             return

@@ -118,6 +118,7 @@ class Engine:
         inputs = self._capture_block0_inputs() if self.needs_calibration else None
         if state is not None:
             self.placement.drop(inputs)
+            self.placement.drop(self.float_inputs)
             inputs = self._restore(state)
         bar = tqdm(range(self.resumed_at, len(blocks)), desc="quantizing blocks", unit="block", file=sys.stderr,
                    disable=not self.progress or not self.ranks.is_writer, dynamic_ncols=True,
@@ -127,7 +128,8 @@ class Engine:
             inputs = self._run_block(i, inputs, last=i + 1 == len(blocks))
             self.report.block_seconds.append(time.perf_counter() - start)
             if self.checkpoint is not None and i + 1 < len(blocks):
-                self.checkpoint.save(i + 1, self._state(), self.sink.snapshot(), inputs, self.placement)
+                self.checkpoint.save(i + 1, self._state(), self.sink.snapshot(), inputs, self.placement,
+                                     self.float_inputs)
             errors = [r.relative_error for r in self.report.layers[first_layer:]]
             bar.set_postfix(block_s=f"{self.report.block_seconds[-1]:.2f}",
                             weight_err=f"{sum(errors) / max(len(errors), 1):.4f}")
@@ -167,6 +169,8 @@ class Engine:
         if self.ranks.is_writer:
             print(f"resuming: blocks 0-{self.resumed_at - 1} of {len(self.loaded.layout.blocks)} were finished by "
                   f"the interrupted run", file=sys.stderr, flush=True)
+        if self.paired:
+            self.float_inputs = self.checkpoint.inputs(state, self.placement, stream="float")
         return self.checkpoint.inputs(state, self.placement)
 
     def _check_same_checkpoint(self, state) -> None:

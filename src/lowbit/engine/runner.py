@@ -364,26 +364,29 @@ class Engine:
             rows = sum(linears[n].out_features for n in names)
             return rows * k * k + k ** 3 if calibrated else rows * k
 
-        results = self.ranks.share(jobs, [cost(j) for j in jobs], solve)
+        device = self.placement.device
+        results = self.share(jobs, [cost(j) for j in jobs], solve,
+                             send=lambda r: ([qt.compact() for qt in r[0]], r[1]),  # codes one byte each
+                             receive=lambda r: ([qt.widened(device) for qt in r[0]], r[1]))
         for names, (qts, notes) in zip(jobs, results):
             self.quantizer.statistics().pop(tuple(names), None)  # solved elsewhere: no longer needed here
             self.quantizer.notes.update(notes)
             for name, qt in zip(names, qts):
-                self._record(name, linears[name], qt.widened(self.placement.device) if self.ranks.distributed else qt)
+                self._record(name, linears[name], qt)
 
-    def share(self, jobs: list, costs: list, solve) -> list:
+    def share(self, jobs: list, costs: list, solve, send=None, receive=None) -> list:
         """solve(job) for every job; with several processes each job on one of them (parallel.Ranks.share), its
-        result (tensors, tuples and dicts of them) sent through the host and returned on the device."""
+        result sent through the host (`send`: by default tensors, tuples and dicts of them moved there) and
+        made usable here (`receive`: by default moved to the device)."""
         if not self.ranks.distributed:
             return [solve(job) for job in jobs]
-        results = self.ranks.share(jobs, costs, lambda job: moved(solve(job), "cpu"))
-        return [moved(r, self.placement.device) for r in results]
+        send = send or (lambda r: moved(r, "cpu"))
+        receive = receive or (lambda r: moved(r, self.placement.device))
+        return [receive(r) for r in self.ranks.share(jobs, costs, lambda job: send(solve(job)))]
 
     def _shareable(self, names, qts: list[Quantized]) -> tuple[list[Quantized], dict]:
-        """A solve's result as shared with the other processes: the quantized weights (on the host, codes in one
-        byte each, when there are others) and the quantizer's notes on them."""
-        if self.ranks.distributed:
-            qts = [qt.compact() for qt in qts]
+        """A solve's result: the quantized weights and the quantizer's notes on them (which travel with them to
+        the other processes)."""
         return qts, {n: self.quantizer.notes[n] for n in names if n in self.quantizer.notes}
 
     def _quantize_linear(self, name: str, module: nn.Linear) -> None:

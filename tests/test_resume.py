@@ -55,9 +55,12 @@ def interrupt_at(monkeypatch, block: int) -> None:
                                          ("awq", "w_int4_per_group_sym"),
                                          ("smoothquant", "w_int8_a_int8_per_tensor_sym"),
                                          ("rotation,gptq", "w_int4_per_channel_sym"),
-                                         ("gptaq", "w_uint4_per_group_asym")])  # two activation streams
+                                         ("gptaq", "w_uint4_per_group_asym"),  # two activation streams
+                                         ("autoround", "w_uint4_per_group_asym")])  # seeded per block
 def test_resumed_run_writes_the_same_bytes(deep_bf16, tmp_path, monkeypatch, algo, scheme):
     CAL = globals()["CAL"] if "group" in scheme else WHOLE
+    if algo == "autoround":
+        CAL = {**CAL, "algo_args": {"autoround": {"iters": 10}}}
     whole = quantize(deep_bf16, tmp_path / "whole", scheme=scheme, algo=algo, **CAL)
     out = tmp_path / "out"
     with monkeypatch.context() as m:

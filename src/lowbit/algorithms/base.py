@@ -102,6 +102,11 @@ class Quantizer(Algorithm):
         range, as chosen by a clipping search."""
         raise NotImplementedError
 
+    def optimise_block(self, problem) -> list[Quantized]:
+        """A quantizer needing BLOCK_FORWARD (AutoRound): the quantized weights of a block's linears, learned
+        from the block's output (engine.block.BlockProblem), in the order of problem.names."""
+        raise NotImplementedError
+
     def quantize_group(self, names: tuple[str, ...], weights: list, specs: list[QuantSpec],
                        clips: list | None = None) -> list[Quantized]:
         """Quantize linears that share an input; by default one at a time."""

@@ -13,7 +13,7 @@ from torch import nn
 from ..algorithms import InputStats
 from ..arch.folding import divide_output, multiply_inputs
 from ..errors import LowbitError
-from ..hf.capture import StopForward, first_window
+from ..hf.capture import StopForward, first_window, select_rows
 from .replay import cached_input, replaying
 from .stages import Stages, find_stages
 from .step import InputGroup, scale_and_clip
@@ -36,6 +36,7 @@ class BlockRun:
     # chunks, the same windows as `inputs`), and a float copy of the block made before any stage is quantized
     float_inputs: list | None = None
     float_block: nn.Module | None = None
+    float_advanced: bool = False  # float_inputs already hold the float block's outputs (the next block's)
 
     # -- passes over the block --------------------------------------------------------------------------
     def run_pass(self, hooks=(), keep_outputs: bool = False, before=None) -> None:
@@ -173,6 +174,58 @@ class BlockRun:
                 out = self.float_block(place.fetch(held), **self.inputs[k][1])
                 self.float_inputs[k] = (place.replace(held, out[0] if isinstance(out, tuple) else out), None)
         self.float_block = None
+        self.float_advanced = True
+
+    # -- a quantizer optimising the block's output (AutoRound) ------------------------------------------
+    def optimise(self) -> None:
+        """BLOCK_FORWARD: the quantizer learns the rounding of every linear of the block from the block's output
+        error (BlockProblem), against the float block's output on the float model's inputs."""
+        e = self.engine
+        # the inputs learned on: the block's inputs in the quantized model, with every upstream block quantized
+        # (the alternative, the previous block quantized applied to its float inputs, carrying one block's error
+        # instead of every upstream block's, measured worse: docs/BENCHMARKS.md)
+        train = self.inputs
+        self.advance_float()  # the targets: the float block's outputs, which are also the next block's float inputs
+        names = [n for n in self.linears if n not in e.quantized]
+        problem = BlockProblem(names, {n: self.linears[n].weight.detach() for n in names},
+                               {n: e.plan[n].spec for n in names}, {n: e.clips[n] for n in names if n in e.clips},
+                               [(k, r) for k, (held, _) in enumerate(train) for r in range(held.shape[0])],
+                               self._window_loss(names, train),
+                               e.placement.ranks.sum_ if e.placement.ranks.distributed else None)
+        frozen = [(p, p.requires_grad) for p in self.block.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)  # gradients for the learned rounding only
+        try:
+            qts = e.quantizer.optimise_block(problem)
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        for name, qt in zip(names, qts):
+            e._record(name, self.linears[name], qt)
+
+    def _window_loss(self, names: list[str], inputs: list):
+        """loss(weights, windows): the mean squared error of the block's output with these weights (by linear
+        name) in place of its own, on these (chunk, row) calibration windows, against the float block's output."""
+        place, rel = self.engine.placement, {n: n[len(self.prefix):] + ".weight" for n in names}
+
+        def loss(weights: dict, windows: list[tuple[int, int]]) -> torch.Tensor:
+            by_chunk: dict[int, list[int]] = {}
+            for k, r in windows:
+                by_chunk.setdefault(k, []).append(r)
+            params = {rel[n]: w.to(self.linears[n].weight.dtype) for n, w in weights.items()}
+            total = 0.0
+            for k, rows in by_chunk.items():
+                held, kwargs = inputs[k]
+                x = place.fetch(held)
+                index = torch.tensor(rows, device=x.device)
+                out = torch.func.functional_call(self.block, params, (x.index_select(0, index),),
+                                                 select_rows(kwargs, rows, x.shape[0]))
+                out = out[0] if isinstance(out, tuple) else out
+                target = place.fetch(self.float_inputs[k][0]).index_select(0, index)
+                total = total + (out.float() - target.float()).pow(2).mean() * len(rows)
+            return total / len(windows)
+
+        return loss
 
     def _combine_observed(self, stages: list[list[str]]) -> None:
         """With several processes, the quantizer's statistics of these stages summed over every process's share
@@ -228,6 +281,21 @@ class BlockRun:
         self.run_pass(hooks, keep_outputs=True)
         place = self.engine.placement
         return place.reduce_ranges(ranges, input_specs), place.reduce_ranges(out_ranges, output_specs)
+
+
+@dataclass
+class BlockProblem:
+    """What a quantizer optimising a block's output (BLOCK_FORWARD) works on: the block's linears to quantize
+    (names, their float weights, specs and any clipping factors a transform chose), the calibration windows as
+    (chunk, row) pairs, loss(weights by name, windows) -> a differentiable scalar, and `sync` (sum tensors over
+    the processes sharing the windows, in place; None with one process)."""
+    names: list[str]
+    weights: dict[str, torch.Tensor]
+    specs: dict
+    clips: dict[str, torch.Tensor]
+    windows: list[tuple[int, int]]
+    loss: object
+    sync: object = None
 
 
 def refuse_unfoldable(transforms, prefix: str, first_stage: tuple) -> None:

@@ -92,7 +92,8 @@ class Engine:
         # quantized block (GPTQ's way: later blocks see upstream quantization error). Static activation
         # ranges need the quantized pass, and so does true-sequential calibration (its passes stop early).
         self.stage_passes = self.quantizer.needs_calibration and self.quantizer.calibrates_stage_by_stage
-        self.float_next = propagate == "float" and not self.static_inputs and not self.stage_passes
+        self.float_next = propagate == "float" and not self.static_inputs and not self.stage_passes \
+            and not self.paired  # with both streams, the quantized stream is the quantized model's
         self.progress = progress
         self.report = EngineReport()
         self.quantized: set[str] = set()  # linears already quantized
@@ -203,14 +204,14 @@ class Engine:
             run = BlockRun(self, block, prefix, linears, inputs, float_inputs=self.float_inputs)
             if (self.transforms or self.quantizer.needs_calibration) and linears:
                 self._calibrate(run)
-            if run.float_inputs is not None and run.float_block is None:
+            if run.float_inputs is not None and run.float_block is None and not run.float_advanced:
                 run.float_block = copy.deepcopy(block)  # nothing calibrated: the float block is this one, as is
             self._quantize_modules(block, prefix)  # whatever calibration did not reach
             if not run.outputs_ready and (not last or self.static_inputs):
                 ranges, out_ranges = run.advance(
                     {n: s for n in linears if (s := self.plan[n].input_spec) is not None and not s.dynamic},
                     {n: s for n in linears if (s := self.plan[n].output_spec) is not None})
-            if run.float_inputs is not None and not last:
+            if run.float_inputs is not None and not last and not run.float_advanced:
                 run.advance_float()  # the float model's inputs of the next block
             inputs = run.inputs
         else:
@@ -227,7 +228,9 @@ class Engine:
             stats = run.transform(self._fold_map(run), keep_outputs=self.float_next)
         if run.float_inputs is not None:  # the float model's block: after the transforms' (exact) folds, before
             run.float_block = copy.deepcopy(run.block)  # any weight is quantized
-        if self.quantizer.needs_calibration and run.stages.groups:
+        if BLOCK_FORWARD in self.quantizer.needs:
+            run.optimise()  # the block's rounding learned from its output (AutoRound)
+        elif self.quantizer.needs_calibration and run.stages.groups:
             run.calibrate_and_quantize(stats)
 
     def online_rotations(self) -> dict:
@@ -461,7 +464,7 @@ class Engine:
 def check_needs(chain: list[Algorithm], onnx: bool = False) -> None:
     """Refuse, before any work, an algorithm needing what the engine does not serve yet (the ONNX quantizer,
     `onnx`, serves input statistics only)."""
-    unserved = {FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD} if onnx else {BLOCK_FORWARD}
+    unserved = {FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD} if onnx else set()
     for a in chain:
         missing = a.needs & unserved
         if missing:

@@ -50,16 +50,27 @@ def first_window(inputs):
     """The first calibration window alone (hidden states and batch-shaped kwargs cut to one row): enough for
     probes, 1/batch of their cost."""
     hidden, kwargs = inputs[0]
-    rows = hidden.shape[0]
+    return [(hidden[:1], select_rows(kwargs, [0], hidden.shape[0]))]
+
+
+def select_rows(kwargs: dict, rows: list[int], batch: int) -> dict:
+    """A block's keyword arguments for some windows (rows) of a batch of `batch`: every batch-shaped tensor cut
+    to those rows (inside tuples too), anything shared by the batch as it is."""
+    if batch <= 1 and rows == [0]:
+        return kwargs
+    index = None
 
     def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows and rows > 1:
-            return v[:1]
+        nonlocal index
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
+            if index is None or index.device != v.device:
+                index = torch.tensor(rows, device=v.device)
+            return v.index_select(0, index)
         if isinstance(v, tuple):
             return tuple(cut(x) for x in v)
         return v
 
-    return [(hidden[:1], {k: cut(v) for k, v in kwargs.items()})]
+    return {k: cut(v) for k, v in kwargs.items()}
 
 
 class _Stub(nn.Module):

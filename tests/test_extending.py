@@ -41,9 +41,14 @@ class CountingRTN(Quantizer):
         return rtn_quantize(weight * self.shrink, spec, clip)
 
 
-class NeedsBlockForward(Quantizer):
+class NeedsBlockForward(Quantizer):  # the torch engine serves it, the ONNX front end does not
     name = "test-needs-block-forward"
     needs = frozenset({BLOCK_FORWARD})
+
+
+class NeedsSomethingNew(NeedsBlockForward):  # a need neither front end knows
+    name = "test-needs-something-new"
+    needs = frozenset({"per-token gradients"})
 
     def quantize(self, name, weight, spec, clip=None):
         return rtn_quantize(weight, spec, clip)
@@ -51,10 +56,10 @@ class NeedsBlockForward(Quantizer):
 
 @pytest.fixture
 def registered():
-    for cls in (CountingRTN, NeedsBlockForward):
+    for cls in (CountingRTN, NeedsBlockForward, NeedsSomethingNew):
         register(cls)
     yield
-    for cls in (CountingRTN, NeedsBlockForward):
+    for cls in (CountingRTN, NeedsBlockForward, NeedsSomethingNew):
         REGISTRY.pop(cls.name)
 
 
@@ -93,8 +98,9 @@ def test_new_algorithm_options_are_checked(registered, tiny_models, tmp_path):
 def test_unserved_need_is_refused_before_any_work(onnx, registered, tiny_models, onnx_tiny, tmp_path):
     source = onnx_tiny["gqa"][1] if onnx else tiny_models["llama"]
     where = "the ONNX front end" if onnx else "this engine"
-    with pytest.raises(LowbitError, match=f"needs block forward, which {where} does not provide yet"):
-        api.quantize(source, tmp_path / "q", algo=NeedsBlockForward.name, **CALIB)
+    algo, need = (NeedsBlockForward, "block forward") if onnx else (NeedsSomethingNew, "per-token gradients")
+    with pytest.raises(LowbitError, match=f"needs {need}, which {where} does not provide yet"):
+        api.quantize(source, tmp_path / "q", algo=algo.name, **CALIB)
     assert list(tmp_path.iterdir()) == []
 
 

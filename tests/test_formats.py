@@ -128,6 +128,8 @@ def test_pack_round_trip(bits, cols):
     packed = pack_rows(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (5, packed_row_bytes(cols, bits))
     assert torch.equal(unpack_rows(packed, bits, cols), codes.to(torch.int32))
+    # a transposed (column-major) tensor packs as its contiguous copy does (compressed-tensors' zero points)
+    assert torch.equal(pack_rows(codes.T.contiguous().T, bits), packed)
 
 
 def test_pack_golden_bytes():

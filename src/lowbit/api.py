@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 from dataclasses import dataclass, field
@@ -41,10 +43,12 @@ def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None =
                 exclude_layers=None, overrides=(), dataset: str = "pydoc", num_calib_data: int = 128,
                 seq_len: int = 512, seed: int = 0, batch_size: int = 8, algo_args=None,
                 propagate: str = DEFAULT_CALIBRATION["propagate"], kv_cache_dtype: str | None = None,
-                moe_experts_scheme: str | None = None) -> Recipe:
+                moe_experts_scheme: str | None = None, target_bits: float | None = None,
+                sensitivity: str = "output") -> Recipe:
     """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head; algo_args a dict
     {algorithm: {option: value}} or 'NAME:KEY=VALUE' strings; moe_experts_scheme: the weight scheme of every
-    MoE expert linear, Quark's --moe_experts_second_step_config, as an override)."""
+    MoE expert linear, Quark's --moe_experts_second_step_config, as an override; target_bits: mixed precision at
+    that average of stored bits per weight, chosen by the `sensitivity` measure, mixed.py)."""
     options = algo_args if isinstance(algo_args, dict) else parse_algo_args(algo_args)
     chain = parse_chain(algo, options)
     return Recipe(
@@ -57,6 +61,7 @@ def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None =
         calibration={"dataset": dataset, "num_samples": num_calib_data, "seq_len": seq_len, "seed": seed,
                      "batch_size": batch_size, "propagate": propagate},
         kv_cache=parse_kv_cache_dtype(kv_cache_dtype),
+        mixed={"target_bits": float(target_bits), "measure": sensitivity} if target_bits is not None else None,
     )
 
 
@@ -112,6 +117,9 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
                               "model is calibrated in onnxruntime by one process: run it without them")
         if export:
             raise LowbitError("export= applies to Hugging Face / GGUF sources; an ONNX model is written as ONNX")
+        if recipe.mixed and "achieved_bits" not in recipe.mixed:
+            raise LowbitError("--target-bits applies to Hugging Face / GGUF sources for now; quantize the Hugging "
+                              "Face model, or give an ONNX model --override options")
         torch_only = {"--device": device, "--calib-dtype": calib_dtype, "--offload-dir": offload_dir,
                       "--resume": resume or None}
         for flag, value in torch_only.items():
@@ -163,7 +171,8 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
     if loaded.quantized:
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
     plan = plan_for(loaded, recipe)
-    calibrated = has_static_inputs(plan) or any(a.needs_calibration for a in chain)
+    mixed = _mixed_precision(recipe, plan, planned_model(loaded, plan, chain), export, placement.ranks)
+    calibrated = has_static_inputs(plan) or any(a.needs_calibration for a in chain) or mixed is not None
     tokenizer = None
     if calibrated:  # refusals about the windows and the tokenizer come before any output is claimed
         check_seq_len(recipe.calibration["seq_len"], loaded.model, "calibration")
@@ -173,7 +182,60 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
     exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,
                              sources + [loaded.folder])
     return TorchJob(str(model), loaded, recipe, plan, chain, tokenizer, keep, progress, placement,
-                    sources=sources), exports
+                    sources=sources, mixed=mixed, quiet=quiet), exports
+
+
+def _mixed_precision(recipe: Recipe, plan: dict, planned: PlannedModel, export, ranks):
+    """The mixed-precision choice to make before quantizing (--target-bits), checked now: an integer weight-only
+    scheme, one process, candidates every requested export can hold, a target they can reach. None when not
+    asked, or when the recipe already holds a choice."""
+    from .mixed import MixedPrecision, budget_range, candidate_specs, check_base
+
+    asked = recipe.mixed
+    if not asked or "achieved_bits" in asked:
+        return None
+    if ranks.distributed:
+        raise LowbitError("--target-bits measures sensitivity in one process; run it without --nproc / torchrun")
+    check_base(recipe.scheme.weight, recipe.scheme.input)
+    allowed = _exportable(candidate_specs(recipe.scheme.weight), planned, export)
+    lo, hi = budget_range(plan, allowed)
+    target = asked["target_bits"]
+    if not lo <= target <= hi:
+        raise LowbitError(f"--target-bits {target:g} is outside what the candidate formats can store on this model"
+                          f"{' and export' if export else ''}: {lo:.3f} to {hi:.3f} bits per weight (scales and zero "
+                          f"points included)")
+    return MixedPrecision(target, asked.get("measure", "output"), allowed)
+
+
+def _exportable(specs: list, planned: PlannedModel, export) -> dict[str, list]:
+    """Each quantized linear's candidate specs that divide its input width into whole groups and that every
+    requested export format can hold for it."""
+    from .mixed import candidates_for
+
+    forms = []
+    if export:
+        from .exporters.formats import parse_formats
+
+        forms = parse_formats(export)
+    allowed, verdicts = {}, {}
+    for name, (_, shape) in planned.modules.items():
+        allowed[name] = []
+        for spec in candidates_for(specs, shape[1]):
+            key = (spec, shape, name.rpartition(".")[2])  # the formats decide by format, shape and role
+            if key not in verdicts:
+                verdicts[key] = _holds(forms, dataclasses.replace(planned, modules={name: (spec, shape)}))
+            if verdicts[key]:
+                allowed[name].append(spec)
+    return allowed
+
+
+def _holds(forms: list, planned: PlannedModel) -> bool:
+    try:
+        for form in forms:
+            form.check(planned)
+    except LowbitError:
+        return False
+    return True
 
 
 def _run_options(output, overwrite, progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks,

@@ -60,7 +60,9 @@ def _recipe_from_args(args):
                        seq_len=getattr(args, "seq_len", 512), seed=getattr(args, "seed", 0),
                        batch_size=getattr(args, "batch_size", 8), algo_args=getattr(args, "algo_arg", []),
                        propagate=getattr(args, "propagate", DEFAULT_CALIBRATION["propagate"]),
-                       kv_cache_dtype=args.kv_cache_dtype, moe_experts_scheme=args.moe_experts_second_step_config)
+                       kv_cache_dtype=args.kv_cache_dtype, moe_experts_scheme=args.moe_experts_second_step_config,
+                       target_bits=getattr(args, "target_bits", None),
+                       sensitivity=getattr(args, "sensitivity", "output"))
 
 
 def _fmt_size(n: int) -> str:

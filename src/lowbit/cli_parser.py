@@ -118,12 +118,20 @@ def _add_quantize_parser(sub) -> None:
     _add_recipe_args(q, required=False)
     q.add_argument("--algo", default="rtn",
                    help="algorithm chain, comma-separated: at most one scaling step (awq or smoothquant) then at most "
-                        "one quantizer (rtn, gptq, gptaq or qronos; rtn if none), e.g. awq, gptq, awq,gptq, gptaq, "
-                        "smoothquant,gptq "
+                        "one quantizer (rtn, gptq, gptaq, qronos or autoround; rtn if none), e.g. awq, gptq, awq,gptq, "
+                        "gptaq, autoround, smoothquant,gptq "
                         "[default: rtn]")
     q.add_argument("--algo-arg", "--algo_arg", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="an algorithm option, e.g. gptq:damp=0.05, gptq:act_order=false, awq:clip=false, "
                         "smoothquant:alpha=0.6; repeatable (options are listed in the README)")
+    q.add_argument("--target-bits", "--target_bits", type=positive_number, default=None, metavar="B",
+                   help="mixed precision: choose each linear's bits (2/3/4/8) and group size (32/64/128) of the "
+                        "integer scheme from its sensitivity measured on the calibration windows, for B stored bits "
+                        "per weight on average (scales and zero points included); the plan is printed and recorded "
+                        "in recipe.yaml")
+    q.add_argument("--sensitivity", choices=["output", "weight"], default="output",
+                   help="the measure --target-bits minimises: each linear's output error on the calibration inputs, "
+                        "or its weight error alone [default: output]")
     q.add_argument("--recipe", default=None, help="a recipe.yaml/.json (replaces the scheme/layer/algo options)")
     q.add_argument("--num-calib-data", "--num_calib_data", type=count(1), default=128,
                    help="calibration windows, for calibrated algorithms [default: 128]")

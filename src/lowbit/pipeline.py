@@ -75,6 +75,7 @@ def _run_staged(job: Job, recipe: Recipe, options: RunOptions, t0: float, folder
                "python": platform.python_version(), "torch_version": torch.__version__}
     if windows is not None:
         summary["calibration_sha256"] = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    recipe = getattr(job, "recipe", None) or recipe  # as run: a mixed-precision choice is made inside the job
     if folder is not None:
         recipe.save(folder / "recipe.yaml")
     summary.update(_measures(job, result, folder, t0, t_prepared, t_quantized))

@@ -153,6 +153,9 @@ class Recipe:
     algorithms: tuple[AlgoStep, ...] = (AlgoStep("rtn"),)
     calibration: dict = field(default_factory=lambda: dict(DEFAULT_CALIBRATION))
     kv_cache: QuantSpec | None = None  # the K / V projections' outputs (--kv-cache-dtype)
+    # --target-bits (mixed.py): {"target_bits", "measure"} asked; once chosen also "achieved_bits" and
+    # "candidates", with the chosen plan in `overrides` (a recipe holding a choice is not measured again)
+    mixed: dict | None = None
 
     def __post_init__(self):
         for pattern in [*self.exclude, *(o.pattern for o in self.overrides)]:
@@ -167,6 +170,7 @@ class Recipe:
             "algorithms": [{"name": a.name, **a.kwargs()} for a in self.algorithms],
             "calibration": dict(self.calibration),
             "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
+            **({"mixed_precision": dict(self.mixed)} if self.mixed else {}),
         }
 
     @classmethod
@@ -178,7 +182,8 @@ class Recipe:
                    overrides=tuple(Override.parse(t) for t in data.get("overrides", [])),
                    algorithms=algos,
                    calibration={**DEFAULT_CALIBRATION, **data.get("calibration", {})},
-                   kv_cache=QuantSpec.from_dict(data["kv_cache"]) if data.get("kv_cache") else None)
+                   kv_cache=QuantSpec.from_dict(data["kv_cache"]) if data.get("kv_cache") else None,
+                   mixed=dict(data["mixed_precision"]) if data.get("mixed_precision") else None)
 
     def save(self, path: Path) -> None:
         path = Path(path)

@@ -3,8 +3,10 @@ the demo), its plan and chain, run block by block by the engine into lowbit's na
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from .engine.resume import Checkpoint
 from .exporters.native import NativeSink, write_metadata
 from .hf.model import LoadedModel
 from .job import Job, JobResult
-from .recipe import DEFAULT_CALIBRATION, Recipe
+from .recipe import DEFAULT_CALIBRATION, Recipe, format_plan
 
 
 def calibration_windows(tokenizer, cal: dict) -> torch.Tensor:
@@ -42,6 +44,8 @@ class TorchJob(Job):
     sources: list = field(default_factory=list)  # the source's files and folders (the resume fingerprint)
     windows: torch.Tensor | None = None
     resumed_at: int = 0
+    mixed: object | None = None  # mixed.MixedPrecision: per-linear formats to choose before quantizing
+    quiet: bool = False
 
     def describe(self) -> dict:
         return {"source_folder": str(self.loaded.folder), "scheme": self.recipe.scheme.name,
@@ -59,6 +63,8 @@ class TorchJob(Job):
                            for t in self.loaded.layout.tied)  # before a rotation unties it
         ranks = self.placement.ranks
         ranks.ready()  # every rank's setup succeeded (before the first collective)
+        if self.mixed is not None:
+            self._choose_formats(cal)
         sink = NativeSink(folder) if folder is not None else None  # rank 0's alone: the other ranks write nothing
         shared = ranks.same(folder) if self.resume else folder  # the checkpoint lives in rank 0's staging folder
         checkpoint = Checkpoint(shared, self.fingerprint()) if self.resume and shared is not None else None
@@ -85,7 +91,22 @@ class TorchJob(Job):
             fields["resumed_at_block"] = engine.resumed_at
         if report.ranks is not None:
             fields["per_rank"] = report.ranks
+        if self.recipe.mixed:
+            fields["mixed_precision"] = self.recipe.mixed
         return JobResult(report.layers, report, fields)
+
+    def _choose_formats(self, cal: dict) -> None:
+        """--target-bits: each linear's format from its measured sensitivity (mixed.py), printed, and recorded in
+        the recipe as exact-name overrides."""
+        plan, overrides, record = self.mixed.choose(self.loaded, self.plan, self.windows, self.placement,
+                                                    cal.get("batch_size", 8), self.quiet)
+        self.plan, self.mixed = plan, None
+        self.recipe = dataclasses.replace(self.recipe, overrides=self.recipe.overrides + overrides,
+                                          mixed={**self.recipe.mixed, **record})
+        if not self.quiet:
+            print(f"{format_plan(plan)}\nmixed precision: {record['achieved_bits']:.3f} bits per weight on average "
+                  f"(target {record['target_bits']:g}, scales and zero points included; sensitivity: "
+                  f"{record['measure']} error)", file=sys.stderr, flush=True)
 
     def source_size(self) -> int:
         return self.loaded.size_bytes()

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..algorithms import BLOCK_FORWARD, FLOAT_AND_QUANTIZED_INPUTS, Algorithm, Quantizer
+from ..algorithms import (BLOCK_FORWARD, FLOAT_AND_QUANTIZED_INPUTS, GLOBAL_TRANSFORM, INPUT_STATS, Algorithm,
+                          Quantizer, Transform)
 from ..arch import block_of, set_module_tensor
 from ..arch.folding import Fold, find_folds
 from ..errors import LowbitError
@@ -309,7 +310,8 @@ class Engine:
                 return out[0] if isinstance(out, tuple) else out
 
             self._folds[key] = self.ranks.same(find_folds(block, rel, forward))  # rank 0's probe decides
-            if self._folds[key][rel[0]] is None and run.stages.first_at_entry:
+            scaling = any(type(t).channel_scales is not Transform.channel_scales for t in self.transforms)
+            if scaling and self._folds[key][rel[0]] is None and run.stages.first_at_entry:
                 refuse_unfoldable(self.transforms, prefix, rel[0])
         return {st: self._folds[key][r] for st, r in zip(map(tuple, stages), rel)}
 
@@ -461,12 +463,15 @@ class Engine:
             loaded.materialize("")  # tied weights that stayed tied share their source again
 
 
+SERVED = frozenset({INPUT_STATS, FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD, GLOBAL_TRANSFORM})  # by this engine
+
+
 def check_needs(chain: list[Algorithm], onnx: bool = False) -> None:
     """Refuse, before any work, an algorithm needing what the engine does not serve yet (the ONNX quantizer,
     `onnx`, serves input statistics only)."""
-    unserved = {FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD} if onnx else set()
+    served = SERVED - {FLOAT_AND_QUANTIZED_INPUTS, BLOCK_FORWARD} if onnx else SERVED
     for a in chain:
-        missing = a.needs & unserved
+        missing = a.needs - served
         if missing:
             where = "the ONNX front end" if onnx else "this engine"
             raise LowbitError(f"{a.name} needs {', '.join(sorted(missing))}, which {where} does not provide yet"

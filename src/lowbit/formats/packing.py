@@ -50,7 +50,8 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     runs = arr.reshape(rows, -1, per)
     shifts = (np.arange(per, dtype=np.uint64) * np.uint64(bits))
     words = np.bitwise_or.reduce(runs << shifts, axis=-1)  # (rows, n_runs) uint64, < 2^(8*nbytes)
-    out = words.astype("<u8").view(np.uint8).reshape(rows, -1, 8)[:, :, :nbytes]
+    # C order whatever the input's layout (a transposed tensor's words come out column-major): the byte view needs it
+    out = np.ascontiguousarray(words.astype("<u8")).view(np.uint8).reshape(rows, -1, 8)[:, :, :nbytes]
     return torch.from_numpy(np.ascontiguousarray(out.reshape(rows, -1)))
 
 

@@ -1,0 +1,163 @@
+"""Mixed precision by measured sensitivity (--target-bits B): per-linear bit widths and group sizes chosen so that
+the quantized linears store B bits per weight on average (scales and zero points included), where they cost the
+least error.
+
+1. Candidates: the scheme's integer weight format at 2, 3, 4 and 8 bits and group sizes 32, 64, 128 (and the
+   scheme's own), those dividing the linear's input width, and only those every requested export can hold.
+2. Sensitivity: one pass of the float model over the calibration windows (the engine with
+   algorithms.sensitivity.SensitivityProbe) records each candidate's error on each linear: by default the output
+   error tr(dW H dW^T) on the calibration inputs; "weight" uses ||dW||^2 (docs/BENCHMARKS.md compares them).
+3. Allocation: every linear starts at its cheapest candidate; upgrades along each linear's lower convex hull of
+   (bits, error) are taken best error saved per bit first while the budget holds (a greedy multiple-choice
+   knapsack, optimal on the hulls up to the last upgrade).
+
+The chosen plan becomes exact-name overrides in the recipe (recipe.yaml reproduces it without measuring again)
+and is printed before quantizing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import sys
+
+from .algorithms import REGISTRY
+from .algorithms.sensitivity import MEASURES, SensitivityProbe
+from .errors import LowbitError
+from .recipe import Override
+from .spec import QuantSpec
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128)
+SCALE_BITS = 16  # a float16 scale per group, as the exports store it
+
+
+def stored_bits(spec: QuantSpec, in_features: int) -> float:
+    """Bits per weight of a group-wise integer spec: the code, plus its group's scale and (asymmetric) zero point."""
+    group = spec.group_size if spec.granularity == "group" else in_features
+    return spec.bits + (SCALE_BITS + (0 if spec.symmetric else spec.bits)) / group
+
+
+def check_base(spec: QuantSpec | None, input_spec) -> None:
+    """--target-bits varies an integer weight-only scheme's bits and group size: refuse anything else."""
+    if spec is None or spec.kind != "int" or not spec.plain_int or input_spec is not None:
+        name = spec.short_name if spec is not None else "no quantized weight"
+        raise LowbitError(f"--target-bits chooses bits and group sizes of an integer weight-only scheme, not {name}; "
+                          f"use e.g. --scheme w_uint4_per_group_asym")
+
+
+def candidate_specs(base: QuantSpec) -> list[QuantSpec]:
+    groups = sorted({*GROUPS, *([base.group_size] if base.granularity == "group" and base.group_size else [])})
+    return [base.with_changes(bits=b, granularity="group", group_size=g) for b in BITS for g in groups]
+
+
+def candidates_for(specs: list[QuantSpec], in_features: int) -> list[QuantSpec]:
+    return [s for s in specs if in_features % s.group_size == 0]
+
+
+def budget_range(plan: dict, allowed: dict[str, list]) -> tuple[float, float]:
+    """The least and most average bits the candidates allow on this plan's quantized linears (allowed: name ->
+    its candidate specs)."""
+    lo = hi = size = 0
+    for name, specs in allowed.items():
+        lp = plan[name]
+        bits = [stored_bits(s, lp.shape[1]) for s in specs]
+        if not bits:
+            raise LowbitError(f"--target-bits: no candidate format fits {name} ({lp.shape[0]} x {lp.shape[1]}): no "
+                              f"group size of {', '.join(map(str, GROUPS))} divides its input features, or the "
+                              f"export cannot hold them; exclude it or use a uniform scheme")
+        n = lp.shape[0] * lp.shape[1]
+        lo, hi, size = lo + min(bits) * n, hi + max(bits) * n, size + n
+    return lo / size, hi / size
+
+
+def allocate(table: dict[str, list], sizes: dict[str, int], target: float) -> dict[str, QuantSpec]:
+    """The spec of each linear (table: name -> [(spec, bits per weight, error)]) minimising the summed error with
+    at most `target` bits per weight on average (sizes: weights per linear)."""
+    hulls = {n: _hull(options) for n, options in table.items()}
+    at = {n: 0 for n in hulls}
+    spent = sum(hulls[n][0][1] * sizes[n] for n in hulls)
+    budget = target * sum(sizes.values()) + 1e-6
+    heap = [(-_gain(hulls[n], 0), n) for n in hulls if len(hulls[n]) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        i, hull = at[n], hulls[n]
+        cost = (hull[i + 1][1] - hull[i][1]) * sizes[n]
+        if spent + cost > budget:
+            continue  # this upgrade does not fit; a cheaper one elsewhere still may
+        spent, at[n] = spent + cost, i + 1
+        if i + 2 < len(hull):
+            heapq.heappush(heap, (-_gain(hull, i + 1), n))
+    return {n: hulls[n][at[n]][0] for n in hulls}
+
+
+def _hull(options: list) -> list:
+    """The lower convex hull of (bits, error), cheapest first: the options worth choosing."""
+    pts = []
+    for spec, bits, err in sorted(options, key=lambda o: (o[1], o[2])):
+        if pts and err >= pts[-1][2]:
+            continue  # more bits, no less error
+        while len(pts) >= 2 and _cross(pts[-2], pts[-1], (spec, bits, err)) <= 0:
+            pts.pop()
+        pts.append((spec, bits, err))
+    return pts
+
+
+def _cross(a, b, c) -> float:
+    return (b[1] - a[1]) * (c[2] - a[2]) - (b[2] - a[2]) * (c[1] - a[1])
+
+
+def _gain(hull: list, i: int) -> float:
+    """Error saved per bit by the upgrade from hull point i to i + 1."""
+    return (hull[i][2] - hull[i + 1][2]) / max(hull[i + 1][1] - hull[i][1], 1e-12)
+
+
+@dataclasses.dataclass
+class MixedPrecision:
+    """--target-bits B with its measure and each linear's candidate specs (those its exports can hold)."""
+    target: float
+    measure: str
+    allowed: dict[str, list[QuantSpec]]
+
+    def __post_init__(self):
+        if self.measure not in MEASURES:
+            raise LowbitError(f"unknown sensitivity measure {self.measure!r}; use one of {', '.join(MEASURES)}")
+
+    def measure_errors(self, loaded, plan: dict, windows, placement, batch_size: int) -> dict[str, list]:
+        """name -> [(spec, bits per weight, error)] from one float pass over the calibration windows."""
+        from .engine import Engine
+
+        probe = SensitivityProbe(lambda name, weight: self.allowed[name], self.measure)
+        Engine(loaded, plan, [probe, REGISTRY["rtn"]()], windows, keep_in_memory=False, batch_size=batch_size,
+               progress=False, placement=placement).run()
+        table = {}
+        for name, lp in plan.items():
+            if lp.spec is None:
+                continue
+            found = probe.table.get(name)  # none: too few calibration tokens reached it (a rare expert)
+            table[name] = [(s, stored_bits(s, lp.shape[1]), e) for s, e in found] if found else \
+                [(lp.spec, stored_bits(lp.spec, lp.shape[1]), 0.0)]
+        return table
+
+    def choose(self, loaded, plan: dict, windows, placement, batch_size: int, quiet: bool):
+        """(the plan with each linear's chosen spec, the exact-name overrides holding it, the record for the
+        recipe)."""
+        if not quiet:
+            print(f"measuring the sensitivity of {sum(lp.spec is not None for lp in plan.values())} linears "
+                  f"({self.measure} error of up to {len(self.candidates())} candidate formats each) ...",
+                  file=sys.stderr, flush=True)
+        table = self.measure_errors(loaded, plan, windows, placement, batch_size)
+        sizes = {n: plan[n].shape[0] * plan[n].shape[1] for n in table}
+        chosen = allocate(table, sizes, self.target)
+        achieved = sum(stored_bits(s, plan[n].shape[1]) * sizes[n] for n, s in chosen.items()) / sum(sizes.values())
+        new_plan = {n: dataclasses.replace(lp, spec=chosen[n], reason=f"--target-bits {self.target:g}")
+                    if n in chosen else lp for n, lp in plan.items()}
+        overrides = tuple(Override(n, (("bits", s.bits), ("group_size", s.group_size))) for n, s in chosen.items())
+        record = {"target_bits": self.target, "achieved_bits": round(achieved, 4), "measure": self.measure,
+                  "candidates": [s.short_name for s in self.candidates()]}
+        return new_plan, overrides, record
+
+    def candidates(self) -> list[QuantSpec]:
+        """Every spec some linear may get."""
+        return list(dict.fromkeys(s for specs in self.allowed.values() for s in specs))

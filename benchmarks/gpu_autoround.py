@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--skip-intel", action="store_true")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--runs", default="rtn,gptq,autoround", help="lowbit's chains to time")
     args = p.parse_args()
     model = args.work / "model"
     if not (model / "config.json").exists():
@@ -90,6 +91,7 @@ def main() -> None:
               "--json", "--overwrite"]
     runs = {"lowbit rtn": ["rtn"], "lowbit gptq": ["gptq"],
             "lowbit autoround": ["autoround", "--algo-arg", f"autoround:iters={args.iters},batch_size={args.batch}"]}
+    runs = {k: v for k, v in runs.items() if k.split()[1] in args.runs.split(",")}
     for label, algo in runs.items():
         rows[label] = timed([sys.executable, "-m", "lowbit", "quantize", str(model), "-o",
                              str(args.work / label.replace(" ", "-")), "--algo", *algo, *common], env, 400)

@@ -8,7 +8,7 @@ gives the same plan. Every configuration is quantized with the same quantizer (-
 calibration windows.
 
     python benchmarks/mixed_precision.py [--model demo] [--algo rtn] [--num-calib-data 16] [--seq-len 512]
-        [--eval-chunks 16] [--dataset pydoc,/tmp/heldout.txt] [--targets 2.5,3,3.5,4,5,6] [--measures output,weight]
+        [--eval-chunks 16] [--dataset pydoc,/tmp/heldout.txt] [--targets 2.5,3,3.5,4,5,6] [--measures relative,output,weight] [--no-baselines]
         [--plot docs/mixed_precision.svg] [--work /tmp/lowbit-mixed]
 """
 
@@ -43,8 +43,9 @@ def main() -> None:
     p.add_argument("--eval-chunks", type=int, default=16)
     p.add_argument("--dataset", default="pydoc")
     p.add_argument("--targets", default="2.5,3,3.5,4,5,6")
-    p.add_argument("--measures", default="output,weight")
+    p.add_argument("--measures", default="relative,output,weight")
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--no-baselines", action="store_true", help="skip the uniform formats and the mixes by role")
     p.add_argument("--work", type=Path, default=Path("/tmp/lowbit-mixed"))
     args = p.parse_args()
     from lowbit.api import evaluate, make_recipe, plan_for, quantize
@@ -82,9 +83,9 @@ def main() -> None:
                      "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    for b, g in UNIFORM:
+    for b, g in [] if args.no_baselines else UNIFORM:
         run(f"uniform {b}b g{g}", {n: (b, g) for n in shapes}, "uniform")
-    for label, roles in MIXES.items():
+    for label, roles in {} if args.no_baselines else MIXES.items():
         chosen = {n: next((bg for pat, bg in roles.items() if matches(pat, n)), (3, 64)) for n in shapes}
         run(label, chosen, "mix")
     windows = calibration_windows(loaded.tokenizer(), recipe.calibration)
@@ -120,7 +121,8 @@ def plot(rows: list, datasets: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
-    styles = {"uniform": ("o", "uniform"), "mix": ("s", "mix by role"), "target-output": ("*", "--target-bits (output)"),
+    styles = {"uniform": ("o", "uniform"), "mix": ("s", "mix by role"),
+              "target-relative": ("*", "--target-bits (relative)"), "target-output": ("v", "--target-bits (output)"),
               "target-weight": ("^", "--target-bits (weight)")}
     for ax, d in zip(axes[0], datasets):
         floor = next(r["perplexity"][d] for r in rows if r["name"] == "float")

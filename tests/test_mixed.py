@@ -24,15 +24,15 @@ BASE = QuantSpec(bits=4, signed=False, symmetric=False, granularity="group", gro
 def test_stored_bits_count_scales_and_zero_points():
     assert stored_bits(BASE, 576) == 4 + (16 + 4) / 128
     assert stored_bits(BASE.with_changes(bits=2, group_size=64), 576) == 2 + 18 / 64
-    sym = BASE.with_changes(symmetric=True, signed=True)
+    sym = BASE.with_changes(symmetric=True, signed=True)  # no zero point
     assert stored_bits(sym, 576) == 4 + 16 / 128
     assert [(s.bits, s.group_size) for s in candidate_specs(BASE)] == \
         [(b, g) for b in (2, 3, 4, 8) for g in (32, 64, 128)]
 
 
-def random_table(layers=5, seed=0):
+def random_table(layers=4, seed=0):
     rng = random.Random(seed)
-    specs = candidate_specs(BASE)
+    specs = [s for s in candidate_specs(BASE) if s.group_size != 32]  # 8 options: 4096 plans to search exhaustively
     table, sizes = {}, {}
     for i in range(layers):
         k = rng.choice([64, 128, 256])
@@ -57,9 +57,9 @@ def test_the_plan_meets_its_budget_and_is_near_optimal(target):
         best = min(e for b, e in (cost(table, sizes, dict(zip(table, combo)))
                                   for combo in itertools.product(*[[s for s, _, _ in table[n]] for n in table]))
                    if b <= target)
-        assert err <= best * 1.5  # greedy on the hulls: optimal but for the last upgrade that did not fit
-        for spec in candidate_specs(BASE):  # every uniform choice it could afford is no better
-            ubits, uerr = cost(table, sizes, {n: spec for n in table})
+        assert err <= best * 1.05  # the dynamic programme: optimal but for costs rounded up to 1/20000 of the budget
+        for spec in table["l0"]:  # every uniform choice it could afford is no better
+            ubits, uerr = cost(table, sizes, {n: spec[0] for n in table})
             if ubits <= target:
                 assert err <= uerr
 
@@ -85,6 +85,15 @@ def test_measures():
     assert error(w, spec, gram) == pytest.approx(float(((x @ dq.T) ** 2).sum() / len(x)), rel=1e-4)
     assert error(w, spec, None) == pytest.approx(float((dq ** 2).sum()), rel=1e-5)
     assert error(w, spec.with_changes(bits=8), gram) < error(w, spec, gram)
+    from lowbit.algorithms.sensitivity import SensitivityProbe
+    from lowbit.algorithms.stats import InputStats
+
+    stats = InputStats(64)
+    stats.add(x)
+    rel = SensitivityProbe(lambda n, w: [spec], "relative")
+    rel.clip_ratios(("l",), [w], [spec], stats)
+    signal = float(((x @ w.T) ** 2).sum() / len(x))
+    assert rel.table["l"][0][1] == pytest.approx(error(w, spec, gram) / signal, rel=1e-3)
 
 
 CAL = dict(scheme="w_uint4_per_group_asym", group_size=16, num_calib_data=6, seq_len=48, batch_size=2,
@@ -102,7 +111,7 @@ def test_target_bits_end_to_end(tiny_models, tmp_path, capsys):
     printed = capsys.readouterr().err
     assert "mixed precision: " in printed and "target 3.5" in printed and "measuring the sensitivity" in printed
     record = out.summary["mixed_precision"]
-    assert record["target_bits"] == 3.5 and record["measure"] == "output"
+    assert record["target_bits"] == 3.5 and record["measure"] == "relative"
     assert 3.0 < record["achieved_bits"] <= 3.5
     assert folder_bits(out.output) == pytest.approx(record["achieved_bits"], abs=1e-3)
     specs = {s.bits for s, _ in LowbitFolder(out.output).modules.values()}

@@ -129,9 +129,10 @@ def _add_quantize_parser(sub) -> None:
                         "integer scheme from its sensitivity measured on the calibration windows, for B stored bits "
                         "per weight on average (scales and zero points included); the plan is printed and recorded "
                         "in recipe.yaml")
-    q.add_argument("--sensitivity", choices=["output", "weight"], default="output",
-                   help="the measure --target-bits minimises: each linear's output error on the calibration inputs, "
-                        "or its weight error alone [default: output]")
+    q.add_argument("--sensitivity", choices=["relative", "output", "weight"], default="relative",
+                   help="the measure --target-bits minimises, summed over the linears: each one's output error on "
+                        "the calibration inputs relative to its output (relative), the same error unscaled (output), "
+                        "or its weight error alone (weight) [default: relative]")
     q.add_argument("--recipe", default=None, help="a recipe.yaml/.json (replaces the scheme/layer/algo options)")
     q.add_argument("--num-calib-data", "--num_calib_data", type=count(1), default=128,
                    help="calibration windows, for calibrated algorithms [default: 128]")

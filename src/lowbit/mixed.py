@@ -6,10 +6,11 @@ least error.
    scheme's own), those dividing the linear's input width, and only those every requested export can hold.
 2. Sensitivity: one pass of the float model over the calibration windows (the engine with
    algorithms.sensitivity.SensitivityProbe) records each candidate's error on each linear: by default the output
-   error tr(dW H dW^T) on the calibration inputs; "weight" uses ||dW||^2 (docs/BENCHMARKS.md compares them).
-3. Allocation: every linear starts at its cheapest candidate; upgrades along each linear's lower convex hull of
-   (bits, error) are taken best error saved per bit first while the budget holds (a greedy multiple-choice
-   knapsack, optimal on the hulls up to the last upgrade).
+   error tr(dW H dW^T) on the calibration inputs relative to the output's own energy tr(W H W^T); "output" leaves
+   it unscaled, "weight" uses ||dW||^2 (docs/BENCHMARKS.md compares them).
+3. Allocation: a multiple-choice knapsack, minimising the summed error within the budget, solved by dynamic
+   programming over the budget (costs rounded up to 1/20000 of it), beside a greedy along each linear's lower
+   convex hull of (bits, error) and every uniform plan that fits; the best of them is kept.
 
 The chosen plan becomes exact-name overrides in the recipe (recipe.yaml reproduces it without measuring again)
 and is printed before quantizing.
@@ -73,11 +74,60 @@ def budget_range(plan: dict, allowed: dict[str, list]) -> tuple[float, float]:
 
 def allocate(table: dict[str, list], sizes: dict[str, int], target: float) -> dict[str, QuantSpec]:
     """The spec of each linear (table: name -> [(spec, bits per weight, error)]) minimising the summed error with
-    at most `target` bits per weight on average (sizes: weights per linear)."""
+    at most `target` bits per weight on average (sizes: weights per linear): the best of a dynamic programme over
+    the budget (exact but for costs rounded up to 1/DP_UNITS of it), the greedy on the hulls, and every uniform
+    plan that fits."""
+    budget = target * sum(sizes.values()) + 1e-6
+    plans = [_greedy(table, sizes, budget), *_uniform_plans(table, sizes, budget)]
+    if len(table) * DP_UNITS <= DP_CELLS:
+        plans.append(_programme(table, sizes, budget))
+    feasible = [p for p in plans if p is not None and _bits(table, sizes, p) <= budget]
+    # below every plan's size (the caller checks the range first): the greedy's, every linear at its cheapest
+    return min(feasible, key=lambda plan: _total(table, plan)) if feasible else plans[0]
+
+
+DP_UNITS = 20000  # the budget's resolution in the dynamic programme
+DP_CELLS = 100_000_000  # above this many (linears x units) only the greedy runs (a large mixture of experts)
+
+
+def _programme(table: dict, sizes: dict, budget: float) -> dict[str, QuantSpec] | None:
+    """Multiple-choice knapsack by dynamic programming over the budget in DP_UNITS steps, each linear's cost
+    rounded up (so the plan always fits)."""
+    import numpy as np
+
+    unit = budget / DP_UNITS
+    names = list(table)
+    best = np.full(DP_UNITS + 1, np.inf)
+    best[0] = 0.0
+    picks = np.zeros((len(names), DP_UNITS + 1), dtype=np.int16)
+    for i, n in enumerate(names):
+        new = np.full_like(best, np.inf)
+        for k, (_, bits, err) in enumerate(table[n]):
+            c = int(np.ceil(bits * sizes[n] / unit - 1e-9))
+            if c > DP_UNITS:
+                continue
+            cand = np.full_like(best, np.inf)
+            cand[c:] = best[:DP_UNITS + 1 - c] + err
+            better = cand < new
+            new[better], picks[i][better] = cand[better], k
+        best = new
+    at = int(np.argmin(best))
+    if not np.isfinite(best[at]):
+        return None
+    plan = {}
+    for i in range(len(names) - 1, -1, -1):
+        spec, bits, _ = table[names[i]][picks[i][at]]
+        plan[names[i]] = spec
+        at -= int(np.ceil(bits * sizes[names[i]] / unit - 1e-9))
+    return plan
+
+
+def _greedy(table: dict, sizes: dict, budget: float) -> dict[str, QuantSpec]:
+    """Every linear at its cheapest option, then upgrades along each one's lower convex hull of (bits, error), the
+    most error saved per bit first, while they fit; then the remaining budget spent off the hulls (_fill)."""
     hulls = {n: _hull(options) for n, options in table.items()}
     at = {n: 0 for n in hulls}
     spent = sum(hulls[n][0][1] * sizes[n] for n in hulls)
-    budget = target * sum(sizes.values()) + 1e-6
     heap = [(-_gain(hulls[n], 0), n) for n in hulls if len(hulls[n]) > 1]
     heapq.heapify(heap)
     while heap:
@@ -89,7 +139,7 @@ def allocate(table: dict[str, list], sizes: dict[str, int], target: float) -> di
         spent, at[n] = spent + cost, i + 1
         if i + 2 < len(hull):
             heapq.heappush(heap, (-_gain(hull, i + 1), n))
-    return {n: hulls[n][at[n]][0] for n in hulls}
+    return _fill({n: hulls[n][at[n]] for n in hulls}, table, sizes, budget - spent)
 
 
 def _hull(options: list) -> list:
@@ -111,6 +161,41 @@ def _cross(a, b, c) -> float:
 def _gain(hull: list, i: int) -> float:
     """Error saved per bit by the upgrade from hull point i to i + 1."""
     return (hull[i][2] - hull[i + 1][2]) / max(hull[i + 1][1] - hull[i][1], 1e-12)
+
+
+def _fill(chosen: dict, table: dict, sizes: dict, left: float) -> dict[str, QuantSpec]:
+    """Spend what the greedy left: repeatedly the option off the hulls that saves the most error and still fits."""
+    while True:
+        best = None
+        for n, (_, bits, err) in chosen.items():
+            for option in table[n]:
+                cost = (option[1] - bits) * sizes[n]
+                if option[2] < err and cost <= left and (best is None or err - option[2] > best[0]):
+                    best = (err - option[2], n, option, cost)
+        if best is None:
+            return {n: option[0] for n, option in chosen.items()}
+        _, n, option, cost = best
+        chosen[n], left = option, left - cost
+
+
+def _uniform_plans(table: dict, sizes: dict, budget: float) -> list[dict]:
+    """Every plan giving all linears one spec (where each has it) that fits the budget: the allocation is never
+    worse, by its own measure, than a uniform format of the same size."""
+    plans = []
+    for spec in {s for options in table.values() for s, _, _ in options}:
+        if all(any(s == spec for s, _, _ in options) for options in table.values()):
+            plan = {n: spec for n in table}
+            if _bits(table, sizes, plan) <= budget:
+                plans.append(plan)
+    return plans
+
+
+def _bits(table: dict, sizes: dict, plan: dict) -> float:
+    return sum(next(b for s, b, _ in table[n] if s == plan[n]) * sizes[n] for n in plan)
+
+
+def _total(table: dict, plan: dict) -> float:
+    return sum(next(e for s, _, e in table[n] if s == plan[n]) for n in plan)
 
 
 @dataclasses.dataclass

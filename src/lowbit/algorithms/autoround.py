@@ -135,7 +135,7 @@ class AutoRound(Quantizer):
         count = len(problem.windows)
         with torch.enable_grad():
             for i in range(self.iters):
-                chosen = torch.randperm(count, generator=pick)[:self.batch_size].tolist()
+                chosen = torch.randperm(count, generator=pick, device="cpu")[:self.batch_size].tolist()
                 loss = problem.loss({n: r.fake() for n, r in zip(problem.names, roundings)},
                                     [problem.windows[k] for k in chosen])
                 loss.backward()

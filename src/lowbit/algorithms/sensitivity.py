@@ -6,6 +6,8 @@ round-to-nearest quantization causes.
 Measures (MEASURES):
 - "output": tr(dW H dW^T), the mean squared error of the linear's output over the calibration tokens (dW = Q(W) -
   W): what the layer's quantization does to what it computes, on the data it will see.
+- "relative": tr(dW H dW^T) / tr(W H W^T), the output error relative to the output itself (a noise-to-signal
+  ratio): every linear counts alike whatever the scale of its output, which grows along the residual stream.
 - "weight": ||dW||^2, the squared weight error alone (no data: every input channel counts alike).
 """
 
@@ -16,7 +18,7 @@ import torch
 from ..formats import fake_quant
 from .base import Transform
 
-MEASURES = ("output", "weight")
+MEASURES = ("relative", "output", "weight")
 
 
 class SensitivityProbe(Transform):
@@ -24,15 +26,16 @@ class SensitivityProbe(Transform):
 
     name = "sensitivity"
 
-    def __init__(self, candidates, measure: str = "output"):
+    def __init__(self, candidates, measure: str = "relative"):
         self.candidates, self.measure = candidates, measure
-        self.needs_gram = measure == "output"
+        self.needs_gram = measure != "weight"
         self.table: dict[str, list] = {}
 
     def clip_ratios(self, names, weights, specs, stats) -> list:
-        gram = stats.gram if self.measure == "output" else None
+        gram = stats.gram if self.measure != "weight" else None
         for name, w in zip(names, weights):
-            self.table[name] = [(spec, error(w, spec, gram)) for spec in self.candidates(name, w)]
+            signal = float((w.float() @ gram).mul_(w.float()).sum()) if self.measure == "relative" else 1.0
+            self.table[name] = [(spec, error(w, spec, gram) / max(signal, 1e-30)) for spec in self.candidates(name, w)]
         return [None] * len(names)
 
 

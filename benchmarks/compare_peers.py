@@ -1,4 +1,5 @@
-"""lowbit against peer quantization tools (AMD Quark, llm-compressor) on the demo model, side by side.
+"""lowbit against peer quantization tools (AMD Quark, llm-compressor, Intel auto-round) on the demo model, side by
+side.
 
 Every tool quantizes the same float32 SmolLM2-135M-Instruct folder with the same scheme, algorithm and the
 same calibration windows, and is scored by the same perplexity protocol on the same evaluation windows
@@ -8,7 +9,8 @@ small runner in benchmarks/peers/ that quantizes in memory (the tool's fake-quan
 JSON line. Every run is its own process, measured with os.wait4 (wall time, peak RSS). A combination that
 fails is a row with its one-line error, never a crash.
 
-    python benchmarks/compare_peers.py [--tools lowbit,quark,llmcompressor] [--algos rtn,awq,gptq]
+    python benchmarks/compare_peers.py [--tools lowbit,quark,llmcompressor,autoround]
+        [--algos rtn,awq,gptq,gptaq,qronos,autoround,rotation+gptq] [--autoround-iters 200] [--autoround-batch 8]
         [--schemes w_uint4_per_group_asym:64,w_uint4_per_group_asym:128,w_int4_per_group_sym:64]
         [--num-calib-data 128] [--seq-len 512] [--max-chunks N] [--venvs /work/peer-venvs]
         [--json-out rows.json] [--logs DIR] [--timeout 3600]
@@ -43,6 +45,8 @@ PEERS = {
     "quark": ("quark_run.py", ["amd-quark==0.13", "transformers==5.16.1", "accelerate==1.15.0"]),
     "llmcompressor": ("llmcompressor_run.py", ["llmcompressor==0.14.0.1", "compressed-tensors==0.19.0",
                                                "transformers==5.17.0", "accelerate==1.15.0"]),
+    # Intel's auto-round: AutoRound only
+    "autoround": ("autoround_run.py", ["auto-round==0.16.1", "transformers==5.25.0", "accelerate==1.16.0"]),
 }
 SCHEMES = "w_uint4_per_group_asym:64,w_uint4_per_group_asym:128,w_int4_per_group_sym:64"
 
@@ -114,8 +118,10 @@ def run_lowbit(args, algo, scheme, group, tmp, logs, label: str = "", extra: tup
            "perplexity": None, "quantize_seconds": None, "error": None}
     out = Path(tmp) / f"lowbit-{algo}{'-' + label if label else ''}-{scheme}-{group}"
     argv = [sys.executable, "-m", "lowbit", "quantize", "demo", "-o", str(out), "--scheme", scheme,
-            "--group-size", str(group), "--algo", algo, "--dataset", "pydoc", "--num-calib-data",
+            "--group-size", str(group), "--algo", algo.replace("+", ","), "--dataset", "pydoc", "--num-calib-data",
             str(args.num_calib_data), "--seq-len", str(args.seq_len), "--no-progress", "--overwrite", *extra]
+    if "autoround" in algo:  # the peers' iterations and batch
+        argv += ["--algo-arg", f"autoround:iters={args.autoround_iters},batch_size={args.autoround_batch}"]
     log = logs / f"{out.name}.quantize.log"
     code, wall, peak, _ = measured(argv, log, args.timeout)
     row.update(wall_seconds=wall, peak_rss=peak, quantize_wall_seconds=wall, quantize_peak_rss=peak)
@@ -136,7 +142,8 @@ def run_lowbit(args, algo, scheme, group, tmp, logs, label: str = "", extra: tup
 
 def run_peer(args, tool, python, algo, scheme, group, model, data, logs) -> dict:
     argv = [str(python), str(PEERS_DIR / PEERS[tool][0]), "--model", model, "--data", data,
-            "--algo", algo, "--scheme", scheme, "--group", str(group)]
+            "--algo", algo, "--scheme", scheme, "--group", str(group), "--iters", str(args.autoround_iters),
+            "--batch", str(args.autoround_batch)]
     log = logs / f"{tool}-{algo}-{scheme}-{group}.log"
     code, wall, peak, stdout = measured(argv, log, args.timeout)
     row = last_json(stdout) or {"tool": tool, "algo": algo, "scheme": scheme, "group": group,
@@ -178,6 +185,8 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path, default=None, help="all rows as JSON (rewritten after each run)")
     ap.add_argument("--logs", type=Path, default=None, help="stderr of every run [default: a temp folder]")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
+    ap.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's iterations, every tool")
+    ap.add_argument("--autoround-batch", type=int, default=8, help="AutoRound's windows per iteration, every tool")
     ap.add_argument("--lowbit-variant", action="append", default=[], metavar="ALGO:LABEL=ARGS",
                     help="one more lowbit row for ALGO with ARGS appended to its command line; repeatable")
     args = ap.parse_args()
@@ -228,6 +237,8 @@ def main() -> None:
                 for tool in tools:
                     if tool == "lowbit":
                         record(run_lowbit(args, algo, scheme, group, tmp, logs))
+                    elif "+" in algo:
+                        continue  # a lowbit chain (rotation+gptq): no peer runs it
                     else:
                         record(run_peer(args, tool, pythons[tool], algo, scheme, group, model, data, logs))
                 for v_algo, label, extra in variants:

@@ -24,17 +24,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on this machine: fail fas
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-# scheme name (Quark spelling, as lowbit takes it) -> (bits, symmetric); both are 4-bit weight-only per group
-SCHEMES = {"w_uint4_per_group_asym": (4, False), "w_int4_per_group_sym": (4, True)}
+# scheme name (Quark spelling, as lowbit takes it) -> (bits, symmetric); weight-only per group
+SCHEMES = {"w_uint4_per_group_asym": (4, False), "w_int4_per_group_sym": (4, True),
+           "w_uint3_per_group_asym": (3, False), "w_uint2_per_group_asym": (2, False)}
+ALGOS = ["rtn", "awq", "gptq", "gptaq", "qronos", "autoround"]  # a runner refuses what its tool lacks (error row)
 
 
 def parse_args(tool: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=f"{tool}: quantize, then perplexity in memory; one JSON line")
     ap.add_argument("--model", required=True, help="float Hugging Face folder")
     ap.add_argument("--data", required=True, help=".pt file with calib and eval windows")
-    ap.add_argument("--algo", required=True, choices=["rtn", "awq", "gptq"])
+    ap.add_argument("--algo", required=True, choices=ALGOS)
     ap.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
     ap.add_argument("--group", type=int, required=True)
+    ap.add_argument("--iters", type=int, default=200, help="AutoRound's iterations")
+    ap.add_argument("--batch", type=int, default=8, help="AutoRound's windows per iteration")
     return ap.parse_args()
 
 

@@ -21,6 +21,8 @@ def quantize(model, calib, args):
     from torch.utils.data import DataLoader
     import torch
 
+    if args.algo not in ("rtn", "awq", "gptq"):
+        raise ValueError(f"this runner drives llm-compressor's RTN / AWQ / GPTQ only, not {args.algo}")
     bits, symmetric = SCHEMES[args.scheme]
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
                                group_size=args.group)

@@ -17,7 +17,9 @@ def quantize(model, calib, args):
     from quark.torch.quantization.config.config import (AWQConfig, GPTQConfig, Int4PerGroupSpec, QConfig,
                                                          QLayerConfig, Uint4PerGroupSpec)
 
-    _, symmetric = SCHEMES[args.scheme]
+    bits, symmetric = SCHEMES[args.scheme]
+    if bits != 4 or args.algo not in ("rtn", "awq", "gptq"):
+        raise ValueError(f"this runner drives Quark's 4-bit RTN / AWQ / GPTQ only, not {args.algo} at {bits} bits")
     spec_cls = Int4PerGroupSpec if symmetric else Uint4PerGroupSpec
     weight = spec_cls(ch_axis=1, group_size=args.group, symmetric=symmetric).to_quantization_spec()
     linears = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--measures", default="relative,output,weight")
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--no-baselines", action="store_true", help="skip the uniform formats and the mixes by role")
+    p.add_argument("--baselines", default="", help="only the baselines whose label contains one of these (comma-"
+                                                   "separated), e.g. '3b g64,3b g32,attention'")
     p.add_argument("--work", type=Path, default=Path("/tmp/lowbit-mixed"))
     args = p.parse_args()
     from lowbit.api import evaluate, make_recipe, plan_for, quantize
@@ -83,9 +85,12 @@ def main() -> None:
                      "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    for b, g in [] if args.no_baselines else UNIFORM:
+    def wanted(label: str) -> bool:
+        return not args.no_baselines and (not args.baselines or any(k in label for k in args.baselines.split(",")))
+
+    for b, g in [bg for bg in UNIFORM if wanted(f"uniform {bg[0]}b g{bg[1]}")]:
         run(f"uniform {b}b g{g}", {n: (b, g) for n in shapes}, "uniform")
-    for label, roles in {} if args.no_baselines else MIXES.items():
+    for label, roles in [(k, v) for k, v in MIXES.items() if wanted(k)]:
         chosen = {n: next((bg for pat, bg in roles.items() if matches(pat, n)), (3, 64)) for n in shapes}
         run(label, chosen, "mix")
     windows = calibration_windows(loaded.tokenizer(), recipe.calibration)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit.algorithms import REGISTRY, parse_chain
-from lowbit.algorithms.autoround import Rounding
+from lowbit.algorithms.autoround import RangeRounding, rounding
 from lowbit.api import evaluate, quantize
 from lowbit.engine.block import BlockProblem
 from lowbit.errors import LowbitError
@@ -67,7 +67,7 @@ def test_learned_rounding_lowers_the_output_error(name):
 
     assert err(qt) < err(ref)
     # the learned weight is what its codes stand for: exactly the fake-quantized weight, on the format's grid
-    r = Rounding(W, spec, None, (0.5, 1.0))
+    r = rounding(W, spec, None, (0.5, 1.0))
     assert torch.equal(r.result().dequantize(), r.fake().detach())
     again = rtn(qt.dequantize(), spec)  # codes already on the grid: re-quantizing with its own scales keeps them
     assert qt.codes.shape == W.shape and torch.isfinite(qt.dequantize()).all() and again.codes.shape == W.shape
@@ -80,7 +80,8 @@ def test_clipping_factors_stay_in_range_and_start_from_a_transform():
     algo = REGISTRY["autoround"](iters=0, clip_min=0.7, clip_max=0.9)
     (qt,) = algo.optimise_block(problem)
     assert torch.equal(qt.codes, rtn(W, spec, start).codes)  # an AWQ clip search's factors are the start
-    r = Rounding(W, spec, None, (0.7, 0.9))
+    r = rounding(W, spec, None, (0.7, 0.9))
+    assert isinstance(r, RangeRounding) and float(r.clip_lo.detach().max()) == pytest.approx(0.9)
     assert float(r.clip.detach().max()) == pytest.approx(0.9)  # 1.0 clamped into the range
     with pytest.raises(LowbitError, match="clip_min"):
         parse_chain("autoround", {"autoround": {"clip_min": 0.9, "clip_max": 0.8}})

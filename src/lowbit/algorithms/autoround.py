@@ -2,8 +2,8 @@
 LLMs"): per decoder block, every weight's rounding is learned rather than taken to the nearest grid point.
 
 Each weight W gets a rounding offset V (W's shape, in [-0.5, 0.5] steps of its grid) and each quantization
-group a clipping factor c (in [clip_min, clip_max], shrinking the group's range as a clipping search's factor
-does). The block's output with Q(W / s(c) + V) * s(c) in place of every weight is compared with the float
+group clipping factors in [clip_min, clip_max] shrinking its range: one for the bottom and one for the top of an
+asymmetric integer group's range (RangeRounding), one for a symmetric range or block scale otherwise. The block's output with Q(W / s(c) + V) * s(c) in place of every weight is compared with the float
 block's output on the float model's input (mean squared error), over random batches of calibration windows;
 V and c move by signed gradient descent (each step lr times the gradient's sign, lr decaying linearly to 0),
 and the (V, c) of the lowest loss seen is kept. Rounding uses the straight-through estimator.
@@ -25,6 +25,7 @@ import torch
 
 from ..errors import LowbitError
 from ..formats import Quantized, compute_qparams, grid_round, quantize, tensor_scale, values_to_codes
+from ..formats.integer import block_range, range_qparams
 from ..formats.scaled import element_max
 from ..spec import QuantSpec
 from .base import BLOCK_FORWARD, FLOAT_AND_QUANTIZED_INPUTS, Quantizer, register
@@ -53,6 +54,9 @@ class Rounding:
     def params(self) -> list[torch.Tensor]:
         return [self.v, self.clip]
 
+    def ranges(self) -> list[tuple[float, float]]:
+        return [(-0.5, 0.5)] + [self.clip_range] * (len(self.params) - 1)
+
     def _grid(self):
         """(scale, zero point) per block for the current factors, and both expanded to the weight's shape; the
         expanded scale carries c's gradient (its value is the format's scale exactly)."""
@@ -73,24 +77,24 @@ class Rounding:
             inside = x.clamp(-top, top)
         # straight through the rounding only: outside the range the clamp's own gradient (zero in x, the end
         # value in s) holds, so that c learns what clipping costs
-        q = inside + (grid_round(x.detach(), self.spec, z) - inside).detach()
+        q = inside + (grid_round(x.detach(), self.spec, None if z is None else z.detach()) - inside).detach()
         return q * s
 
     def step(self, lr: float) -> None:
         """One signed-gradient step, each parameter kept in its range."""
         with torch.no_grad():
-            for p, (lo, hi) in ((self.v, (-0.5, 0.5)), (self.clip, self.clip_range)):
+            for p, (lo, hi) in zip(self.params, self.ranges()):
                 if p.grad is not None:
                     p.sub_(lr * p.grad.sign()).clamp_(lo, hi)
                     p.grad = None
 
-    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.v.detach().clone(), self.clip.detach().clone()
+    def state(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
 
     def load(self, state) -> None:
         with torch.no_grad():
-            self.v.copy_(state[0])
-            self.clip.copy_(state[1])
+            for p, saved in zip(self.params, state):
+                p.copy_(saved)
 
     def result(self) -> Quantized:
         """Codes, scales and zero points of the learned rounding, on the format's grid."""
@@ -98,6 +102,36 @@ class Rounding:
             scale, zero, s, z = self._grid()
             values = grid_round(self.w / s + self.v, self.spec, z)
             return Quantized(values_to_codes(values, z, self.spec), scale, zero, self.spec, self.t)
+
+
+class RangeRounding(Rounding):
+    """An asymmetric integer weight: the bottom and the top of each group's range clipped by factors of their own
+    (the paper's alpha and beta); the zero point follows them, rounded straight through. With equal factors it is
+    formats.compute_qparams with that clip exactly."""
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None, clip_range):
+        super().__init__(weight, spec, clip, clip_range)
+        self.lo, self.hi = block_range(self.w, spec)
+        self.clip_lo = self.clip.detach().clone().requires_grad_()
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [self.v, self.clip, self.clip_lo]
+
+    def _grid(self):
+        scale, zero = range_qparams(self.lo * self.clip_lo, self.hi * self.clip, self.spec)
+        live = (self.hi * self.clip - self.lo * self.clip_lo) / (self.spec.qmax - self.spec.qmin)
+        live = live + (scale - live).detach()  # the value of scale; its gradient in both factors
+        z_live = self.spec.qmin - self.lo * self.clip_lo / live
+        z_live = z_live + (zero - z_live).detach()  # the rounded, clamped zero point, straight through
+        return scale.detach(), zero.detach().to(torch.int32), expand(live, self.spec, self.w.shape), \
+            expand(z_live, self.spec, self.w.shape)
+
+
+def rounding(weight, spec: QuantSpec, clip, clip_range) -> Rounding:
+    """The learned rounding a format gets: two clipping factors per group for asymmetric integers, one otherwise."""
+    kind = RangeRounding if spec.plain_int and not spec.symmetric else Rounding
+    return kind(weight, spec, clip, clip_range)
 
 
 @register
@@ -128,7 +162,7 @@ class AutoRound(Quantizer):
 
     def optimise_block(self, problem) -> list[Quantized]:
         """The learned rounding of every linear of a block (BlockProblem), in the order of problem.names."""
-        roundings = [Rounding(problem.weights[n], problem.specs[n], problem.clips.get(n), self.clip_range)
+        roundings = [rounding(problem.weights[n], problem.specs[n], problem.clips.get(n), self.clip_range)
                      for n in problem.names]
         first, best, best_state = None, math.inf, [r.state() for r in roundings]
         pick = torch.Generator().manual_seed(self.seed)

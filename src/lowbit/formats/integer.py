@@ -58,10 +58,22 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None 
         hi = blocks.amax(dim=(1, 3)).clamp(min=0)
         if clip is not None:
             lo, hi = lo * clip, hi * clip
-        scale = (hi - lo) / (spec.qmax - spec.qmin)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax).to(torch.int32)
+        scale, zero = range_qparams(lo, hi, spec)
+        zero = zero.to(torch.int32)
     return scale, zero
+
+
+def block_range(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's asymmetric range [min(w, 0), max(w, 0)], shaped like the scales."""
+    blocks = _block_view(w.float(), spec.block_shape(*w.shape))
+    return blocks.amin(dim=(1, 3)).clamp(max=0), blocks.amax(dim=(1, 3)).clamp(min=0)
+
+
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (float, integral) zero point mapping each block's range [lo, hi] onto [qmin, qmax]."""
+    scale = (hi - lo) / (spec.qmax - spec.qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:

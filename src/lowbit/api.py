@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import time
 from dataclasses import dataclass, field
@@ -171,7 +170,8 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
     if loaded.quantized:
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
     plan = plan_for(loaded, recipe)
-    mixed = _mixed_precision(recipe, plan, planned_model(loaded, plan, chain), export, placement.ranks)
+    planned = planned_model(loaded, plan, chain)
+    mixed = _mixed_precision(recipe, plan, planned, export, placement.ranks)
     calibrated = has_static_inputs(plan) or any(a.needs_calibration for a in chain) or mixed is not None
     tokenizer = None
     if calibrated:  # refusals about the windows and the tokenizer come before any output is claimed
@@ -179,8 +179,7 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
         placement.ranks.check_windows(recipe.calibration["num_samples"])
         tokenizer = loaded.tokenizer()
     log(format_plan(plan), quiet)
-    exports = _check_exports(export, output, overwrite, planned_model(loaded, plan, chain), quiet,
-                             sources + [loaded.folder])
+    exports = _check_exports(export, output, overwrite, planned, quiet, sources + [loaded.folder])
     return TorchJob(str(model), loaded, recipe, plan, chain, tokenizer, keep, progress, placement,
                     sources=sources, mixed=mixed, quiet=quiet), exports
 

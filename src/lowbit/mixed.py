@@ -78,6 +78,8 @@ def allocate(table: dict[str, list], sizes: dict[str, int], target: float) -> di
     the budget (exact but for costs rounded up to 1/DP_UNITS of it), the greedy on the hulls, and every uniform
     plan that fits."""
     budget = target * sum(sizes.values()) + 1e-6
+    # the greedy too: the programme won at every target on the demo's table, but with few linears a plan right at
+    # the budget's edge is reachable only with exact costs, which the greedy uses (tests/test_mixed.py)
     plans = [_greedy(table, sizes, budget), *_uniform_plans(table, sizes, budget)]
     if len(table) * DP_UNITS <= DP_CELLS:
         plans.append(_programme(table, sizes, budget))

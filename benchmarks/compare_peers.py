@@ -111,7 +111,7 @@ def error_line(code: int, log: Path) -> str:
     return (errors or lines or [f"exit code {code}"])[-1][:300]
 
 
-def run_lowbit(args, algo, scheme, group, tmp, logs, label: str = "", extra: tuple[str, ...] = ()) -> dict:
+def run_lowbit(args, algo, scheme, group, tmp, data, logs, label: str = "", extra: tuple[str, ...] = ()) -> dict:
     """`lowbit quantize` (with `extra` arguments) then lowbit's evaluate, each its own measured process; wall
     is their sum, peak RSS the larger (a peer runner does load, quantize and evaluate in one process)."""
     row = {"tool": "lowbit", "algo": f"{algo} {label}".strip(), "scheme": scheme, "group": group,
@@ -130,13 +130,13 @@ def run_lowbit(args, algo, scheme, group, tmp, logs, label: str = "", extra: tup
         return row
     row["quantize_seconds"] = json.loads((out / "summary.json").read_text())["seconds"]["quantize"]
     log = logs / f"{out.name}.eval.log"
-    code, ewall, epeak, stdout = measured(lowbit_eval_argv(args, str(out)), log, args.timeout)
+    code, ewall, epeak, stdout = measured(lowbit_eval_argv(args, str(out), data), log, args.timeout)
     res = last_json(stdout)
     row.update(wall_seconds=wall + ewall, peak_rss=max(peak, epeak))
     if code or res is None:
         row["error"] = error_line(code, log)
     else:
-        row["perplexity"] = res["perplexity"]
+        row["perplexity"], row["last_word_accuracy"] = res["perplexity"], res["last_word_accuracy"]
     return row
 
 
@@ -152,22 +152,24 @@ def run_peer(args, tool, python, algo, scheme, group, model, data, logs) -> dict
     return row
 
 
-def lowbit_eval_argv(args, model: str) -> list[str]:
-    argv = [sys.executable, str(PEERS_DIR / "lowbit_tasks.py"), "eval", model, str(args.seq_len)]
+def lowbit_eval_argv(args, model: str, data: str) -> list[str]:
+    argv = [sys.executable, str(PEERS_DIR / "lowbit_tasks.py"), "eval", model, data, str(args.seq_len)]
     return argv + ([str(args.max_chunks)] if args.max_chunks else [])
 
 
-def table(rows: list[dict], float_ppl: float) -> str:
-    lines = ["| tool | algo | scheme | group | perplexity | vs float | quantize s | wall s | peak RSS MiB | error |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| float | - | - | - | {float_ppl:.3f} | | | | | |"]
+def table(rows: list[dict], float_ppl: float, float_acc: float) -> str:
+    lines = ["| tool | algo | scheme | group | perplexity | vs float | last-word acc | quantize s | wall s | "
+             "peak RSS MiB | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| float | - | - | - | {float_ppl:.3f} | | {100 * float_acc:.1f}% | | | | |"]
     for r in rows:
-        ppl = r.get("perplexity")
+        ppl, acc = r.get("perplexity"), r.get("last_word_accuracy")
         qs, wall, peak = r.get("quantize_seconds"), r.get("wall_seconds"), r.get("peak_rss")
         lines.append(
             f"| {r['tool']} | {r['algo']} | {r['scheme']} | {r['group']} | "
             f"{'' if ppl is None else f'{ppl:.3f}'} | "
             f"{'' if ppl is None else f'{100 * (ppl / float_ppl - 1):+.1f}%'} | "
+            f"{'' if acc is None else f'{100 * acc:.1f}%'} | "
             f"{'' if qs is None else f'{qs:.1f}'} | {'' if wall is None else f'{wall:.1f}'} | "
             f"{'' if peak is None else f'{peak / 2**20:.0f}'} | {(r.get('error') or '').replace('|', '/')} |")
     return "\n".join(lines)
@@ -215,12 +217,13 @@ def main() -> None:
         cmd = [sys.executable, str(PEERS_DIR / "lowbit_tasks.py"), "data", model, data,
                str(args.num_calib_data), str(args.seq_len)] + ([str(args.max_chunks)] if args.max_chunks else [])
         shapes = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        print(f"model {model}\ncalibration {shapes['calib']}, evaluation {shapes['eval']} (pydoc)", flush=True)
-        code, _, _, stdout = measured(lowbit_eval_argv(args, model), logs / "float.eval.log", args.timeout)
+        print(f"model {model}\ncalibration {shapes['calib']}, evaluation {shapes['eval']} (pydoc), "
+              f"{shapes['last_word']} last-word passages", flush=True)
+        code, _, _, stdout = measured(lowbit_eval_argv(args, model, data), logs / "float.eval.log", args.timeout)
         if code:
             raise SystemExit(f"float evaluation failed: {error_line(code, logs / 'float.eval.log')}")
-        float_ppl = last_json(stdout)["perplexity"]
-        print(f"float perplexity {float_ppl:.4f}", flush=True)
+        float_ppl, float_acc = last_json(stdout)["perplexity"], last_json(stdout)["last_word_accuracy"]
+        print(f"float perplexity {float_ppl:.4f}, last-word accuracy {float_acc:.3f}", flush=True)
 
         rows = []
 
@@ -229,27 +232,27 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if args.json_out:
                 args.json_out.write_text(json.dumps(
-                    {"float_perplexity": float_ppl, "calib": shapes["calib"], "eval": shapes["eval"],
+                    {"float_perplexity": float_ppl, "float_last_word_accuracy": float_acc, "calib": shapes["calib"], "eval": shapes["eval"],
                      "rows": rows}, indent=1))
 
         for algo in args.algos.split(","):  # algorithm-major: each combination's tools side by side
             for scheme, group in schemes:
                 for tool in tools:
                     if tool == "lowbit":
-                        record(run_lowbit(args, algo, scheme, group, tmp, logs))
+                        record(run_lowbit(args, algo, scheme, group, tmp, data, logs))
                     elif "+" in algo:
                         continue  # a lowbit chain (rotation+gptq): no peer runs it
                     else:
                         record(run_peer(args, tool, pythons[tool], algo, scheme, group, model, data, logs))
                 for v_algo, label, extra in variants:
                     if v_algo == algo:
-                        record(run_lowbit(args, algo, scheme, group, tmp, logs, label, extra))
+                        record(run_lowbit(args, algo, scheme, group, tmp, data, logs, label, extra))
         if not args.logs:
             print(f"(logs of every run were in {logs}, removed; give --logs DIR to keep them)")
 
     print(f"\nSmolLM2-135M-Instruct float32, pydoc text, calibration {shapes['calib'][0]} x {shapes['calib'][1]}, "
           f"evaluation {shapes['eval'][0]} x {shapes['eval'][1]}, {platform.machine()}, {os.cpu_count()} cores")
-    print(table(rows, float_ppl))
+    print(table(rows, float_ppl, float_acc))
 
 
 if __name__ == "__main__":

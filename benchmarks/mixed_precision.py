@@ -8,14 +8,20 @@ gives the same plan. Every configuration is quantized with the same quantizer (-
 calibration windows.
 
     python benchmarks/mixed_precision.py [--model demo] [--algo rtn] [--num-calib-data 16] [--seq-len 512]
-        [--eval-chunks 16] [--dataset pydoc,/tmp/heldout.txt] [--targets 2.5,3,3.5,4,5,6] [--measures relative,output,weight] [--no-baselines]
+        [--eval-chunks 16] [--dataset pydoc,/tmp/heldout.txt] [--targets 2.5,3,3.5,4,5,6]
+        [--measures fisher,relative,output,weight] [--no-baselines] [--merge OLD.json] [--json-out NEW.json]
         [--plot docs/mixed_precision.svg] [--work /tmp/lowbit-mixed]
+
+--merge keeps an earlier run's rows (results JSON) that this run does not measure again, so that a new measure
+can join the table and the curve without re-running the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -43,7 +49,9 @@ def main() -> None:
     p.add_argument("--eval-chunks", type=int, default=16)
     p.add_argument("--dataset", default="pydoc")
     p.add_argument("--targets", default="2.5,3,3.5,4,5,6")
-    p.add_argument("--measures", default="relative,output,weight")
+    p.add_argument("--measures", default="fisher,relative,output,weight")
+    p.add_argument("--merge", type=Path, default=None, help="an earlier results JSON whose rows join this run's")
+    p.add_argument("--json-out", type=Path, default=None, help="write the rows (merged) here as JSON")
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--no-baselines", action="store_true", help="skip the uniform formats and the mixes by role")
     p.add_argument("--baselines", default="", help="only the baselines whose label contains one of these (comma-"
@@ -112,8 +120,15 @@ def main() -> None:
                            for n, s in allocate(table, sizes, 3.5).items()}
         print(f"--target-bits 3.5 through quantize(): {out.summary['mixed_precision']}; the same plan: {same}",
               flush=True)
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    if args.merge:
+        ours = {r["name"] for r in rows}
+        rows = [r for r in json.loads(args.merge.read_text())["rows"] if r["name"] not in ours] + rows
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()}",
+              "command": " ".join(sys.argv),
+              "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     print(json.dumps(result, indent=1))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
         plot(rows, args.dataset.split(","), args.plot)
 
@@ -127,7 +142,7 @@ def plot(rows: list, datasets: list, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
     styles = {"uniform": ("o", "uniform"), "mix": ("s", "mix by role"),
-              "target-relative": ("*", "--target-bits (relative)"), "target-output": ("v", "--target-bits (output)"),
+              "target-fisher": ("P", "--target-bits (fisher)"), "target-relative": ("*", "--target-bits (relative)"), "target-output": ("v", "--target-bits (output)"),
               "target-weight": ("^", "--target-bits (weight)")}
     for ax, d in zip(axes[0], datasets):
         floor = next(r["perplexity"][d] for r in rows if r["name"] == "float")

@@ -96,6 +96,64 @@ def test_measures():
     assert rel.table["l"][0][1] == pytest.approx(error(w, spec, gram) / signal, rel=1e-3)
 
 
+def test_fisher_is_the_loss_gradient_squared(tiny_models):
+    """output_fisher's F of a linear equals the squared gradient of each window's mean next-token loss with respect
+    to the linear's output, summed over tokens and averaged over windows, computed here directly by autograd."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.algorithms.sensitivity import output_fisher
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    windows = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.1.mlp.down_proj"
+    fisher = output_fisher(model, [name, "model.layers.0.self_attn.q_proj"], windows, "cpu")
+    assert set(fisher) == {name, "model.layers.0.self_attn.q_proj"}
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # the weights were left alone
+    outputs = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: outputs.append(out) or out.retain_grad())
+    expected = 0
+    for w in windows:
+        outputs.clear()
+        logits = model(input_ids=w[None], use_cache=False).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, w[1:]).backward()
+        expected = expected + outputs[0].grad[0].double().pow(2).sum(0)
+    handle.remove()
+    model.zero_grad()
+    assert torch.allclose(fisher[name], expected / len(windows), rtol=1e-5, atol=1e-12)
+    assert (fisher[name] > 0).all()
+
+
+def test_fisher_measure_weights_output_channels():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(8, 32, generator=g), torch.randn(200, 32, generator=g)
+    gram = x.T @ x / len(x)
+    spec = BASE.with_changes(bits=3, group_size=32)
+    assert error(w, spec, gram, torch.ones(8)) == pytest.approx(error(w, spec, gram), rel=1e-6)
+    only_first = torch.zeros(8)
+    only_first[0] = 2.0
+    from lowbit.formats import fake_quant
+
+    dq = fake_quant(w, spec) - w
+    assert error(w, spec, gram, only_first) == pytest.approx(2 * float(((x @ dq[0]) ** 2).mean()), rel=1e-4)
+
+
+def test_fisher_needs_the_model_in_memory(tiny_models, tmp_path, monkeypatch):
+    import lowbit.mixed
+
+    monkeypatch.setattr(lowbit.mixed, "fits_in_memory", lambda *a, **k: False)
+    with pytest.raises(LowbitError, match="--sensitivity fisher runs the whole model at once.*--sensitivity relative"):
+        quantize(tiny_models["llama"], tmp_path / "out", target_bits=3.5, quiet=True, **CAL)
+    assert not (tmp_path / "out").exists()
+    out = quantize(tiny_models["llama"], tmp_path / "rel", target_bits=3.5, sensitivity="relative", quiet=True, **CAL)
+    assert out.summary["mixed_precision"]["measure"] == "relative"
+
+
+def test_fisher_on_a_mixture_of_experts(tiny_moe, tmp_path):
+    out = quantize(tiny_moe["mixtral"], tmp_path / "out", target_bits=3.5, quiet=True, **CAL)
+    assert out.summary["mixed_precision"]["measure"] == "fisher"
+    assert folder_bits(out.output) == pytest.approx(out.summary["mixed_precision"]["achieved_bits"], abs=1e-3)
+
+
 CAL = dict(scheme="w_uint4_per_group_asym", group_size=16, num_calib_data=6, seq_len=48, batch_size=2,
            progress=False)
 
@@ -111,7 +169,7 @@ def test_target_bits_end_to_end(tiny_models, tmp_path, capsys):
     printed = capsys.readouterr().err
     assert "mixed precision: " in printed and "target 3.5" in printed and "measuring the sensitivity" in printed
     record = out.summary["mixed_precision"]
-    assert record["target_bits"] == 3.5 and record["measure"] == "relative"
+    assert record["target_bits"] == 3.5 and record["measure"] == "fisher"
     assert 3.0 < record["achieved_bits"] <= 3.5
     assert folder_bits(out.output) == pytest.approx(record["achieved_bits"], abs=1e-3)
     specs = {s.bits for s, _ in LowbitFolder(out.output).modules.values()}

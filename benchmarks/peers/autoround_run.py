@@ -13,9 +13,11 @@ def quantize(model, calib, args):
     if args.algo != "autoround":
         raise ValueError(f"auto-round runs AutoRound only, not {args.algo}")
     from auto_round import AutoRound
+    from transformers import AutoTokenizer
 
     bits, symmetric = SCHEMES[args.scheme]
-    ar = AutoRound(model, scheme="W4A16", bits=bits, group_size=args.group, sym=symmetric, iters=args.iters,
+    # the tokenizer is required with a model object though the windows come tokenized
+    ar = AutoRound(model, tokenizer=AutoTokenizer.from_pretrained(args.model), scheme="W4A16", bits=bits, group_size=args.group, sym=symmetric, iters=args.iters,
                    nsamples=len(calib), seqlen=calib.shape[1], batch_size=args.batch,
                    dataset=list(calib.split(args.batch)), device_map="cpu")
     model, _ = ar.quantize()

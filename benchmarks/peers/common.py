@@ -42,9 +42,9 @@ def parse_args(tool: str) -> argparse.Namespace:
     return ap.parse_args()
 
 
-def load_data(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load_data(path: str) -> tuple[torch.Tensor, torch.Tensor, list]:
     data = torch.load(path)
-    return data["calib"], data["eval"]
+    return data["calib"], data["eval"], data.get("last_word", [])
 
 
 def load_float_model(folder: str):
@@ -75,6 +75,34 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     return math.exp(total_nll / total_tokens)
 
 
+LAST_WORD_PASSAGES = 200
+
+
+def last_word_items(tokenizer, text: str, limit: int = LAST_WORD_PASSAGES) -> list[tuple[torch.Tensor, int]]:
+    """LAMBADA-style items from a text (lowbit's eval.task_files.last_word_passages: passages of whole
+    sentences ending in a plain word): (the passage's token ids, how many of the last ones are its final word)."""
+    from lowbit.eval.task_files import last_word_passages
+
+    items = []
+    for passage in last_word_passages(text, min_words=30, limit=limit):
+        context, _, word = passage.rpartition(" ")
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        target = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        items.append((torch.tensor(ctx + target), len(target)))
+    return items
+
+
+def last_word_accuracy(model, items: list) -> float:
+    """LAMBADA's accuracy: the share of passages whose final word the model predicts greedily, every one of its
+    tokens the argmax after the tokens before it."""
+    correct = 0
+    with torch.inference_mode():
+        for ids, n in items:
+            logits = model(input_ids=ids[None], use_cache=False).logits[0]
+            correct += bool((logits[-n - 1:-1].argmax(-1) == ids[-n:]).all())
+    return correct / max(len(items), 1)
+
+
 def run(tool: str, quantize) -> None:
     """Parse the command line, call quantize(model, calib, args) -> model (timed), evaluate, print the line.
     Any exception becomes the "error" field (its last line), and the exit code stays 0 so the row is kept."""
@@ -82,12 +110,13 @@ def run(tool: str, quantize) -> None:
     row = {"tool": tool, "algo": args.algo, "scheme": args.scheme, "group": args.group,
            "perplexity": None, "quantize_seconds": None, "error": None}
     try:
-        calib, windows = load_data(args.data)
+        calib, windows, last_word = load_data(args.data)
         model = load_float_model(args.model)
         start = time.perf_counter()
         model = quantize(model, calib, args)
         row["quantize_seconds"] = round(time.perf_counter() - start, 2)
         row["perplexity"] = perplexity(model, windows)
+        row["last_word_accuracy"] = last_word_accuracy(model, last_word)
     except BaseException as exc:  # noqa: BLE001 - one failed combination must not lose the table
         traceback.print_exc(file=sys.stderr)
         text = f"{type(exc).__name__}: {exc}".strip().splitlines()

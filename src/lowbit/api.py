@@ -43,7 +43,7 @@ def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None =
                 seq_len: int = 512, seed: int = 0, batch_size: int = 8, algo_args=None,
                 propagate: str = DEFAULT_CALIBRATION["propagate"], kv_cache_dtype: str | None = None,
                 moe_experts_scheme: str | None = None, target_bits: float | None = None,
-                sensitivity: str = "relative") -> Recipe:
+                sensitivity: str = "fisher") -> Recipe:
     """A Recipe from the CLI-style arguments (exclude_layers None = the default, lm_head; algo_args a dict
     {algorithm: {option: value}} or 'NAME:KEY=VALUE' strings; moe_experts_scheme: the weight scheme of every
     MoE expert linear, Quark's --moe_experts_second_step_config, as an override; target_bits: mixed precision at

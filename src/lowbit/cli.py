@@ -62,7 +62,7 @@ def _recipe_from_args(args):
                        propagate=getattr(args, "propagate", DEFAULT_CALIBRATION["propagate"]),
                        kv_cache_dtype=args.kv_cache_dtype, moe_experts_scheme=args.moe_experts_second_step_config,
                        target_bits=getattr(args, "target_bits", None),
-                       sensitivity=getattr(args, "sensitivity", "relative"))
+                       sensitivity=getattr(args, "sensitivity", "fisher"))
 
 
 def _fmt_size(n: int) -> str:

@@ -129,10 +129,12 @@ def _add_quantize_parser(sub) -> None:
                         "integer scheme from its sensitivity measured on the calibration windows, for B stored bits "
                         "per weight on average (scales and zero points included); the plan is printed and recorded "
                         "in recipe.yaml")
-    q.add_argument("--sensitivity", choices=["relative", "output", "weight"], default="relative",
+    q.add_argument("--sensitivity", choices=["fisher", "relative", "output", "weight"], default="fisher",
                    help="the measure --target-bits minimises, summed over the linears: each one's output error on "
-                        "the calibration inputs relative to its output (relative), the same error unscaled (output), "
-                        "or its weight error alone (weight) [default: relative]")
+                        "the calibration inputs weighted per output channel by the loss's squared gradient (fisher: "
+                        "one forward and backward pass of the whole float model per window, which must fit in "
+                        "memory), that error relative to the output (relative), unscaled (output), or the weight "
+                        "error alone (weight) [default: fisher]")
     q.add_argument("--recipe", default=None, help="a recipe.yaml/.json (replaces the scheme/layer/algo options)")
     q.add_argument("--num-calib-data", "--num_calib_data", type=count(1), default=128,
                    help="calibration windows, for calibrated algorithms [default: 128]")

@@ -5,9 +5,12 @@ least error.
 1. Candidates: the scheme's integer weight format at 2, 3, 4 and 8 bits and group sizes 32, 64, 128 (and the
    scheme's own), those dividing the linear's input width, and only those every requested export can hold.
 2. Sensitivity: one pass of the float model over the calibration windows (the engine with
-   algorithms.sensitivity.SensitivityProbe) records each candidate's error on each linear: by default the output
-   error tr(dW H dW^T) on the calibration inputs relative to the output's own energy tr(W H W^T); "output" leaves
-   it unscaled, "weight" uses ||dW||^2 (docs/BENCHMARKS.md compares them).
+   algorithms.sensitivity.SensitivityProbe) records each candidate's error on each linear: by default ("fisher")
+   the output error on the calibration inputs with each output channel weighted by the loss's mean squared
+   gradient there (from a forward and backward pass of the whole float model per window, first); "relative" is
+   the output error tr(dW H dW^T) relative to the output's own energy tr(W H W^T) (block by block: for models
+   that do not fit in memory at once), "output" leaves it unscaled, "weight" uses ||dW||^2 (docs/BENCHMARKS.md
+   compares them).
 3. Allocation: a multiple-choice knapsack, minimising the summed error within the budget, solved by dynamic
    programming over the budget (costs rounded up to 1/20000 of it), beside a greedy along each linear's lower
    convex hull of (bits, error) and every uniform plan that fits; the best of them is kept.
@@ -23,8 +26,9 @@ import heapq
 import sys
 
 from .algorithms import REGISTRY
-from .algorithms.sensitivity import MEASURES, SensitivityProbe
+from .algorithms.sensitivity import MEASURES, SensitivityProbe, output_fisher
 from .errors import LowbitError
+from .memory import fits_in_memory
 from .recipe import Override
 from .spec import QuantSpec
 
@@ -215,7 +219,8 @@ class MixedPrecision:
         """name -> [(spec, bits per weight, error)] from one float pass over the calibration windows."""
         from .engine import Engine
 
-        probe = SensitivityProbe(lambda name, weight: self.allowed[name], self.measure)
+        fisher = self.output_fisher(loaded, plan, windows, placement) if self.measure == "fisher" else None
+        probe = SensitivityProbe(lambda name, weight: self.allowed[name], self.measure, fisher)
         Engine(loaded, plan, [probe, REGISTRY["rtn"]()], windows, keep_in_memory=False, batch_size=batch_size,
                progress=False, placement=placement).run()
         table = {}
@@ -226,6 +231,21 @@ class MixedPrecision:
             table[name] = [(s, stored_bits(s, lp.shape[1]), e) for s, e in found] if found else \
                 [(lp.spec, stored_bits(lp.spec, lp.shape[1]), 0.0)]
         return table
+
+    @staticmethod
+    def output_fisher(loaded, plan: dict, windows, placement) -> dict:
+        """The "fisher" measure's weights: a forward and backward pass of the whole float model per calibration
+        window (the model must fit in memory at once; the block-by-block engine runs no backward pass)."""
+        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        if placement.on_host and not fits_in_memory(weight_bytes, working_bytes=weight_bytes // 4):
+            raise LowbitError(f"--sensitivity fisher runs the whole model at once ({weight_bytes / 2**30:.1f} GiB of "
+                              f"weights), more than this machine has free; use --sensitivity relative")
+        model = loaded.load_all()
+        try:
+            return output_fisher(model, [n for n, lp in plan.items() if lp.spec is not None], windows,
+                                 placement.device)
+        finally:
+            loaded.release("")
 
     def choose(self, loaded, plan: dict, windows, placement, batch_size: int, quiet: bool):
         """(the plan with each linear's chosen spec, the exact-name overrides holding it, the record for the

@@ -48,9 +48,14 @@ def _add_recipe_args(p, required: bool) -> None:
 
 
 def _add_export_options(p) -> None:
-    p.add_argument("--gguf-type", default=None, choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4"],
-                   help="gguf: one type for every quantized linear, re-quantizing where the stored codes do not map "
-                        "[default: the exact type per layer, else the nearest, with a warning]")
+    p.add_argument("--gguf-type", default=None, type=str.lower, metavar="TYPE",
+                   choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k",
+                            "q6_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m"],
+                   help="gguf: one type for every quantized linear (q4_0 q4_1 q5_0 q5_1 q8_0 mxfp4 iq4_nl q2_k q3_k "
+                        "q4_k q5_k q6_k), or one of llama.cpp's K-quant mixes, each tensor's type chosen as "
+                        "llama-quantize chooses it (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k); "
+                        "re-quantized where the stored codes do not map [default: the exact type per layer, else "
+                        "the nearest, with a warning]")
     p.add_argument("--accuracy-level", "--accuracy_level", type=int, default=None, choices=[0, 1, 2, 3, 4],
                    help="onnx: MatMulNBits accuracy_level (lowest precision of the activations inside the kernel: "
                         "1 fp32, 2 fp16, 3 bf16, 4 int8) [default: 0, unset]")

@@ -6,8 +6,10 @@ multiple of 32 columns, per channel or per tensor -> Q4_0 / Q4_1 / Q5_0 / Q5_1 /
 stored codes move as they are and the only loss is storing each block's scale (and Q4_1's minimum) as
 float16 (relative error <= 2^-11). Anything else (groups of 16, 8-bit asymmetric, FP8, NVFP4, ...) is
 re-quantized from lowbit's dequantized weights by gguf-py, with a warning (check_gguf returns it; the file
-keeps it under lowbit.warnings). `quant_type` forces one type for every quantized linear. Q4_K / Q6_K are not
-written: gguf-py cannot quantize them and no lowbit scheme maps onto their two-level scales.
+keeps it under lowbit.warnings). `quant_type` forces one type for every quantized linear, K-quants (Q2_K ...
+Q6_K, gguf_kquants) and IQ4_NL (gguf_iq4nl) included, or names one of llama.cpp's K-quant mixes (gguf_mixes:
+per-tensor types as llama-quantize chooses them, the float embedding / output quantized as well). No lowbit
+scheme maps onto the K-quants' two-level scales yet: they are always re-quantized from the dequantized weights.
 
 Architectures: llama and mistral (llama.cpp's "llama": q/k rows permuted from HF's rotate-half RoPE to
 llama.cpp's adjacent pairs, an exact row move), qwen2 (no permutation; q/k/v biases) and gemma (norm weights
@@ -36,16 +38,21 @@ from .. import __version__
 from ..errors import LowbitError
 from ..spec import QuantSpec
 from .gguf_blocks import exact_type, fallback_type, pack_exact, requantize, row_bytes
+from .gguf_mixes import MIXES, ModelShape, fallback, mix_types
 from .gguf_meta import add_hparams, config_warnings, llama3_rope_factors, n_vocab, rope
 from .gguf_vocab import GGUFVocab, read_vocab
 from ..staging import check_output, staged
 from .declared import check_layers
 from .source import LowbitFolder, PlannedModel
 
-QUANT_TYPES = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "mxfp4": T.MXFP4}
-FILE_TYPES = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-              T.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, T.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
-              T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, T.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE}
+QUANT_TYPES = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "mxfp4": T.MXFP4,
+               "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K, "iq4_nl": T.IQ4_NL}
+GGUF_TYPES = sorted({*QUANT_TYPES, *MIXES})  # what --gguf-type takes: one type, or one of llama.cpp's mixes
+_FT = gguf.LlamaFileType
+FILE_TYPES = {T.Q4_0: _FT.MOSTLY_Q4_0, T.Q4_1: _FT.MOSTLY_Q4_1, T.Q5_0: _FT.MOSTLY_Q5_0, T.Q5_1: _FT.MOSTLY_Q5_1,
+              T.Q8_0: _FT.MOSTLY_Q8_0, T.MXFP4: _FT.MOSTLY_MXFP4_MOE, T.Q2_K: _FT.MOSTLY_Q2_K,
+              T.Q3_K: _FT.MOSTLY_Q3_K_S, T.Q4_K: _FT.MOSTLY_Q4_K_S, T.Q5_K: _FT.MOSTLY_Q5_K_S,
+              T.Q6_K: _FT.MOSTLY_Q6_K, T.IQ4_NL: _FT.MOSTLY_IQ4_NL, T.F16: _FT.MOSTLY_F16}
 NOT_EXPORTED = re.compile(r"rotary_emb\.inv_freq$")  # buffers some checkpoints carry; llama.cpp computes them
 
 
@@ -84,6 +91,8 @@ class GGUFPlan:
     names: gguf.TensorNameMap
     linears: list[LinearGGUF]
     warnings: list[str] = field(default_factory=list)
+    mix: str | None = None  # one of llama.cpp's K-quant mixes (gguf_mixes.MIXES)
+    float_types: dict[str, T] = field(default_factory=dict)  # 2-D float tensors the mix quantizes too
 
 
 def check_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None) -> list[str]:
@@ -121,15 +130,19 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None)
         raise LowbitError(f"GGUF export supports llama, mistral, qwen2 and gemma models, not {model_type!r}; "
                           f"export to compressed-tensors instead")
     check_layers("gguf", model)  # r4, activations, KV cache, widths (declared.CAPABILITIES["gguf"])
-    forced = _forced_type(quant_type)
+    mix = str(quant_type).lower() if quant_type is not None and str(quant_type).lower() in MIXES else None
+    forced = None if mix else _forced_type(quant_type)
     rope(config)  # refuses unsupported RoPE scaling now
     names = gguf.get_tensor_name_map(arch.gguf_arch, config["num_hidden_layers"])
-    plan = GGUFPlan(arch, config, names, [], config_warnings(config))
+    plan = GGUFPlan(arch, config, names, [], config_warnings(config), mix)
+    gguf_names = {name: _gguf_name(names, f"{name}.weight", arch) for name in model.modules}
+    mixed = _mix_plan(plan, model, gguf_names) if mix else {}
     requantized: Counter = Counter()
     for name, (spec, (rows, cols)) in model.modules.items():
-        gguf_name = _gguf_name(names, f"{name}.weight", arch)
+        gguf_name = gguf_names[name]
         exact = exact_type(spec, cols)
-        qtype = forced if forced is not None else exact if exact is not None else fallback_type(spec)
+        qtype = mixed[gguf_name] if mix else fallback(forced, cols) if forced is not None else \
+            exact if exact is not None else fallback_type(spec)
         if qtype != exact:
             requantized[(spec.short_name, qtype.name, exact.name if exact else None)] += 1
         plan.linears.append(LinearGGUF(name, gguf_name, spec, (rows, cols), qtype, qtype == exact,
@@ -139,6 +152,24 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None)
         plan.warnings.append(f"{n} linear{'s' if n > 1 else ''} ({short}) re-quantized from lowbit's dequantized "
                              f"weights to {qtype}: {why}")
     return plan
+
+
+def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: dict[str, str]) -> dict[str, T]:
+    """The mix's type for every quantized linear (GGUF name -> type), and in plan.float_types for the float
+    embedding and output, which llama.cpp's quantizer quantizes as well."""
+    config = plan.config
+    heads = config["num_attention_heads"]
+    shape = ModelShape(config["num_hidden_layers"], heads // (config.get("num_key_value_heads") or heads),
+                       int(config.get("num_local_experts") or config.get("num_experts") or 0),
+                       tied_output=bool(config.get("tie_word_embeddings")) or not plan.arch.separate_output)
+    hidden = config["hidden_size"]
+    tensors = {gguf_names[n]: cols for n, (_, (_, cols)) in model.modules.items()}
+    floats = {"token_embd.weight": hidden} if "token_embd.weight" not in tensors else {}
+    if not shape.tied_output and "output.weight" not in tensors:
+        floats["output.weight"] = hidden
+    types = mix_types(plan.mix, {**tensors, **floats}, shape)
+    plan.float_types = {n: types[n] for n in floats}
+    return types
 
 
 def _gguf_name(names: gguf.TensorNameMap, name: str, arch: Arch) -> str:
@@ -159,8 +190,7 @@ def _forced_type(quant_type: str | None) -> T | None:
         return None
     qtype = QUANT_TYPES.get(str(quant_type).lower())
     if qtype is None:
-        raise LowbitError(f"unknown GGUF quant type {quant_type!r}; use one of {', '.join(QUANT_TYPES)} "
-                          f"(Q4_K and Q6_K are not written by this version)")
+        raise LowbitError(f"unknown GGUF quant type {quant_type!r}; use one of {', '.join(GGUF_TYPES)}")
     return qtype
 
 
@@ -198,7 +228,9 @@ def _tensors(folder: LowbitFolder, plan: GGUFPlan) -> list[Tensor]:
         if NOT_EXPORTED.search(name):
             continue
         gguf_name = _gguf_name(plan.names, name, plan.arch)
-        out.append(_float_tensor(folder, plan, name, gguf_name))
+        qtype = plan.float_types.get(gguf_name)
+        out.append(_float_tensor(folder, plan, name, gguf_name) if qtype is None else
+                   _requantized_float(folder, plan, name, gguf_name, qtype))
     for lin in plan.linears:
         shape = (lin.shape[0], row_bytes(lin.qtype, lin.shape[1]))
         out.append(Tensor(lin.gguf_name, shape, np.uint8, lin.qtype, lambda lin=lin: _linear_bytes(folder, lin)))
@@ -228,6 +260,13 @@ def _float_tensor(folder: LowbitFolder, plan: GGUFPlan, name: str, gguf_name: st
     if dtype == torch.bfloat16:  # numpy has no bfloat16: written as raw bytes, 2 per element
         return Tensor(gguf_name, (*shape[:-1], shape[-1] * 2), np.uint8, T.BF16, make)
     return Tensor(gguf_name, shape, np.float16 if dtype == torch.float16 else np.float32, None, make)
+
+
+def _requantized_float(folder: LowbitFolder, plan: GGUFPlan, name: str, gguf_name: str, qtype: T) -> Tensor:
+    """A float embedding or output quantized to the mix's type, as llama.cpp's quantizer does."""
+    rows, cols = folder.ckpt.get(name).shape
+    return Tensor(gguf_name, (rows, row_bytes(qtype, cols)), np.uint8, qtype,
+                  lambda: requantize(folder.ckpt.get(name).float(), qtype))
 
 
 def _linear_bytes(folder: LowbitFolder, lin: LinearGGUF) -> np.ndarray:
@@ -281,7 +320,9 @@ def _add_general(writer: gguf.GGUFWriter, plan: GGUFPlan, name: str) -> None:
     writer.add_quantized_by(f"lowbit {__version__}")
     if plan.warnings:
         writer.add_array("lowbit.warnings", plan.warnings)
-    writer.add_file_type(FILE_TYPES[counts.most_common(1)[0][0]] if counts else gguf.LlamaFileType.ALL_F32)
+    file_type = MIXES[plan.mix].file_type if plan.mix else \
+        FILE_TYPES.get(counts.most_common(1)[0][0], _FT.GUESSED) if counts else _FT.ALL_F32
+    writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

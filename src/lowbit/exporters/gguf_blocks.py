@@ -20,6 +20,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize
 
 from ..formats import Quantized
+from .gguf_iq4nl import quantize_iq4_nl
+from .gguf_kquants import KQUANT_TYPES, quantize_k
 from ..spec import QuantSpec
 
 BLOCK = 32
@@ -89,8 +91,15 @@ def pack_exact(qt: Quantized, qtype: T) -> np.ndarray:
     return _concat(heads, _nibbles(q & 15), rows)
 
 
-def requantize(weight: torch.Tensor, qtype: T) -> np.ndarray:
-    """uint8 (N, row_bytes) blocks of a float weight, quantized by gguf-py's reference quantizer."""
+def requantize(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> np.ndarray:
+    """uint8 (N, row_bytes) blocks of a float weight: K-quants and IQ4_NL by lowbit's own quantizers (weighted by
+    the importance matrix's column weights when given), the legacy types by gguf-py's reference quantizer."""
+    if qtype in KQUANT_TYPES:
+        return quantize_k(weight.float(), qtype, importance)
+    if qtype == T.IQ4_NL:
+        return quantize_iq4_nl(weight.float(), importance)
+    if qtype == T.F16:
+        return weight.to(torch.float16).numpy().view(np.uint8)
     return gguf_quantize(np.ascontiguousarray(weight.float().numpy()), qtype)
 
 

@@ -1,0 +1,125 @@
+"""llama.cpp's K-quant mixes (--gguf-type q4_k_m, ...): each tensor's type chosen as llama-quantize chooses it,
+the fallbacks for rows that are not whole 256-wide super-blocks, IQ4_NL, and whole files that llama.cpp runs and
+that compute what lowbit computes from the same file."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+from lowbit.api import load
+from lowbit.exporters.gguf import check_gguf, export_gguf
+from lowbit.exporters.gguf_iq4nl import quantize_iq4_nl
+from lowbit.exporters.gguf_mixes import ModelShape, fallback, mix_types, use_more_bits
+from lowbit.exporters.source import LowbitFolder
+
+from .conftest import need_llama_cpp, save_random_model
+
+ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _names(layers: int, cols: int = 4096, down: int = 14336) -> dict[str, int]:
+    names = {f"blk.{i}.{r}.weight": down if r == "ffn_down" else cols for i in range(layers) for r in ROLES}
+    return {**names, "token_embd.weight": cols, "output.weight": cols}
+
+
+def test_use_more_bits_layers():
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30,
+                                                              31]
+
+
+def test_q4_k_m_on_a_llama_shape():
+    """Llama-3-8B's shapes (32 layers, 8 KV heads of 32): what llama-quantize writes for Q4_K_M."""
+    types = mix_types("q4_k_m", _names(32), ModelShape(32, 4, tied_output=False))
+    more = {i for i in range(32) if use_more_bits(i, 32)}
+    for i in range(32):
+        assert types[f"blk.{i}.attn_v.weight"] == (T.Q6_K if i in more else T.Q4_K)
+        assert types[f"blk.{i}.ffn_down.weight"] == (T.Q6_K if i in more else T.Q4_K)
+        assert {types[f"blk.{i}.{r}.weight"] for r in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")} \
+            == {T.Q4_K}
+    assert types["output.weight"] == T.Q6_K and types["token_embd.weight"] == T.Q4_K
+
+
+@pytest.mark.parametrize("mix,v,down,out", [
+    ("q2_k", T.Q4_K, T.Q3_K, T.Q3_K), ("q3_k_s", T.Q3_K, T.Q3_K, T.Q3_K), ("q3_k_l", T.Q5_K, T.Q5_K, T.Q5_K),
+    ("q5_k_s", T.Q5_K, T.Q5_K, T.Q5_K), ("q6_k", T.Q6_K, T.Q6_K, T.Q6_K)])
+def test_other_mixes(mix, v, down, out):
+    types = mix_types(mix, _names(32), ModelShape(32, 4, tied_output=False))
+    assert (types["blk.10.attn_v.weight"], types["blk.10.ffn_down.weight"], types["blk.10.attn_output.weight"]) \
+        == (v, down, out)
+    q3m = mix_types("q3_k_m", _names(32), ModelShape(32, 4, tied_output=False))
+    assert [q3m[f"blk.{i}.attn_v.weight"] for i in (0, 1, 2)] == [T.Q5_K, T.Q5_K, T.Q4_K]
+    assert [q3m[f"blk.{i}.ffn_down.weight"] for i in (0, 1, 2)] == [T.Q5_K, T.Q5_K, T.Q4_K]
+
+
+def test_fallbacks_for_rows_that_are_not_super_blocks():
+    """SmolLM2's 576 columns: what llama-quantize falls back to; a tied embedding takes the output's type."""
+    assert [fallback(t, 576) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)] == \
+        [T.IQ4_NL, T.IQ4_NL, T.Q5_0, T.Q5_1, T.Q8_0]
+    assert fallback(T.Q4_K, 1536) == T.Q4_K and fallback(T.Q4_K, 48) == T.F16
+    types = mix_types("q4_k_m", _names(30, cols=576, down=1536), ModelShape(30, 3, tied_output=True))
+    assert types["token_embd.weight"] == T.Q8_0 and types["blk.5.attn_q.weight"] == T.Q5_0
+    assert types["blk.0.ffn_down.weight"] == T.Q6_K and types["blk.4.ffn_down.weight"] == T.Q4_K
+    assert types["blk.0.attn_v.weight"] == T.Q8_0
+
+
+def test_iq4_nl_decodes_and_beats_q4_0():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 256, generator=g)
+    w[:, 3] *= 10
+    got = torch.from_numpy(dequantize(quantize_iq4_nl(w), T.IQ4_NL)).reshape(w.shape)
+    legacy = torch.from_numpy(dequantize(quantize(w.numpy(), T.Q4_0), T.Q4_0)).reshape(w.shape)
+    assert (got - w).norm() < 0.9 * (legacy - w).norm()  # same 4.5 bits per weight
+    exact = got.clone()  # values already on the grid come back unchanged (up to the float16 scale)
+    again = torch.from_numpy(dequantize(quantize_iq4_nl(exact), T.IQ4_NL)).reshape(w.shape)
+    assert torch.allclose(again, exact, rtol=2e-3, atol=1e-6)
+    importance = torch.ones(256)
+    importance[:8] = 1000.0
+    weighted = torch.from_numpy(dequantize(quantize_iq4_nl(w, importance), T.IQ4_NL)).reshape(w.shape)
+    assert ((weighted - w)[:, :8] ** 2).sum() < ((got - w)[:, :8] ** 2).sum()
+
+
+@pytest.fixture(scope="module")
+def tiny256(tmp_path_factory, tokenizer_dir):
+    """A tiny llama whose rows are whole super-blocks (hidden 256, MLP 512), untied, 4 layers."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    config = tf.LlamaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=256,
+                            intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                            max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                            tie_word_embeddings=False)
+    return save_random_model(config, tmp_path_factory.mktemp("tiny256"), tokenizer_dir, torch.float32,
+                             randomize_1d=True)
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q2_k", "q6_k", "q3_k_m", "q5_k_m"])
+def test_mix_file_runs_in_llama_cpp(mix, tiny256, lowbit_out, tmp_path):
+    src = lowbit_out(tiny256, "w_int8_per_group_sym", group_size=32)
+    warnings = check_gguf(LowbitFolder(src), mix)
+    assert warnings and all("re-quantized" in w for w in warnings)
+    path = export_gguf(src, tmp_path / "m.gguf", quant_type=mix)
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    names = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) == 2}
+    assert {n: types[n] for n in names} == mix_types(mix, names, ModelShape(4, 4, tied_output=False))
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"])
+    llama_cpp = need_llama_cpp()
+    ids = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        ours = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    model = load(str(path))[0].eval()  # lowbit reads the same file back (gguf-py's dequantization) and runs it
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].float().numpy()
+    # llama.cpp rounds the activations to 8-bit blocks (Q8_K for the K-types) and keeps the KV cache in float16:
+    # measured max differences 0.17 (the exact Q8_0 file of this model) to 0.31 (Q4_K), logits up to 5.8; a
+    # wrong layout or scale would move them by whole units
+    assert np.abs(ours - theirs).max() < 0.08 * np.abs(theirs).max()

@@ -7,10 +7,14 @@ of 32 (RTN) and written as a Q8_0 GGUF (an exact copy of lowbit's codes), the re
 (llama-cpp-python's `llama_model_quantize`, with requantization allowed) turns that file into each mix; lowbit
 writes the same mix from the same 8-bit folder (`export --gguf-type MIX`). Perplexity and KL are computed from
 llama.cpp's logits over the same token windows (each window from an empty cache); KL is the mean over predicted
-tokens of KL(reference || quantized).
+tokens of KL(reference || quantized). With --imatrix-windows N, lowbit also writes each mix weighted by its own
+importance matrix (`lowbit imatrix` over N calibration windows of the same text, disjoint from the evaluation
+windows): llama.cpp's quantizer cannot take one through llama-cpp-python (its imatrix is a C++ map), so its
+imatrix row needs the llama-quantize binary and is not in this table.
 
     python benchmarks/gguf_kquants.py [--model demo] [--mixes q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k]
-        [--dataset pydoc] [--eval-chunks 8] [--seq-len 512] [--work /tmp/lowbit-kquants] [--json-out FILE]
+        [--dataset pydoc] [--eval-chunks 8] [--seq-len 512] [--imatrix-windows 32] [--work /tmp/lowbit-kquants]
+        [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--work", type=Path, default=Path("/tmp/lowbit-kquants"))
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--imatrix-windows", type=int, default=0, help="also lowbit with its imatrix over N windows")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lowbit.api import quantize
@@ -100,6 +105,15 @@ def main() -> None:
     reference_file = export_gguf(base, args.work / "reference-q8_0.gguf", overwrite=True)
     windows = eval_windows(tokenize(open_model(args.model).tokenizer(), load_text(args.dataset, "eval")),
                            args.seq_len, args.eval_chunks)
+    imatrix = None
+    if args.imatrix_windows:
+        from lowbit.imatrix import compute_imatrix
+
+        start = time.perf_counter()
+        imatrix = compute_imatrix(args.model, args.work / "imatrix.gguf", dataset=args.dataset,
+                                  num_calib_data=args.imatrix_windows, seq_len=args.seq_len, overwrite=True,
+                                  progress=False)
+        print(f"imatrix over {args.imatrix_windows} windows in {time.perf_counter() - start:.0f} s", flush=True)
     ref_row, reference = measure(reference_file, windows, None)
     rows = [{"tool": "reference (lowbit w8 g32 -> Q8_0)", "mix": "q8_0", **ref_row}]
     print(json.dumps(rows[-1]), flush=True)
@@ -115,6 +129,13 @@ def main() -> None:
         rows.append({"tool": "lowbit", "mix": mix, "seconds": round(time.perf_counter() - start, 2),
                      **measure(out, windows, reference)[0]})
         print(json.dumps(rows[-1]), flush=True)
+        if imatrix is not None:
+            out = args.work / f"lowbit-imatrix-{mix}.gguf"
+            start = time.perf_counter()
+            export_gguf(base, out, overwrite=True, quant_type=mix, imatrix=imatrix)
+            rows.append({"tool": "lowbit + imatrix", "mix": mix, "seconds": round(time.perf_counter() - start, 2),
+                         **measure(out, windows, reference)[0]})
+            print(json.dumps(rows[-1]), flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "windows": list(windows.shape),
               "rows": rows}
     if args.json_out:

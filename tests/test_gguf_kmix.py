@@ -123,3 +123,42 @@ def test_mix_file_runs_in_llama_cpp(mix, tiny256, lowbit_out, tmp_path):
     # measured max differences 0.17 (the exact Q8_0 file of this model) to 0.31 (Q4_K), logits up to 5.8; a
     # wrong layout or scale would move them by whole units
     assert np.abs(ours - theirs).max() < 0.08 * np.abs(theirs).max()
+
+
+def test_imatrix_written_read_and_used(tiny256, tiny_models, lowbit_out, tmp_path, capsys):
+    """lowbit imatrix writes llama.cpp's imatrix layout; its entries are each column's mean squared input; the
+    export weights its K-quant searches with it, and refuses an imatrix of another model in one line."""
+    from lowbit.cli import main
+    from lowbit.errors import LowbitError
+    from lowbit.exporters.gguf_imatrix import read_imatrix
+
+    path = tmp_path / "imatrix.gguf"
+    assert main(["imatrix", str(tiny256), "-o", str(path), "--num-calib-data", "4", "--seq-len", "32",
+                 "--no-progress"]) == 0
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.type"].contents() == "imatrix"
+    assert reader.fields["imatrix.chunk_count"].contents() == 4 and reader.fields["imatrix.chunk_size"].contents() == 32
+    sums = {t.name: t for t in reader.tensors}
+    assert list(sums["blk.0.ffn_down.weight.in_sum2"].shape) == [512, 1]  # ggml order: (in_features, matrices)
+    assert float(sums["blk.0.ffn_down.weight.counts"].data.reshape(-1)[0]) == 4 * 32
+    table = read_imatrix(path)
+    assert len(table) == 4 * 7 and all((v > 0).all() for v in table.values())
+    src = lowbit_out(tiny256, "w_int8_per_group_sym", group_size=32)
+    plain = export_gguf(src, tmp_path / "plain.gguf", quant_type="q4_k_m")
+    weighted = export_gguf(src, tmp_path / "weighted.gguf", quant_type="q4_k_m", imatrix=path)
+    a, b = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in (plain, weighted))
+    name = "blk.1.attn_q.weight"
+    assert a[name].tensor_type == b[name].tensor_type == T.Q4_K and not np.array_equal(a[name].data, b[name].data)
+    down = "blk.2.ffn_down.weight"  # Q6_K or Q4_K; not row-permuted, so comparable with lowbit's weight as is
+    wd = LowbitFolder(src).weight("model.layers.2.mlp.down_proj").double()
+    err = [float(((torch.from_numpy(dequantize(t[down].data, t[down].tensor_type)).double().reshape(wd.shape) - wd)
+                  ** 2 * table[down].double()).sum()) for t in (a, b)]
+    assert err[1] < err[0]  # the importance-weighted error falls when the importance is used
+    with pytest.raises(LowbitError, match="not a GGUF imatrix file"):
+        export_gguf(src, tmp_path / "x.gguf", quant_type="q4_k_m", imatrix=tmp_path / "missing.gguf")
+    other = tmp_path / "other.gguf"
+    main(["imatrix", str(tiny_models["llama"]), "-o", str(other), "--num-calib-data", "2", "--seq-len", "16",
+          "--no-progress"])
+    with pytest.raises(LowbitError, match="computed for another model"):
+        export_gguf(src, tmp_path / "y.gguf", quant_type="q4_k_m", imatrix=other)
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()

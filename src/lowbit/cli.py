@@ -37,6 +37,8 @@ def _export_options(args) -> dict:
     out = {"gguf": {}, "onnx": {}}
     if args.gguf_type:
         out["gguf"]["quant_type"] = args.gguf_type
+    if getattr(args, "imatrix", None):
+        out["gguf"]["imatrix"] = args.imatrix
     if args.accuracy_level is not None:
         out["onnx"]["accuracy_level"] = args.accuracy_level
     if args.quantize_embedding is not None:
@@ -247,6 +249,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_imatrix(args) -> int:
+    from .imatrix import compute_imatrix
+
+    out = compute_imatrix(args.model, args.output, dataset=args.dataset, num_calib_data=args.num_calib_data,
+                          seq_len=args.seq_len, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {out} (importance matrix)")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from . import api
 
@@ -421,7 +432,7 @@ def _os_error(exc: OSError) -> str:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export,
-            "bench": cmd_bench, "compare": cmd_compare}
+            "bench": cmd_bench, "compare": cmd_compare, "imatrix": cmd_imatrix}
 
 
 if __name__ == "__main__":

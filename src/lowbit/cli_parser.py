@@ -56,6 +56,9 @@ def _add_export_options(p) -> None:
                         "llama-quantize chooses it (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k); "
                         "re-quantized where the stored codes do not map [default: the exact type per layer, else "
                         "the nearest, with a warning]")
+    p.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="gguf: an importance matrix (llama.cpp's imatrix .gguf, from llama-imatrix or `lowbit "
+                        "imatrix`) weighting the scale searches of re-quantized K-quant / IQ4_NL tensors")
     p.add_argument("--accuracy-level", "--accuracy_level", type=int, default=None, choices=[0, 1, 2, 3, 4],
                    help="onnx: MatMulNBits accuracy_level (lowest precision of the activations inside the kernel: "
                         "1 fp32, 2 fp16, 3 bf16, 4 int8) [default: 0, unset]")
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_compare_parser(sub)
     _add_export_parser(sub)
+    _add_imatrix_parser(sub)
     _add_inspect_parser(sub)
     return parser
 
@@ -263,6 +267,24 @@ def _add_export_parser(sub) -> None:
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.add_argument("--json", action="store_true", help="print one JSON object (output path, format, size)")
     _add_export_options(x)
+
+
+def _add_imatrix_parser(sub) -> None:
+    """The `imatrix` command: llama.cpp's importance matrix from lowbit's calibration pass."""
+    m = sub.add_parser("imatrix", help="write llama.cpp's importance matrix (imatrix .gguf) of a model",
+                       description="One float pass of MODEL over the calibration windows, block by block, "
+                                   "recording each linear's mean squared input activation per column, written "
+                                   "as the imatrix .gguf llama-imatrix writes: it weights the K-quant searches of "
+                                   "`lowbit export -f gguf --gguf-type MIX --imatrix FILE` and of llama.cpp's "
+                                   "llama-quantize --imatrix.")
+    m.add_argument("model", help="Hugging Face folder, .gguf file or `demo`")
+    m.add_argument("-o", "--output", required=True, help="the imatrix file to write (.gguf)")
+    m.add_argument("--dataset", default="pydoc", help="calibration text (as for quantize) [default: pydoc]")
+    m.add_argument("--num-calib-data", "--num_calib_data", type=int, default=128,
+                   help="calibration windows [default: 128]")
+    m.add_argument("--seq-len", "--seq_len", type=int, default=512, help="tokens per window [default: 512]")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_inspect_parser(sub) -> None:

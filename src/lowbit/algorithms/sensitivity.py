@@ -100,3 +100,21 @@ def output_fisher(model, names, windows: torch.Tensor, device) -> dict[str, torc
         for p, flag in frozen:
             p.requires_grad_(flag)
     return {n: f / len(windows) for n, f in fisher.items()}
+
+
+class ImportanceProbe(Transform):
+    """Records, per linear, llama.cpp's importance-matrix entry: the sum over the calibration tokens of each input
+    column's squared activation (the Gram matrix's diagonal times the token count) and the token count. Changes
+    nothing (lowbit imatrix)."""
+
+    name = "importance"
+    needs_gram = True
+
+    def __init__(self):
+        self.sums: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def clip_ratios(self, names, weights, specs, stats) -> list:
+        sums = stats.gram.diagonal().double().cpu() * stats.count
+        for name in names:
+            self.sums[name] = (sums, stats.count)
+        return [None] * len(names)

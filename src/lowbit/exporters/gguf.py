@@ -38,6 +38,7 @@ from .. import __version__
 from ..errors import LowbitError
 from ..spec import QuantSpec
 from .gguf_blocks import exact_type, fallback_type, pack_exact, requantize, row_bytes
+from .gguf_imatrix import read_imatrix
 from .gguf_mixes import MIXES, ModelShape, fallback, mix_types
 from .gguf_meta import add_hparams, config_warnings, llama3_rope_factors, n_vocab, rope
 from .gguf_vocab import GGUFVocab, read_vocab
@@ -93,6 +94,7 @@ class GGUFPlan:
     warnings: list[str] = field(default_factory=list)
     mix: str | None = None  # one of llama.cpp's K-quant mixes (gguf_mixes.MIXES)
     float_types: dict[str, T] = field(default_factory=dict)  # 2-D float tensors the mix quantizes too
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)  # GGUF name -> imatrix column weights
 
 
 def check_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None) -> list[str]:
@@ -104,13 +106,18 @@ def check_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None
     return plan.warnings
 
 
-def export_gguf(src: Path, out: Path, overwrite: bool = False, quant_type: str | None = None) -> Path:
+def export_gguf(src: Path, out: Path, overwrite: bool = False, quant_type: str | None = None,
+                imatrix: str | Path | None = None) -> Path:
     """Write the lowbit folder `src` as the GGUF file `out`; every check runs before writing, the file is
-    written beside `out` and renamed into place only when complete. Warnings are check_gguf's to show."""
+    written beside `out` and renamed into place only when complete. Warnings are check_gguf's to show.
+    imatrix: llama.cpp's importance matrix file (gguf_imatrix), weighting the re-quantized K-quant and IQ4_NL
+    tensors' scale searches."""
     folder = LowbitFolder(src)
     out = Path(out)
     _check_target(out, overwrite, folder.folder)
     plan = plan_gguf(folder, quant_type)
+    if imatrix is not None:
+        plan.importance = _importance(read_imatrix(imatrix), folder, plan, imatrix)
     vocab = read_vocab(folder.folder, n_vocab(plan.config))
     tensors = _tensors(folder, plan)
     plan.warnings += vocab.warnings  # the caller shows check_gguf's; the file keeps them as lowbit.warnings
@@ -154,6 +161,16 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None)
     return plan
 
 
+def gguf_tensor_names(config: dict, names: list[str]) -> dict[str, str]:
+    """HF linear name -> GGUF tensor name (model.layers.3.mlp.down_proj -> blk.3.ffn_down.weight), refusing
+    architectures and tensors llama.cpp has no place for."""
+    arch = ARCHS.get(config.get("model_type"))
+    if arch is None:
+        raise LowbitError(f"GGUF supports llama, mistral, qwen2 and gemma models, not {config.get('model_type')!r}")
+    table = gguf.get_tensor_name_map(arch.gguf_arch, config["num_hidden_layers"])
+    return {name: _gguf_name(table, f"{name}.weight", arch) for name in names}
+
+
 def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: dict[str, str]) -> dict[str, T]:
     """The mix's type for every quantized linear (GGUF name -> type), and in plan.float_types for the float
     embedding and output, which llama.cpp's quantizer quantizes as well."""
@@ -170,6 +187,29 @@ def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: di
     types = mix_types(plan.mix, {**tensors, **floats}, shape)
     plan.float_types = {n: types[n] for n in floats}
     return types
+
+
+def _importance(table: dict[str, torch.Tensor], folder: LowbitFolder, plan: GGUFPlan, path) -> dict:
+    """The imatrix entries of the tensors this file re-quantizes with a weighted search, checked against their
+    widths; a tensor the file has no entry for is quantized without (a warning says how many)."""
+    widths = {lin.gguf_name: lin.shape[1] for lin in plan.linears if not lin.exact}
+    widths.update({n: plan.config["hidden_size"] for n in plan.float_types})
+    used = {}
+    for name, cols in widths.items():
+        found = table.get(name)
+        if found is None:
+            continue
+        if found.numel() != cols:
+            raise LowbitError(f"the imatrix {path} has {found.numel()} columns for {name}, which has {cols}: it "
+                              f"was computed for another model")
+        used[name] = found
+    if not used:
+        raise LowbitError(f"the imatrix {path} has no entry for any tensor of this model (names like "
+                          f"{next(iter(widths), 'blk.0.attn_q.weight')}); it was computed for another model")
+    if len(used) < len(widths):
+        plan.warnings.append(f"{len(widths) - len(used)} re-quantized tensors have no entry in the imatrix "
+                             f"{path}; they are quantized without importance weights")
+    return used
 
 
 def _gguf_name(names: gguf.TensorNameMap, name: str, arch: Arch) -> str:
@@ -233,7 +273,8 @@ def _tensors(folder: LowbitFolder, plan: GGUFPlan) -> list[Tensor]:
                    _requantized_float(folder, plan, name, gguf_name, qtype))
     for lin in plan.linears:
         shape = (lin.shape[0], row_bytes(lin.qtype, lin.shape[1]))
-        out.append(Tensor(lin.gguf_name, shape, np.uint8, lin.qtype, lambda lin=lin: _linear_bytes(folder, lin)))
+        out.append(Tensor(lin.gguf_name, shape, np.uint8, lin.qtype,
+                          lambda lin=lin: _linear_bytes(folder, lin, plan.importance.get(lin.gguf_name))))
     theta, scaling = rope(plan.config)
     if scaling.get("rope_type") == "llama3":
         factors = llama3_rope_factors(plan.config, theta, scaling)
@@ -266,12 +307,12 @@ def _requantized_float(folder: LowbitFolder, plan: GGUFPlan, name: str, gguf_nam
     """A float embedding or output quantized to the mix's type, as llama.cpp's quantizer does."""
     rows, cols = folder.ckpt.get(name).shape
     return Tensor(gguf_name, (rows, row_bytes(qtype, cols)), np.uint8, qtype,
-                  lambda: requantize(folder.ckpt.get(name).float(), qtype))
+                  lambda: requantize(folder.ckpt.get(name).float(), qtype, plan.importance.get(gguf_name)))
 
 
-def _linear_bytes(folder: LowbitFolder, lin: LinearGGUF) -> np.ndarray:
+def _linear_bytes(folder: LowbitFolder, lin: LinearGGUF, importance: torch.Tensor | None) -> np.ndarray:
     data = pack_exact(folder.quantized(lin.name), lin.qtype) if lin.exact else \
-        requantize(folder.weight(lin.name), lin.qtype)
+        requantize(folder.weight(lin.name), lin.qtype, importance)
     return _permute_rows(data, lin.heads) if lin.heads else data
 
 

@@ -357,10 +357,14 @@ def test_requantized_layers_warn_and_load(tiny64, lowbit_out, tmp_path):
     t = _reader_tensors(path)["blk.0.ffn_down.weight"]
     assert t.tensor_type == T.Q4_1
     got = torch.from_numpy(dequantize(t.data, T.Q4_1))
-    ref = LowbitFolder(src).weight("model.layers.0.mlp.down_proj")  # within half a Q4_1 step of each block
+    ref = LowbitFolder(src).weight("model.layers.0.mlp.down_proj")  # within a Q4_1 step of each block
     blocks = ref.reshape(ref.shape[0], -1, 32)
     step = (blocks.amax(-1) - blocks.amin(-1)) / 15
-    assert ((got - ref).abs().reshape_as(blocks) <= step[..., None] * 0.5 * 1.01 + 1e-6).all()
+    # lowbit's weighted search may clip a block's extremes to fit the rest better, so the per-element bound is
+    # one Q4_1 step (measured 0.85), not gguf-py's half step; its RMS error is below gguf-py's (measured 0.85x)
+    assert ((got - ref).abs().reshape_as(blocks) <= step[..., None] * 1.01 + 1e-6).all()
+    gguf_ref = torch.from_numpy(dequantize(gguf.quants.quantize(ref.float().numpy(), T.Q4_1), T.Q4_1))
+    assert (got - ref).norm() <= (gguf_ref - ref).norm()
     if HAVE_LLAMA_CPP:
         assert np.isfinite(_llama_logits(path)).all()
 

@@ -9,7 +9,7 @@ scale group (group size a multiple of 32, or one scale per channel / tensor) and
 - Q4_1 / Q5_1 hold d * q + m with q in [0, 15] / [0, 31]: asymmetric integers of up to 4 / 5 bits,
   q = code - qmin, d = scale, m = -(zero - qmin) * scale.
 - MXFP4 holds 2^(e - 127) * E2M1(q): lowbit's MXFP4 (E2M1 codes, E8M0 scales, groups of 32), byte for byte.
-Everything else is re-quantized from the dequantized weight by gguf-py (`requantize`).
+Everything else is re-quantized from the dequantized weight (`requantize`): Q8_0 by gguf-py, the rest by lowbit.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from gguf.quants import quantize as gguf_quantize
 from ..formats import Quantized
 from .gguf_iq4nl import quantize_iq4_nl
 from .gguf_kquants import KQUANT_TYPES, quantize_k
+from .gguf_legacy import LEGACY_TYPES, quantize_legacy
 from ..spec import QuantSpec
 
 BLOCK = 32
 OFFSET_TYPES = {T.Q4_0: 8, T.Q5_0: 16, T.Q8_0: 0}  # v + offset is the stored unsigned (or int8) value
 MIN_TYPES = {T.Q4_1: 15, T.Q5_1: 31}  # d * q + m, q in [0, max]
-REQUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)  # what gguf-py quantizes itself
+REQUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)  # the legacy block types (gguf_legacy; Q8_0 by gguf-py)
 
 
 def row_bytes(qtype: T, cols: int) -> int:
@@ -95,9 +96,12 @@ def pack_exact(qt: Quantized, qtype: T) -> np.ndarray:
 
 def requantize(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> np.ndarray:
     """uint8 (N, row_bytes) blocks of a float weight: K-quants and IQ4_NL by lowbit's own quantizers (weighted by
-    the importance matrix's column weights when given), the legacy types by gguf-py's reference quantizer."""
-    if qtype in KQUANT_TYPES or qtype == T.IQ4_NL:
+    the importance matrix's column weights when given), so are Q4_0 / Q4_1 / Q5_0 / Q5_1 (a weighted search,
+    gguf_legacy); Q8_0 by gguf-py's reference quantizer."""
+    if qtype in KQUANT_TYPES or qtype in LEGACY_TYPES or qtype == T.IQ4_NL:
         with _one_thread():
+            if qtype in LEGACY_TYPES:
+                return quantize_legacy(weight.float(), qtype, importance)
             if qtype == T.IQ4_NL:
                 return quantize_iq4_nl(weight.float(), importance)
             return quantize_k(weight.float(), qtype, importance)

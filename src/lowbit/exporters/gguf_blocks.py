@@ -15,6 +15,8 @@ Everything else is re-quantized from the dequantized weight (`requantize`): Q8_0
 from __future__ import annotations
 
 import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -99,15 +101,23 @@ def requantize(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None =
     the importance matrix's column weights when given), so are Q4_0 / Q4_1 / Q5_0 / Q5_1 (a weighted search,
     gguf_legacy); Q8_0 by gguf-py's reference quantizer."""
     if qtype in KQUANT_TYPES or qtype in LEGACY_TYPES or qtype == T.IQ4_NL:
+        search = quantize_legacy if qtype in LEGACY_TYPES else quantize_k if qtype in KQUANT_TYPES else \
+            (lambda w, _, imp: quantize_iq4_nl(w, imp))
         with _one_thread():
-            if qtype in LEGACY_TYPES:
-                return quantize_legacy(weight.float(), qtype, importance)
-            if qtype == T.IQ4_NL:
-                return quantize_iq4_nl(weight.float(), importance)
-            return quantize_k(weight.float(), qtype, importance)
+            return _by_row_chunks(lambda rows: search(rows, qtype, importance), weight.float())
     if qtype == T.F16:
         return weight.to(torch.float16).numpy().view(np.uint8)
     return gguf_quantize(np.ascontiguousarray(weight.float().numpy()), qtype)
+
+
+def _by_row_chunks(quantize_rows, weight: torch.Tensor) -> np.ndarray:
+    """quantize_rows over row chunks in a thread per core (rows are quantized independently; torch's element-wise
+    steps release the GIL), the blocks stacked back in row order."""
+    workers = min(os.cpu_count() or 1, max(1, weight.shape[0] // 64))
+    if workers == 1:
+        return quantize_rows(weight)
+    with ThreadPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(quantize_rows, weight.chunk(workers))))
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from gguf.quants import IQ4_NL
 
 BLOCK = 32
 STEPS = 7
-GRID = torch.tensor(IQ4_NL.kvalues, dtype=torch.float64)
+GRID = torch.tensor(IQ4_NL.kvalues, dtype=torch.float32)
 _MIDPOINTS = (GRID[1:] + GRID[:-1]) / 2
 
 
@@ -26,8 +26,8 @@ def quantize_iq4_nl(weight: torch.Tensor, importance: torch.Tensor | None = None
     rows, cols = weight.shape
     if cols % BLOCK:
         raise ValueError(f"IQ4_NL needs rows that are whole blocks of {BLOCK}, not {cols}")
-    x = weight.double().reshape(rows, cols // BLOCK, BLOCK)
-    w = _weights(weight.double(), importance).reshape(x.shape)
+    x = weight.float().reshape(rows, cols // BLOCK, BLOCK)
+    w = _weights(weight.float(), importance).reshape(x.shape)
     peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # the signed value of largest magnitude
     safe = torch.where(peak == 0, torch.ones_like(peak), peak)
     best_q = _nearest(x * (GRID[0] / safe))
@@ -46,7 +46,7 @@ def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     if importance is None:
         return x * x
     sigma2 = (x * x).mean(-1, keepdim=True)
-    return importance.double()[None, :] * (sigma2 + x * x).sqrt()
+    return importance.float()[None, :] * (sigma2 + x * x).sqrt()
 
 
 def _nearest(scaled: torch.Tensor) -> torch.Tensor:

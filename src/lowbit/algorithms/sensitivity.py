@@ -90,16 +90,22 @@ def output_fisher(model, names, windows: torch.Tensor, device) -> dict[str, torc
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
-        for window in windows:
-            ids = window[None].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            torch.nn.functional.cross_entropy(logits, ids[0, 1:]).backward()
+        with torch.enable_grad():  # also when the caller runs under no_grad
+            _backward_each(model, windows, device)
     finally:
         for h in hooks:
             h.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
     return {n: f / len(windows) for n, f in fisher.items()}
+
+
+def _backward_each(model, windows: torch.Tensor, device) -> None:
+    """One forward and backward pass of each window's mean next-token loss."""
+    for window in windows:
+        ids = window[None].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        torch.nn.functional.cross_entropy(logits, ids[0, 1:]).backward()
 
 
 class ImportanceProbe(Transform):

@@ -117,7 +117,7 @@ def export_gguf(src: Path, out: Path, overwrite: bool = False, quant_type: str |
     _check_target(out, overwrite, folder.folder)
     plan = plan_gguf(folder, quant_type)
     if imatrix is not None:
-        plan.importance = _importance(read_imatrix(imatrix), folder, plan, imatrix)
+        plan.importance = _importance(read_imatrix(imatrix), plan, imatrix)
     vocab = read_vocab(folder.folder, n_vocab(plan.config))
     tensors = _tensors(folder, plan)
     plan.warnings += vocab.warnings  # the caller shows check_gguf's; the file keeps them as lowbit.warnings
@@ -189,7 +189,7 @@ def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: di
     return types
 
 
-def _importance(table: dict[str, torch.Tensor], folder: LowbitFolder, plan: GGUFPlan, path) -> dict:
+def _importance(table: dict[str, torch.Tensor], plan: GGUFPlan, path) -> dict:
     """The imatrix entries of the tensors this file re-quantizes with a weighted search, checked against their
     widths; a tensor the file has no entry for is quantized without (a warning says how many)."""
     widths = {lin.gguf_name: lin.shape[1] for lin in plan.linears if not lin.exact}

@@ -5,7 +5,7 @@ scheme maps exactly (gguf_blocks: integer codes of up to 4 / 5 / 8 bits with one
 multiple of 32 columns, per channel or per tensor -> Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0; MXFP4 -> MXFP4) the
 stored codes move as they are and the only loss is storing each block's scale (and Q4_1's minimum) as
 float16 (relative error <= 2^-11). Anything else (groups of 16, 8-bit asymmetric, FP8, NVFP4, ...) is
-re-quantized from lowbit's dequantized weights by gguf-py, with a warning (check_gguf returns it; the file
+re-quantized from lowbit's dequantized weights (gguf_blocks.requantize), with a warning (check_gguf returns it; the file
 keeps it under lowbit.warnings). `quant_type` forces one type for every quantized linear, K-quants (Q2_K ...
 Q6_K, gguf_kquants) and IQ4_NL (gguf_iq4nl) included, or names one of llama.cpp's K-quant mixes (gguf_mixes:
 per-tensor types as llama-quantize chooses them, the float embedding / output quantized as well). No lowbit

@@ -32,7 +32,6 @@ from ..spec import QuantSpec
 BLOCK = 32
 OFFSET_TYPES = {T.Q4_0: 8, T.Q5_0: 16, T.Q8_0: 0}  # v + offset is the stored unsigned (or int8) value
 MIN_TYPES = {T.Q4_1: 15, T.Q5_1: 31}  # d * q + m, q in [0, max]
-REQUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)  # the legacy block types (gguf_legacy; Q8_0 by gguf-py)
 
 
 def row_bytes(qtype: T, cols: int) -> int:

@@ -77,6 +77,10 @@ def plan_for(loaded: LoadedModel, recipe: Recipe):
     """The validated per-module plan of a recipe on a model."""
     plan = resolve_plan(recipe, linear_modules(loaded.model))
     validate_plan(plan, recipe.scheme)
+    kquant = next((lp for lp in plan.values() if lp.spec is not None and lp.spec.kquant), None)
+    if kquant is not None and any(a.name == "autoround" for a in recipe.algorithms):
+        raise LowbitError(f"AutoRound does not learn onto K-quant grids yet ({kquant.name} has the "
+                          f"{kquant.spec.kquant} grid); use --algo gptq or rtn (AWQ may come first)")
     return plan
 
 
@@ -428,12 +432,20 @@ def export(model, output, fmt: str = "compressed-tensors", overwrite: bool = Fal
            **options) -> Path:
     """Re-export a lowbit output folder in another layout without re-quantizing (the stored codes and scales
     move as they are, except where a format warns that it re-quantizes). Formats: lowbit.exporters.formats.NAMES;
-    options go to the format's writer (gguf: quant_type; onnx: accuracy_level, quantize_embedding)."""
+    options go to the format's writer (gguf: quant_type; onnx: accuracy_level, quantize_embedding). gguf with
+    quant_type f16 / bf16 / f32 (or a K-quant mix) also takes any model source: exporters.gguf_float."""
     from .exporters.formats import get_format
     from .exporters.source import LowbitFolder
 
     form = get_format(fmt)
     check_output(Path(output), overwrite, [Path(model)], is_file=form.is_file)
+    if form.name == "gguf":
+        from .exporters.gguf_float import check_float_gguf, float_export
+
+        if float_export(model, options.get("quant_type")):  # a float GGUF, or any source that is no lowbit folder
+            for warning in check_float_gguf(model, options.get("quant_type")):
+                log(f"warning: {warning}", quiet)
+            return form.write(model, Path(output), overwrite, **options)
     for warning in form.check(LowbitFolder(Path(model))):
         log(f"warning: {warning}", quiet)
     return form.write(Path(model), Path(output), overwrite, **options)

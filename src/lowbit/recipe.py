@@ -22,7 +22,7 @@ import yaml
 from .data import check_count
 from .errors import LowbitError
 from .arch.moe import EXPERT_PATTERN, is_router
-from .spec import QuantSpec, Scheme, parse_scheme
+from .spec import KQUANT_FALLBACKS, KQUANT_SUPER, QuantSpec, Scheme, parse_scheme
 
 DEFAULT_EXCLUDE = ("lm_head",)
 KV_PROJECTIONS = ("k_proj", "v_proj")  # linears whose outputs are the KV cache
@@ -239,6 +239,7 @@ def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[st
         exact = [o for o in recipe.overrides if o.pattern == name]
         for o in [o for o in recipe.overrides if o.pattern != name and matches(o.pattern, name)] + exact:
             spec, reason = o.apply(spec), f"override {o.pattern}"
+        spec, reason = kquant_fallback(spec, shape, reason)
         kv = recipe.kv_cache if name.endswith(KV_PROJECTIONS) else None
         plan[name] = LayerPlan(name, shape, spec, reason, recipe.scheme.input, kv)
     if recipe.kv_cache is not None:
@@ -251,6 +252,15 @@ def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[st
             raise LowbitError(f"--kv-cache-dtype quantizes the outputs of k_proj / v_proj, but {excluded[0]} is "
                               f"excluded; quantize it (drop it from --exclude-layers) or drop --kv-cache-dtype")
     return plan
+
+
+def kquant_fallback(spec: QuantSpec, shape: tuple[int, int], reason: str) -> tuple[QuantSpec, str]:
+    """A K-quant grid on a linear whose width is not a multiple of 256 becomes llama.cpp's fallback for it,
+    as an integer spec GGUF holds exactly (spec.KQUANT_FALLBACKS)."""
+    if not spec.kquant or shape[1] % KQUANT_SUPER == 0:
+        return spec, reason
+    gguf_type, fallback = KQUANT_FALLBACKS[spec.kquant]
+    return fallback, f"{reason}; {shape[1]} columns are not whole {spec.kquant.upper()} super-blocks: {gguf_type}"
 
 
 def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme) -> None:

@@ -46,6 +46,9 @@ class QuantSpec:
     # and floor + 1); every rule gives valid MX data, decoders do not care
     scale_rule: str = "even"
     subblock_size: int = 0  # block floating point with shared microexponents (MX6/MX9): 1-bit shift per sub-block
+    # one of llama.cpp's K-quant grids (q2_k .. q6_k, KQUANT_SPECS): group scales (and mins) are themselves
+    # integers under float16 scales per 256 columns, so the GGUF export holds the codes exactly
+    kquant: str = ""
 
     def __post_init__(self):
         for f in fields(self):
@@ -79,6 +82,18 @@ class QuantSpec:
                               f"of {self.subblock_size}")
         if self.tensor_scale and self.scale_dtype != "fp8_e4m3":
             raise LowbitError("a per-tensor second-level scale goes with fp8_e4m3 block scales (NVFP4-style)")
+        if self.kquant:
+            self._check_kquant()
+
+    def _check_kquant(self) -> None:
+        layout = KQUANT_LAYOUTS.get(self.kquant)
+        if layout is None:
+            raise LowbitError(f"unknown K-quant grid {self.kquant!r}; use one of {', '.join(KQUANT_LAYOUTS)}")
+        bits, group, symmetric = layout
+        if (self.kind, self.bits, self.group_size, self.symmetric, self.signed, self.granularity, self.scale_dtype,
+                self.dynamic) != ("int", bits, group, symmetric, symmetric, "group", "float32", False):
+            raise LowbitError(f"the {self.kquant} grid has {'' if symmetric else 'u'}int{bits} codes in sub-blocks of "
+                              f"{group}; drop the changes to it (group size, bits, symmetry) or use an integer scheme")
 
     # -- integer ranges -------------------------------------------------------------------------
     @property
@@ -125,12 +140,17 @@ class QuantSpec:
             parts.append(f"scale {self.scale_dtype}" + (f" ({self.scale_rule})" if self.scale_dtype == "e8m0" else ""))
         if self.tensor_scale:
             parts.append("+ tensor scale")
+        if self.kquant:
+            parts.append(f"({self.kquant.upper()} grid)")
         if self.dynamic:
             parts.append("dynamic")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.kquant:  # older folders and recipes (and their checksums) stay as they were
+            del out["kquant"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
@@ -234,6 +254,24 @@ _FLOAT_NAMES = {
     "w_nvfp4": ("nvfp4", None), "w_nvfp4_a_nvfp4": ("nvfp4", "nvfp4"),
 }
 
+
+# llama.cpp's K-quant grids (formats/kquant): code bits, sub-block size and symmetry as in ggml's block_qN_K
+KQUANT_LAYOUTS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q5_k": (5, 32, False),
+                  "q6_k": (6, 16, True)}
+KQUANT_SPECS = {name: QuantSpec(kind="int", bits=bits, signed=sym, symmetric=sym, granularity="group",
+                                group_size=group, kquant=name) for name, (bits, group, sym) in KQUANT_LAYOUTS.items()}
+KQUANT_SUPER = 256  # columns per super-block
+# What a linear whose width is not a multiple of 256 gets instead: llama.cpp's fallback types as the integer
+# specs GGUF holds exactly (Q5_0, Q5_1, Q8_0; Q4_0 for Q2_K / Q3_K, the size of llama.cpp's IQ4_NL)
+KQUANT_FALLBACKS = {
+    "q2_k": ("Q4_0", QuantSpec(kind="int", bits=4, signed=True, symmetric=True, group_size=32)),
+    "q3_k": ("Q4_0", QuantSpec(kind="int", bits=4, signed=True, symmetric=True, group_size=32)),
+    "q4_k": ("Q5_0", QuantSpec(kind="int", bits=5, signed=True, symmetric=True, group_size=32)),
+    "q5_k": ("Q5_1", QuantSpec(kind="int", bits=5, signed=False, symmetric=False, group_size=32)),
+    "q6_k": ("Q8_0", QuantSpec(kind="int", bits=8, signed=True, symmetric=True, group_size=32)),
+}
+_KQUANT_NAMES = {f"w_{k}": k for k in KQUANT_SPECS}
+
 _INT_RE = re.compile(
     r"^w_(?P<w>u?int)(?P<bits>[2-8])"
     r"(?:_a_(?P<a>u?int)(?P<abits>[2-8]))?"
@@ -272,14 +310,14 @@ def scheme_names() -> list[str]:
                     names.append(f"w_{signed}{bits}_per_{gran}_{sym}")
     names += ["w_int8_a_int8_per_tensor_sym", "w_int8_a_int8_per_channel_sym", "w_uint8_a_uint8_per_tensor_asym",
               *_DYNAMIC_NAMES]
-    return names + list(_FLOAT_NAMES)
+    return names + list(_FLOAT_NAMES) + list(_KQUANT_NAMES)
 
 
 def scheme_grammar() -> str:
     """A one-line summary of valid names, for error messages."""
     return ("w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym}, "
             "w_int8_a_int8_per_{tensor|channel}_sym (static activations), " + ", ".join(_DYNAMIC_NAMES) +
-            ", " + ", ".join(_FLOAT_NAMES))
+            ", " + ", ".join(_FLOAT_NAMES) + ", " + ", ".join(_KQUANT_NAMES) + " (llama.cpp's K-quant grids)")
 
 
 def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
@@ -298,6 +336,11 @@ def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
         # compute their block scales from the activations themselves at run time
         aspec = _FLOAT_WEIGHTS[a].with_changes(dynamic=_FLOAT_WEIGHTS[a].granularity != "tensor") if a else None
         return Scheme(key, wspec, aspec)
+    if key in _KQUANT_NAMES:
+        if group_size is not None:
+            raise LowbitError(f"--group-size {group_size} given with {name!r}, whose sub-blocks are fixed; "
+                              f"drop --group-size")
+        return Scheme(key, KQUANT_SPECS[_KQUANT_NAMES[key]])
     m = _INT_RE.match(key)
     if not m:
         close = difflib.get_close_matches(key, scheme_names(), n=3)

@@ -8,14 +8,16 @@ Works on tensors only: a weight (N, K) and the Hessian 2/n * sum x x^T of its in
 - act-order (columns by decreasing Hessian diagonal) with *static groups*: every group's scale and zero
   point come from the original weights in the original column order, so the result needs no g_idx; the
   quantizer (clip=True) shrinks each static group's range by AWQ's clip search on the Hessian;
-- without act-order, a group's parameters come from the already-updated weights when the group starts.
+- without act-order, a group's parameters come from the already-updated weights when the group starts;
+- K-quant grids (spec.kquant) are always static: the two-level grid is searched once, on the whole weight, with
+  the Hessian's diagonal (the inputs' mean square, llama.cpp's importance matrix) weighting the search.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..formats import Quantized, compute_qparams, grid_round, quantize, tensor_scale, values_to_codes
+from ..formats import Quantized, compute_qparams, grid_round, kquant, quantize, tensor_scale, values_to_codes
 from ..spec import QuantSpec
 from .awq import search_clip
 from .base import INPUT_STATS, Quantizer, register
@@ -57,12 +59,21 @@ def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
     return torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(H.shape[0])
 
 
-def _grid(W: torch.Tensor, spec: QuantSpec, clip, static: bool) -> tuple:
+def grid_params(W: torch.Tensor, spec: QuantSpec, clip, H: torch.Tensor) -> tuple:
+    """(scale, zero, tensor scale) of a whole weight with input Hessian H: a K-quant grid (its super-scales as
+    the tensor scale) searched with H's diagonal as column importance, else the spec's own with `clip`."""
+    if spec.kquant:
+        return kquant.qparams(W, spec, H.diagonal().clamp_min(0))
+    t = tensor_scale(W, spec)  # two-level specs: one tensor scale for every group, however they are made
+    return (*compute_qparams(W, spec, clip, t), t)
+
+
+def _grid(W: torch.Tensor, spec: QuantSpec, clip, static: bool, H: torch.Tensor) -> tuple:
     """(scale, zero, tensor scale) of a weight about to be quantized: from the whole weight for static groups;
     else placeholders, each group's filled in when GPTQ reaches it (from the weights updated so far)."""
-    t = tensor_scale(W, spec)  # two-level specs: one tensor scale for every group, however they are made
     if static:
-        return (*compute_qparams(W, spec, clip, t), t)
+        return grid_params(W, spec, clip, H)
+    t = tensor_scale(W, spec)
     N, K = W.shape
     n_groups = -(-K // spec.block_shape(N, K)[1])
     zero = None if not spec.plain_int or (spec.symmetric and spec.signed) else \
@@ -87,8 +98,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
         cross[:, dead] = 0
 
     group = spec.block_shape(N, K)[1]  # columns sharing one scale (MX6/MX9: a sub-block)
-    static = qparams is not None or act_order or spec.granularity != "group" or spec.subblock_size > 0
-    scale, zero, t = qparams if qparams is not None else _grid(W, spec, clip, static)
+    static = qparams is not None or act_order or spec.granularity != "group" or spec.subblock_size > 0 \
+        or bool(spec.kquant)
+    scale, zero, t = qparams if qparams is not None else _grid(W, spec, clip, static, H)
     if not static:
         block_size = group * max(1, block_size // group)
     column_spec = None if static else spec.with_changes(granularity="channel", group_size=None)
@@ -190,7 +202,7 @@ class GPTQ(Quantizer):
             for n in names:
                 self.notes[n] = f"{self.notes.get(n, 'no calibration inputs')}: RTN"
             return quantize(weight, spec, clip)
-        if clip is None and self.clip and (self.act_order or spec.granularity != "group"):
+        if clip is None and self.clip and (self.act_order or spec.granularity != "group") and not spec.kquant:
             clip = search_clip(weight, spec, H / 2)  # static groups: ranges chosen for the output error
         try:
             qt, used = self.solve(weight, H, spec, clip, **self._solver_args)
@@ -225,7 +237,8 @@ class GPTQ(Quantizer):
                 [torch.ones(w.shape[0], -(-w.shape[1] // cols)) if c is None else c for c, w in zip(clips, weights)])
             joint = self._run(tuple(names), torch.cat([w.float() for w in weights]), specs[0], H, joint_clip)
             rows = [w.shape[0] for w in weights]
-            return [Quantized(c, s, z, specs[0]) for c, s, z in zip(
+            return [Quantized(c, s, z, specs[0], t) for c, s, z, t in zip(
                 joint.codes.split(rows), joint.scale.split(rows),
-                joint.zero.split(rows) if joint.zero is not None else [None] * len(rows))]
+                joint.zero.split(rows) if joint.zero is not None else [None] * len(rows),
+                joint.tensor_scale.split(rows) if specs[0].kquant else [None] * len(rows))]
         return [self._run((n,), w, s, H, c) for n, w, s, c in zip(names, weights, specs, clips)]

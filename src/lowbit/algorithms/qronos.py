@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import compute_qparams, grid_round, tensor_scale
+from ..formats import grid_round
 from ..spec import QuantSpec
 from .base import register
 from .gptaq import GPTAQ
-from .gptq import column_order, gptq_quantize, prepared
+from .gptq import column_order, gptq_quantize, grid_params, prepared
 
 
 def largest_eigenvalue(H: torch.Tensor, steps: int = 30) -> float:
@@ -51,8 +51,7 @@ def qronos_quantize(weight: torch.Tensor, H: torch.Tensor, G: torch.Tensor, spec
     W = W0.clone()
     # 1. the first column given the others, for the float model's output; then the grid and its rounded value
     W[:, first] = (W0 @ G[:, first] - W0[:, rest] @ H[rest, first]) / H[first, first]
-    t = tensor_scale(W, spec)
-    scale, zero = compute_qparams(W, spec, clip, t)
+    scale, zero, t = grid_params(W, spec, clip, H)
     g = first // spec.block_shape(N, K)[1]
     s = scale[:, g].expand(N) if scale.shape[0] == 1 else scale[:, g]
     z = None if zero is None else (zero[:, g].expand(N) if zero.shape[0] == 1 else zero[:, g])

@@ -9,6 +9,8 @@ scale group (group size a multiple of 32, or one scale per channel / tensor) and
 - Q4_1 / Q5_1 hold d * q + m with q in [0, 15] / [0, 31]: asymmetric integers of up to 4 / 5 bits,
   q = code - qmin, d = scale, m = -(zero - qmin) * scale.
 - MXFP4 holds 2^(e - 127) * E2M1(q): lowbit's MXFP4 (E2M1 codes, E8M0 scales, groups of 32), byte for byte.
+- Q2_K .. Q6_K hold lowbit's K-quant grids (spec.kquant, formats/kquant) of widths that are whole super-blocks:
+  codes, sub-block scales and mins, and float16 super-scales, byte for byte.
 Everything else is re-quantized from the dequantized weight (`requantize`): Q8_0 by gguf-py, the rest by lowbit.
 """
 
@@ -23,9 +25,9 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize
 
-from ..formats import Quantized
+from ..formats import Quantized, kquant
 from .gguf_iq4nl import quantize_iq4_nl
-from .gguf_kquants import KQUANT_TYPES, quantize_k
+from .gguf_kquants import KQUANT_TYPES, SUPER, pack_k, quantize_k
 from .gguf_legacy import LEGACY_TYPES, quantize_legacy
 from ..spec import QuantSpec
 
@@ -42,6 +44,8 @@ def row_bytes(qtype: T, cols: int) -> int:
 
 def exact_type(spec: QuantSpec, cols: int) -> T | None:
     """The GGUF type that holds this spec's codes and scales without re-quantization, or None."""
+    if spec.kquant:
+        return T[spec.kquant.upper()] if cols % SUPER == 0 else None
     block_cols = spec.block_shape(1, cols)[1]
     if cols % BLOCK or block_cols % BLOCK:
         return None
@@ -68,6 +72,8 @@ def pack_exact(qt: Quantized, qtype: T) -> np.ndarray:
     """uint8 (N, row_bytes) GGUF blocks of a quantized weight whose spec maps exactly to qtype."""
     spec = qt.spec
     rows, cols = qt.shape
+    if spec.kquant:
+        return pack_k(qt.codes, qtype, kquant.to_grid(qt.scale, qt.zero, qt.tensor_scale, spec), rows)
     nb = cols // BLOCK
     scale = _per_block(qt.scale.float(), spec, rows, cols)
     codes = qt.codes.to(torch.int64).reshape(rows, nb, BLOCK)

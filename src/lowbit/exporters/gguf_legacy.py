@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from .gguf_kquants import _IMPORTANCE_SEARCH, _f16_bytes, _half, _pack, _round_, _search_affine, _search_symmetric
+from ..formats.kquant_search import _IMPORTANCE_SEARCH, _half, _round_, _search_affine, _search_symmetric
+from .gguf_kquants import _f16_bytes, _pack
 
 BLOCK = 32
 CHUNK = 4096  # blocks searched together

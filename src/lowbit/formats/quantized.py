@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..spec import QuantSpec
-from . import integer, scaled
+from . import integer, kquant, scaled
 
 
 @dataclass
@@ -61,7 +61,10 @@ def tensor_scale(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
 def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None,
                     t: torch.Tensor | None = None):
     """(scale, zero point or None) per block of w; `clip` shrinks each block's range; `t` fixes the
-    tensor scale of a two-level spec (GPTQ computes group scales piecewise and needs one t for all)."""
+    tensor scale of a two-level spec (GPTQ computes group scales piecewise and needs one t for all). K-quant
+    grids are made whole (kquant.qparams; quantize keeps their super-scales): clip and t do not apply."""
+    if spec.kquant:
+        return kquant.qparams(w, spec)[:2]
     if spec.plain_int:
         return integer.compute_qparams(w, spec, clip)
     return scaled.compute_qparams(w, spec, clip, t)
@@ -72,6 +75,8 @@ def grid_round(x: torch.Tensor, spec: QuantSpec, zero: torch.Tensor | None = Non
     dequantized value is the result times the scale."""
     if not spec.plain_int:
         return scaled.grid_round(x, spec)
+    if spec.kquant:
+        return kquant.grid_round(x, spec, zero)
     q = torch.round(x)
     if zero is None:
         return q.clamp_(spec.qmin, spec.qmax)
@@ -86,6 +91,8 @@ def values_to_codes(values: torch.Tensor, zero: torch.Tensor | None, spec: Quant
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    if spec.kquant:
+        return kquant.quantize_codes(w, scale, zero, spec)
     if spec.plain_int:
         return integer.quantize_codes(w, scale, zero, spec)
     return scaled.quantize_codes(w, scale, spec)
@@ -100,6 +107,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 def fake_quant(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Q(w) dequantized again, in float32: what a quantized weight computes with."""
+    if spec.kquant:
+        return quantize(w, spec).dequantize()
     if spec.plain_int:
         return integer.fake_quant(w, spec, clip)
     return scaled.fake_quant(w, spec, clip)
@@ -109,9 +118,18 @@ def quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None)
     """Round-to-nearest quantization of a 2-D weight (rows = output features) in any format."""
     if w.dim() != 2:
         raise ValueError(f"quantization works on 2-D weights, got shape {tuple(w.shape)}")
+    if spec.kquant:
+        return quantize_kquant(w, spec)
     t = tensor_scale(w, spec)
     scale, zero = compute_qparams(w, spec, clip, t)
     return Quantized(quantize_codes(w, scale, zero, spec), scale, zero, spec, t)
+
+
+def quantize_kquant(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> Quantized:
+    """Round-to-nearest onto a K-quant grid searched with optional (K,) column importance; the Quantized's
+    tensor_scale holds the super-scales (kquant.qparams)."""
+    scale, zero, supers = kquant.qparams(w, spec, importance)
+    return Quantized(kquant.quantize_codes(w, scale, zero, spec), scale, zero, spec, supers)
 
 
 def fake_quant_activation(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""K-quant grids as lowbit weight formats (w_q2_k .. w_q6_k, formats/kquant): RTN and GPTQ put their codes on the
+two-level grid a GGUF K-quant block stores, the export writes them byte for byte, and llama.cpp runs the file."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.errors import LowbitError
+from lowbit.exporters.gguf import export_gguf, plan_gguf
+from lowbit.exporters.gguf_blocks import pack_exact
+from lowbit.exporters.gguf_kquants import quantize_k
+from lowbit.exporters.source import LowbitFolder
+from lowbit.formats import quantize
+from lowbit.formats.packed import pack_linear, unpack_linear
+from lowbit.recipe import kquant_fallback
+from lowbit.spec import KQUANT_SPECS, parse_scheme
+
+from .conftest import need_llama_cpp, save_random_model
+
+KINDS = list(KQUANT_SPECS)
+
+
+def _weight(rows=48, cols=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[:, 7] *= 8  # an outlier column, and one sub-block of near-constant values
+    w[3, 32:48] = -0.02 + 1e-4 * torch.randn(16, generator=g)
+    return w
+
+
+def _gguf_values(blocks: np.ndarray, kind: str, shape) -> torch.Tensor:
+    return torch.from_numpy(dequantize(blocks, T[kind.upper()])).reshape(shape).double()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rtn_codes_pack_exactly_and_match_llama_cpp_style_search(kind):
+    """What lowbit computes with is what the GGUF block decodes to, and RTN onto the grid is as good as the
+    exporter's own K-quant search (never worse: a zero sub-block scale is only ever raised to 1)."""
+    w = _weight()
+    spec = KQUANT_SPECS[kind]
+    qt = quantize(w, spec)
+    blocks = pack_exact(qt, T[kind.upper()])
+    ours = qt.dequantize().double()
+    assert torch.allclose(_gguf_values(blocks, kind, w.shape), ours, rtol=1e-5, atol=1e-7)
+    searched = _gguf_values(quantize_k(w, T[kind.upper()]), kind, w.shape)
+    assert float(((ours - w) ** 2).sum()) <= float(((searched - w) ** 2).sum()) * (1 + 1e-6)
+    back = unpack_linear(pack_linear(qt), spec, tuple(w.shape))  # lowbit's folder keeps the grid
+    assert torch.equal(back.codes, qt.codes) and torch.equal(back.dequantize(), qt.dequantize())
+    assert np.array_equal(pack_exact(back, T[kind.upper()]), blocks)
+
+
+@pytest.mark.parametrize("kind", ["q2_k", "q4_k", "q6_k"])
+def test_gptq_lands_on_the_grid_and_lowers_the_output_error(kind):
+    g = torch.Generator().manual_seed(1)
+    w = _weight(32, 512, seed=2)
+    x = torch.randn(1024, 512, generator=g) * torch.linspace(0.2, 3.0, 512)
+    H = 2 * x.T @ x / len(x)
+    spec = KQUANT_SPECS[kind]
+    rtn = quantize(w, spec)
+    gq, _ = gptq_quantize(w, H, spec)
+    out_err = [float(((x @ (q.dequantize() - w).T) ** 2).mean()) for q in (rtn, gq)]
+    assert out_err[1] < 0.95 * out_err[0]
+    blocks = pack_exact(gq, T[kind.upper()])
+    assert torch.allclose(_gguf_values(blocks, kind, w.shape), gq.dequantize().double(), rtol=1e-5, atol=1e-7)
+
+
+def test_scheme_names_fallbacks_and_refusals():
+    assert parse_scheme("w_q4_k").weight == KQUANT_SPECS["q4_k"]
+    with pytest.raises(LowbitError, match="sub-blocks are fixed"):
+        parse_scheme("w_q4_k", group_size=64)
+    with pytest.raises(LowbitError, match="drop the changes"):
+        KQUANT_SPECS["q4_k"].with_changes(group_size=64)
+    spec, why = kquant_fallback(KQUANT_SPECS["q4_k"], (64, 576), "scheme")
+    assert (spec.bits, spec.symmetric, spec.group_size, spec.kquant) == (5, True, 32, "") and "Q5_0" in why
+    assert kquant_fallback(KQUANT_SPECS["q6_k"], (64, 1536), "scheme")[0] == KQUANT_SPECS["q6_k"]
+    assert kquant_fallback(KQUANT_SPECS["q5_k"], (64, 576), "scheme")[0].symmetric is False
+
+
+@pytest.fixture(scope="module")
+def tiny256(tmp_path_factory, tokenizer_dir):
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    config = tf.LlamaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=256,
+                            intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                            tie_word_embeddings=False)
+    return save_random_model(config, tmp_path_factory.mktemp("tiny256k"), tokenizer_dir, torch.float32,
+                             randomize_1d=True)
+
+
+def test_gptq_q4_k_folder_exports_exactly_and_runs_in_llama_cpp(tiny256, lowbit_out, tmp_path):
+    from lowbit.api import load
+
+    src = lowbit_out(tiny256, "w_q4_k", algo="gptq")
+    folder = LowbitFolder(src)
+    plan = plan_gguf(folder)
+    assert all(lin.exact and lin.qtype == T.Q4_K for lin in plan.linears) and not plan.warnings
+    path = export_gguf(src, tmp_path / "q4k.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    down = tensors["blk.1.ffn_down.weight"]  # not row-permuted: comparable with lowbit's weight as it is
+    wd = folder.weight("model.layers.1.mlp.down_proj").double()
+    assert down.tensor_type == T.Q4_K
+    assert torch.allclose(_gguf_values(down.data, "q4_k", wd.shape), wd, rtol=1e-5, atol=1e-7)
+    llama_cpp = need_llama_cpp()
+    ids = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    model = load(str(src))[0].eval()  # the lowbit folder itself, in torch
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].float().numpy()
+    assert np.abs(ours - theirs).max() < 0.08 * np.abs(ours).max()  # llama.cpp's Q8_K activations (test_gguf_kmix)
+
+
+def test_other_formats_refuse_k_quant_grids_and_autoround_is_refused(tiny256, lowbit_out, tmp_path):
+    from lowbit.api import export, quantize as api_quantize
+
+    src = lowbit_out(tiny256, "w_q4_k")
+    with pytest.raises(LowbitError, match="holds no K-quant grids.*export to gguf"):
+        export(src, tmp_path / "ct", "compressed-tensors")
+    with pytest.raises(LowbitError, match="AutoRound does not learn onto K-quant grids"):
+        api_quantize(tiny256, tmp_path / "ar", scheme="w_q4_k", algo="autoround", progress=False, quiet=True)
+    assert not (tmp_path / "ct").exists() and not (tmp_path / "ar").exists()

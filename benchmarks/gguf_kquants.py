@@ -1,28 +1,37 @@
-"""K-quant GGUF files from lowbit against llama.cpp's own quantizer, side by side in one run, both evaluated by
-llama.cpp itself: perplexity, KL divergence of the token distributions from the reference file's, file size and
-quantization time.
+"""K-quant GGUF files from lowbit against llama.cpp's own quantizer (llama-quantize, with and without an importance
+matrix from llama-imatrix), side by side in one run, all evaluated by llama.cpp itself: perplexity, KL divergence
+of the token distributions from the float model's, file size and quantization time.
 
-Both quantizers start from the same weights: the model is first quantized by lowbit to 8-bit integers in groups
-of 32 (RTN) and written as a Q8_0 GGUF (an exact copy of lowbit's codes), the reference. llama.cpp's quantizer
-(llama-cpp-python's `llama_model_quantize`, with requantization allowed) turns that file into each mix; lowbit
-writes the same mix from the same 8-bit folder (`export --gguf-type MIX`). Perplexity and KL are computed from
-llama.cpp's logits over the same token windows (each window from an empty cache); KL is the mean over predicted
-tokens of KL(reference || quantized). With --imatrix-windows N, lowbit also writes each mix weighted by its own
-importance matrix (`lowbit imatrix` over N calibration windows of the same text, disjoint from the evaluation
-windows): llama.cpp's quantizer cannot take one through llama-cpp-python (its imatrix is a C++ map), so its
-imatrix row needs the llama-quantize binary and is not in this table.
+Every file starts from the same float weights: lowbit writes the model as a float GGUF (`export --gguf-type f16`,
+or f32), the reference; llama.cpp's tools run on that file. Rows per mix:
+- llama.cpp: `llama-quantize ref.gguf out.gguf MIX`;
+- llama.cpp + imatrix: the same with `--imatrix` from `llama-imatrix` over the calibration text;
+- lowbit: `export --gguf-type MIX` of the float model (lowbit's own K-quant / legacy searches);
+- lowbit + imatrix: the same weighted by lowbit's imatrix (`lowbit imatrix`) of the same calibration text;
+- lowbit + llama.cpp's imatrix: lowbit's export reading llama-imatrix's file (checks lowbit reads it right);
+- lowbit GPTQ: `quantize --scheme gguf_MIX --algo gptq --export gguf` (calibrated codes on each tensor's K-quant
+  grid, written exactly; the float embedding / output weighted by lowbit's imatrix).
+The calibration text is the dataset's "calib" part, given to both imatrix tools; the evaluation windows come from
+its "eval" part. Perplexity and KL come from llama.cpp's logits over the same windows (each from an empty cache);
+KL is the mean over predicted tokens of KL(float || quantized).
 
-    python benchmarks/gguf_kquants.py [--model demo] [--mixes q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k]
-        [--dataset pydoc] [--eval-chunks 8] [--seq-len 512] [--imatrix-windows 32] [--work /tmp/lowbit-kquants]
-        [--json-out FILE]
+llama-quantize and llama-imatrix are taken from $LLAMA_CPP_BIN or PATH, else built (cmake, a few minutes) from
+the llama.cpp sources inside the sdist of the installed llama-cpp-python (pip download), under --work.
+--random-model H,L,F benchmarks a seeded random Llama (hidden H, L layers, MLP F; the demo's tokenizer) instead:
+widths that are whole 256-wide super-blocks and weights on no earlier grid.
+
+    python benchmarks/gguf_kquants.py [--model demo] [--mixes q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k] [--dataset pydoc]
+        [--eval-chunks 8] [--seq-len 512] [--calib-windows 32] [--reference f16] [--random-model 512,8,1536]
+        [--skip gptq] [--work /tmp/lowbit-kquants] [--json-out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,19 +40,42 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+TOOLS = ("llama-quantize", "llama-imatrix")
 
-def llama_cpp_quantize(src: Path, out: Path, mix: str) -> float:
-    """llama.cpp's quantizer on src into the mix; returns seconds."""
-    import llama_cpp
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
-    params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
+def llama_tools(work: Path) -> dict[str, Path]:
+    """The llama.cpp binaries, built from llama-cpp-python's sdist when not found."""
+    where = os.environ.get("LLAMA_CPP_BIN")
+    found = {t: Path(where) / t if where else shutil.which(t) for t in TOOLS}
+    if all(p and Path(p).is_file() for p in found.values()):
+        return {t: Path(p) for t, p in found.items()}
+    from importlib.metadata import version
+
+    build = work / "llama.cpp-build"
+    bins = {t: build / "bin" / t for t in TOOLS}
+    if all(p.is_file() for p in bins.values()):
+        return bins
+    ver = version("llama_cpp_python")
+    src = work / f"llama_cpp_python-{ver}"
+    if not src.is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={ver}", "-d", str(work)], check=True)
+        shutil.unpack_archive(str(work / f"llama_cpp_python-{ver}.tar.gz"), str(work))
+    tree = src / "vendor" / "llama.cpp"
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", *TOOLS],
+                   check=True, stdout=subprocess.DEVNULL)
+    return bins
+
+
+def run(cmd: list) -> float:
+    """Run a llama.cpp tool quietly; returns seconds."""
     start = time.perf_counter()
-    code = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-    if code != 0:
-        raise RuntimeError(f"llama_model_quantize returned {code} for {mix}")
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed:\n{done.stderr[-2000:]}")
     return time.perf_counter() - start
 
 
@@ -62,7 +94,7 @@ def window_logprobs(path: Path, windows: torch.Tensor):
         llm.close()
 
 
-def measure(path: Path, windows: torch.Tensor, reference: list | None) -> dict:
+def measure(path: Path, windows: torch.Tensor, reference: list | None) -> tuple[dict, list]:
     """Perplexity (and KL from the reference log-probabilities, when given) of a GGUF file in llama.cpp."""
     nll, kl, tokens = 0.0, 0.0, 0
     kept = []
@@ -75,73 +107,142 @@ def measure(path: Path, windows: torch.Tensor, reference: list | None) -> dict:
         else:
             ref = reference[i].float()
             kl += float((ref.exp() * (ref - logp)).sum())
-    row = {"perplexity": round(float(torch.exp(torch.tensor(nll / tokens))), 4), "size_mib":
-           round(path.stat().st_size / 2**20, 2)}
+    row = {"perplexity": round(float(torch.exp(torch.tensor(nll / tokens))), 4),
+           "size_mib": round(path.stat().st_size / 2**20, 2)}
     if reference is not None:
         row["kl"] = round(kl / tokens, 5)
     return row, kept
 
 
+def random_model(spec: str, work: Path) -> Path:
+    """A seeded random Llama (hidden, layers, MLP width) with the demo's tokenizer, saved under work."""
+    import transformers as tf
+
+    from lowbit.hf.model import open_model
+
+    hidden, layers, mlp = (int(v) for v in spec.split(","))
+    folder = work / f"random-{hidden}-{layers}-{mlp}"
+    tokenizer = open_model("demo").tokenizer()
+    if not (folder / "config.json").is_file():
+        config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
+                                num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                num_key_value_heads=max(1, hidden // 256), max_position_embeddings=2048,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                tie_word_embeddings=True)
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.6 / p.shape[1] ** 0.5)  # logits of a few units: peaked, not flat
+                    if "mlp" in name or "proj" in name:
+                        p[:, torch.randperm(p.shape[1])[: p.shape[1] // 64]] *= 4  # some outlier columns
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+class Bench:
+    """One model's reference, windows, imatrix files and rows."""
+
+    def __init__(self, args, model: str):
+        from lowbit.data import eval_windows, load_text, tokenize
+        from lowbit.exporters.gguf_float import export_gguf_any
+        from lowbit.hf.model import open_model
+
+        self.args, self.model, self.work, self.rows = args, model, args.work, []
+        self.tools = llama_tools(args.work)
+        self.reference = export_gguf_any(model, self.work / f"reference-{args.reference}.gguf", overwrite=True,
+                                         quant_type=args.reference)
+        text = load_text(args.dataset, "calib")
+        self.calib_text = self.work / "calib.txt"
+        self.calib_text.write_text(text)
+        self.windows = eval_windows(tokenize(open_model(model).tokenizer(), load_text(args.dataset, "eval")),
+                                    args.seq_len, args.eval_chunks)
+        row, self.ref_logp = measure(self.reference, self.windows, None)
+        self.add({"tool": f"float ({args.reference})", "mix": args.reference, **row})
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def imatrices(self) -> None:
+        from lowbit.imatrix import compute_imatrix
+
+        a = self.args
+        self.llama_imatrix = self.work / "imatrix-llama.gguf"
+        seconds = run([self.tools["llama-imatrix"], "-m", self.reference, "-f", self.calib_text, "-o",
+                       self.llama_imatrix, "-c", a.seq_len, "--chunks", a.calib_windows, "-t", os.cpu_count() or 1,
+                       "--no-ppl"])
+        print(f"llama-imatrix: {seconds:.0f} s", flush=True)
+        start = time.perf_counter()
+        self.lowbit_imatrix = compute_imatrix(self.model, self.work / "imatrix-lowbit.gguf", dataset=a.dataset,
+                                              num_calib_data=a.calib_windows, seq_len=a.seq_len, overwrite=True,
+                                              progress=False)
+        print(f"lowbit imatrix: {time.perf_counter() - start:.0f} s", flush=True)
+
+    def mix(self, mix: str) -> None:
+        from lowbit.exporters.gguf_float import export_gguf_any
+
+        for tool, imatrix in (("llama.cpp", None), ("llama.cpp + imatrix", self.llama_imatrix)):
+            out = self.work / f"{tool.replace(' + ', '-')}-{mix}.gguf"
+            seconds = run([self.tools["llama-quantize"], *(["--imatrix", imatrix] if imatrix else []),
+                           self.reference, out, mix.upper(), os.cpu_count() or 1])
+            self.add({"tool": tool, "mix": mix, "seconds": round(seconds, 2), **self.score(out)})
+        for tool, imatrix in (("lowbit", None), ("lowbit + imatrix", self.lowbit_imatrix),
+                              ("lowbit + llama.cpp's imatrix", self.llama_imatrix)):
+            out = self.work / f"{tool.replace(' + ', '-').replace(' ', '_')}-{mix}.gguf"
+            start = time.perf_counter()
+            export_gguf_any(self.model, out, overwrite=True, quant_type=mix, imatrix=imatrix)
+            self.add({"tool": tool, "mix": mix, "seconds": round(time.perf_counter() - start, 2),
+                      **self.score(out)})
+        if "gptq" not in self.args.skip:
+            self.calibrated(mix, "gptq")
+
+    def calibrated(self, mix: str, algo: str) -> None:
+        from lowbit.api import quantize
+
+        a = self.args
+        start = time.perf_counter()
+        result = quantize(self.model, self.work / f"lowbit-{algo}-{mix}", scheme=f"gguf_{mix}", algo=algo,
+                          export="gguf", export_options={"gguf": {"imatrix": self.lowbit_imatrix}},
+                          num_calib_data=a.calib_windows, seq_len=a.seq_len, dataset=a.dataset, overwrite=True,
+                          progress=False, quiet=True)
+        out = Path(result.summary["exports"]["gguf"])
+        self.add({"tool": f"lowbit {algo.upper()} (gguf_{mix})", "mix": mix,
+                  "seconds": round(time.perf_counter() - start, 2), **self.score(out)})
+
+    def score(self, path: Path) -> dict:
+        return measure(path, self.windows, self.ref_logp)[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo")
+    p.add_argument("--random-model", default=None, metavar="H,L,F")
     p.add_argument("--mixes", default="q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k")
     p.add_argument("--dataset", default="pydoc")
     p.add_argument("--eval-chunks", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--reference", default="f16", choices=["f16", "bf16", "f32"])
+    p.add_argument("--skip", default="", help="comma list of rows to leave out: gptq")
     p.add_argument("--work", type=Path, default=Path("/tmp/lowbit-kquants"))
     p.add_argument("--json-out", type=Path, default=None)
-    p.add_argument("--imatrix-windows", type=int, default=0, help="also lowbit with its imatrix over N windows")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lowbit.api import quantize
-    from lowbit.data import eval_windows, load_text, tokenize
-    from lowbit.exporters.gguf import export_gguf
-    from lowbit.hf.model import open_model
-
     args.work.mkdir(parents=True, exist_ok=True)
-    base = quantize(args.model, args.work / "w8", scheme="w_int8_per_group_sym", group_size=32, progress=False,
-                    quiet=True, overwrite=True).output
-    reference_file = export_gguf(base, args.work / "reference-q8_0.gguf", overwrite=True)
-    windows = eval_windows(tokenize(open_model(args.model).tokenizer(), load_text(args.dataset, "eval")),
-                           args.seq_len, args.eval_chunks)
-    imatrix = None
-    if args.imatrix_windows:
-        from lowbit.imatrix import compute_imatrix
-
-        start = time.perf_counter()
-        imatrix = compute_imatrix(args.model, args.work / "imatrix.gguf", dataset=args.dataset,
-                                  num_calib_data=args.imatrix_windows, seq_len=args.seq_len, overwrite=True,
-                                  progress=False)
-        print(f"imatrix over {args.imatrix_windows} windows in {time.perf_counter() - start:.0f} s", flush=True)
-    ref_row, reference = measure(reference_file, windows, None)
-    rows = [{"tool": "reference (lowbit w8 g32 -> Q8_0)", "mix": "q8_0", **ref_row}]
-    print(json.dumps(rows[-1]), flush=True)
+    model = str(random_model(args.random_model, args.work)) if args.random_model else args.model
+    bench = Bench(args, model)
+    bench.imatrices()
     for mix in args.mixes.split(","):
-        out = args.work / f"llama-cpp-{mix}.gguf"
-        seconds = llama_cpp_quantize(reference_file, out, mix)
-        rows.append({"tool": "llama.cpp", "mix": mix, "seconds": round(seconds, 2), **measure(out, windows,
-                                                                                              reference)[0]})
-        print(json.dumps(rows[-1]), flush=True)
-        out = args.work / f"lowbit-{mix}.gguf"
-        start = time.perf_counter()
-        export_gguf(base, out, overwrite=True, quant_type=mix)
-        rows.append({"tool": "lowbit", "mix": mix, "seconds": round(time.perf_counter() - start, 2),
-                     **measure(out, windows, reference)[0]})
-        print(json.dumps(rows[-1]), flush=True)
-        if imatrix is not None:
-            out = args.work / f"lowbit-imatrix-{mix}.gguf"
-            start = time.perf_counter()
-            export_gguf(base, out, overwrite=True, quant_type=mix, imatrix=imatrix)
-            rows.append({"tool": "lowbit + imatrix", "mix": mix, "seconds": round(time.perf_counter() - start, 2),
-                         **measure(out, windows, reference)[0]})
-            print(json.dumps(rows[-1]), flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "windows": list(windows.shape),
-              "rows": rows}
+        bench.mix(mix)
+    result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "model": model,
+              "windows": list(bench.windows.shape), "rows": bench.rows}
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1) + "\n")
     print("| tool | mix | size MiB | perplexity | KL | seconds |\n|---|---|---|---|---|---|")
-    for r in rows:
+    for r in bench.rows:
         print(f"| {r['tool']} | {r['mix']} | {r['size_mib']} | {r['perplexity']} | {r.get('kl', '')} | "
               f"{r.get('seconds', '')} |")
 

@@ -131,3 +131,37 @@ def test_other_formats_refuse_k_quant_grids_and_autoround_is_refused(tiny256, lo
     with pytest.raises(LowbitError, match="AutoRound does not learn onto K-quant grids"):
         api_quantize(tiny256, tmp_path / "ar", scheme="w_q4_k", algo="autoround", progress=False, quiet=True)
     assert not (tmp_path / "ct").exists() and not (tmp_path / "ar").exists()
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q2_k"])
+def test_mix_scheme_puts_every_linear_on_its_mix_type(mix, tiny256, tmp_path):
+    """gguf_q4_k_m: each linear quantized (here by GPTQ) onto the grid llama.cpp's Q4_K_M gives its tensor; the
+    export of that mix (the default for this scheme) then re-quantizes no linear, and the file's types are the
+    mix's."""
+    from lowbit.api import quantize as api_quantize
+    from lowbit.exporters.gguf_mixes import ModelShape, mix_types
+
+    out = tmp_path / "q"
+    result = api_quantize(tiny256, out, scheme=f"gguf_{mix}", algo="gptq", export="gguf", progress=False, quiet=True,
+                          num_calib_data=4, seq_len=64)
+    plan = plan_gguf(LowbitFolder(out), mix)
+    assert all(lin.exact for lin in plan.linears) and not plan.warnings
+    reader = gguf.GGUFReader(result.summary["exports"]["gguf"])
+    names = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) == 2}
+    assert {t.name: t.tensor_type for t in reader.tensors if t.name in names} == \
+        mix_types(mix, names, ModelShape(2, 2, tied_output=False))
+    assert len({lin.qtype for lin in plan.linears}) > 1  # the mix raised some tensors above its base type
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"])
+
+
+def test_quantize_refuses_an_imatrix_of_another_model_before_any_work(tiny256, tiny_models, tmp_path):
+    from lowbit.api import quantize as api_quantize
+    from lowbit.cli import main
+
+    other = tmp_path / "other.gguf"
+    assert main(["imatrix", str(tiny_models["llama"]), "-o", str(other), "--num-calib-data", "2", "--seq-len", "16",
+                 "--no-progress"]) == 0
+    with pytest.raises(LowbitError, match="computed for another model"):
+        api_quantize(tiny256, tmp_path / "q", scheme="gguf_q4_k_m", algo="gptq", export="gguf",
+                     export_options={"gguf": {"imatrix": str(other)}}, progress=False, quiet=True)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.gguf").exists()

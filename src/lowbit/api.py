@@ -33,7 +33,7 @@ from .hf.model import LoadedModel, foreign_quantization, load_model, load_with_t
 from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, Recipe, format_plan, has_static_inputs, resolve_plan,
                      validate_plan)
 from .arch.moe import EXPERT_PATTERN
-from .spec import parse_kv_cache_dtype, parse_scheme
+from .spec import gguf_mix, parse_kv_cache_dtype, parse_scheme
 
 RUNTIMES = ("torch", "llama.cpp", "onnxruntime-genai")  # torch: ONNX models run in onnxruntime
 
@@ -141,13 +141,14 @@ def quantize(model, output=None, *, recipe: Recipe | None = None, overwrite: boo
     placement = _placement(device, calib_dtype, offload_dir, ranks)
     if not ranks.is_writer:  # another rank writes, exports and evaluates; this one calibrates and solves its share
         output, export, evaluate_after, keep_in_memory, progress, quiet = None, None, False, False, False, True
+    export_options = _mix_export_options(recipe, export_options)
     job, exports = _torch_job(model, output, recipe, overwrite, keep_in_memory or (evaluate_after and not resume),
-                              progress, quiet, export, placement)
+                              progress, quiet, export, placement, export_options)
     job.resume = resume
     options = _run_options(output, overwrite, progress, quiet, evaluate_after, eval_dataset, eval_seq_len, max_chunks,
                            exports, export_options)
     options.resume = resume
-    summary, result = pipeline.run(job, recipe, options, t0)
+    summary, result = pipeline.run(job, job.recipe, options, t0)
     model_out = job.loaded.model.eval() if keep_in_memory or evaluate_after else None
     return QuantizeResult(Path(output) if output is not None else None, summary, result.report, model_out, job.plan)
 
@@ -160,8 +161,17 @@ def _placement(device, calib_dtype, offload_dir, ranks: Ranks) -> Placement:
                      Path(offload_dir).expanduser() if offload_dir is not None else None, ranks)
 
 
+def _mix_export_options(recipe: Recipe, export_options: dict | None) -> dict:
+    """A gguf_* mix scheme's GGUF export is that mix unless --gguf-type says otherwise."""
+    options = {k: dict(v) for k, v in (export_options or {}).items()}
+    mix = gguf_mix(recipe.scheme.name)
+    if mix is not None:
+        options.setdefault("gguf", {}).setdefault("quant_type", mix)
+    return options
+
+
 def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progress: bool, quiet: bool,
-               export, placement: Placement) -> tuple[TorchJob, list]:
+               export, placement: Placement, export_options: dict) -> tuple[TorchJob, list]:
     """The checked job of a torch source and the export formats asked for; everything refused here, before any
     output is claimed or any weight read."""
     chain = parse_chain([a.name for a in recipe.algorithms], {a.name: a.kwargs() for a in recipe.algorithms})
@@ -173,6 +183,10 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
     check_carried(loaded.folder)  # the files the output copies lie inside the source folder
     if loaded.quantized:
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
+    if gguf_mix(recipe.scheme.name):  # gguf_q4_k_m ...: each linear onto the grid of its tensor in that file
+        from .gguf_mix import with_gguf_mix
+
+        recipe = with_gguf_mix(recipe, loaded.model.config.to_dict(), linear_modules(loaded.model))
     plan = plan_for(loaded, recipe)
     planned = planned_model(loaded, plan, chain)
     mixed = _mixed_precision(recipe, plan, planned, export, placement.ranks)
@@ -183,7 +197,7 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
         placement.ranks.check_windows(recipe.calibration["num_samples"])
         tokenizer = loaded.tokenizer()
     log(format_plan(plan), quiet)
-    exports = _check_exports(export, output, overwrite, planned, quiet, sources + [loaded.folder])
+    exports = _check_exports(export, output, overwrite, planned, quiet, sources + [loaded.folder], export_options)
     return TorchJob(str(model), loaded, recipe, plan, chain, tokenizer, keep, progress, placement,
                     sources=sources, mixed=mixed, quiet=quiet), exports
 
@@ -257,8 +271,9 @@ def source_paths(model) -> list[Path]:
     return [path] if path.exists() else []
 
 
-def _check_exports(export, output, overwrite: bool, planned, quiet: bool, sources) -> list:
-    """The export formats asked for, each checked against the plan and its output path before any work."""
+def _check_exports(export, output, overwrite: bool, planned, quiet: bool, sources, options: dict) -> list:
+    """The export formats asked for, each checked against the plan (with its options: the GGUF type and
+    imatrix) and its output path before any work."""
     if not export:
         return []
     from .exporters.formats import parse_formats
@@ -267,8 +282,15 @@ def _check_exports(export, output, overwrite: bool, planned, quiet: bool, source
         raise LowbitError("--export needs an output folder (-o OUT): the exports are written beside it")
     formats = parse_formats(export)
     for form in formats:
-        for warning in form.check(planned):
+        gguf_options = options.get("gguf", {}) if form.name == "gguf" else {}
+        quant_type = gguf_options.get("quant_type")
+        for warning in (form.check(planned, quant_type) if quant_type else form.check(planned)):
             log(f"warning ({form.name}): {warning}", quiet)
+        if gguf_options.get("imatrix") is not None:  # a wrong imatrix is refused now, not after quantizing
+            from .exporters.gguf import check_imatrix
+
+            for warning in check_imatrix(planned, quant_type, gguf_options["imatrix"]):
+                log(f"warning ({form.name}): {warning}", quiet)
         check_output(form.default_output(output), overwrite, sources, is_file=form.is_file)
     return formats
 

@@ -50,12 +50,14 @@ def _add_recipe_args(p, required: bool) -> None:
 def _add_export_options(p) -> None:
     p.add_argument("--gguf-type", default=None, type=str.lower, metavar="TYPE",
                    choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k",
-                            "q6_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m"],
+                            "q6_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "f16",
+                            "bf16", "f32"],
                    help="gguf: one type for every quantized linear (q4_0 q4_1 q5_0 q5_1 q8_0 mxfp4 iq4_nl q2_k q3_k "
                         "q4_k q5_k q6_k), or one of llama.cpp's K-quant mixes, each tensor's type chosen as "
                         "llama-quantize chooses it (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k); "
                         "re-quantized where the stored codes do not map [default: the exact type per layer, else "
-                        "the nearest, with a warning]")
+                        "the nearest, with a warning]; f16 bf16 f32: a float GGUF (quantized linears dequantized) "
+                        "of any model, for llama-quantize; a float model (HF folder, .gguf, demo) takes these or a mix")
     p.add_argument("--imatrix", default=None, metavar="FILE",
                    help="gguf: an importance matrix (llama.cpp's imatrix .gguf, from llama-imatrix or `lowbit "
                         "imatrix`) weighting the scale searches of re-quantized K-quant / IQ4_NL tensors")
@@ -260,7 +262,8 @@ def _add_export_parser(sub) -> None:
                        description="Write the quantized weights of a lowbit output folder in a layout other "
                                    "runtimes load, moving the stored codes and scales as they are. A scheme "
                                    "the layout cannot hold is refused before anything is written.")
-    x.add_argument("model", help="a lowbit output folder")
+    x.add_argument("model", help="a lowbit output folder; for gguf with --gguf-type f16/bf16/f32 or a K-quant mix, "
+                                 "also a Hugging Face folder, .gguf file or `demo`")
     x.add_argument("-f", "--format", required=True, choices=EXPORT_NAMES,
                    help="; ".join(f"{n}: {get_format_help(n)}" for n in EXPORT_NAMES))
     x.add_argument("-o", "--output", required=True, help="output folder (a .gguf file for gguf)")

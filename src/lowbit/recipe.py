@@ -109,7 +109,7 @@ class Override:
         if "scheme" in changes:  # a per-group scheme without its own group_size keeps the current one
             inherited = spec.group_size if spec.granularity == "group" else None
             new = parse_scheme(str(changes.pop("scheme"))).weight
-            if new.granularity == "group":
+            if new.granularity == "group" and not new.kquant:  # K-quant sub-blocks are fixed
                 new = new.with_changes(group_size=changes.pop("group_size", inherited or new.group_size))
             spec = new
         if changes.get("group_size") is not None and "granularity" not in changes:

@@ -271,6 +271,16 @@ KQUANT_FALLBACKS = {
     "q6_k": ("Q8_0", QuantSpec(kind="int", bits=8, signed=True, symmetric=True, group_size=32)),
 }
 _KQUANT_NAMES = {f"w_{k}": k for k in KQUANT_SPECS}
+# llama.cpp's K-quant file mixes (exporters/gguf_mixes.MIXES) as schemes: gguf_q4_k_m quantizes every linear onto
+# the K-quant grid llama-quantize would give its tensor in a Q4_K_M file (api.gguf_mix_overrides), so the export
+# of that mix holds the codes exactly; the scheme's weight spec is the mix's base type
+GGUF_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+_MIX_SCHEMES = {f"gguf_{m}": m for m in GGUF_MIXES}
+
+
+def gguf_mix(scheme_name: str) -> str | None:
+    """The llama.cpp mix a scheme name stands for (gguf_q4_k_m -> q4_k_m), else None."""
+    return _MIX_SCHEMES.get(scheme_name)
 
 _INT_RE = re.compile(
     r"^w_(?P<w>u?int)(?P<bits>[2-8])"
@@ -310,14 +320,15 @@ def scheme_names() -> list[str]:
                     names.append(f"w_{signed}{bits}_per_{gran}_{sym}")
     names += ["w_int8_a_int8_per_tensor_sym", "w_int8_a_int8_per_channel_sym", "w_uint8_a_uint8_per_tensor_asym",
               *_DYNAMIC_NAMES]
-    return names + list(_FLOAT_NAMES) + list(_KQUANT_NAMES)
+    return names + list(_FLOAT_NAMES) + list(_KQUANT_NAMES) + list(_MIX_SCHEMES)
 
 
 def scheme_grammar() -> str:
     """A one-line summary of valid names, for error messages."""
     return ("w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym}, "
             "w_int8_a_int8_per_{tensor|channel}_sym (static activations), " + ", ".join(_DYNAMIC_NAMES) +
-            ", " + ", ".join(_FLOAT_NAMES) + ", " + ", ".join(_KQUANT_NAMES) + " (llama.cpp's K-quant grids)")
+            ", " + ", ".join(_FLOAT_NAMES) + ", " + ", ".join(_KQUANT_NAMES) + " (llama.cpp's K-quant grids), gguf_{"
+            + "|".join(GGUF_MIXES) + "} (llama.cpp's mixes of them)")
 
 
 def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
@@ -336,11 +347,11 @@ def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
         # compute their block scales from the activations themselves at run time
         aspec = _FLOAT_WEIGHTS[a].with_changes(dynamic=_FLOAT_WEIGHTS[a].granularity != "tensor") if a else None
         return Scheme(key, wspec, aspec)
-    if key in _KQUANT_NAMES:
+    if key in _KQUANT_NAMES or key in _MIX_SCHEMES:
         if group_size is not None:
             raise LowbitError(f"--group-size {group_size} given with {name!r}, whose sub-blocks are fixed; "
                               f"drop --group-size")
-        return Scheme(key, KQUANT_SPECS[_KQUANT_NAMES[key]])
+        return Scheme(key, KQUANT_SPECS[_KQUANT_NAMES[key] if key in _KQUANT_NAMES else _MIX_SCHEMES[key][:4]])
     m = _INT_RE.match(key)
     if not m:
         close = difflib.get_close_matches(key, scheme_names(), n=3)

@@ -41,8 +41,8 @@ def _gptq():
 
 
 def _gguf():
-    from .gguf import check_gguf, export_gguf
-    return check_gguf, export_gguf
+    from .gguf_float import check_gguf_any, export_gguf_any  # float types and float sources, else gguf.py
+    return check_gguf_any, export_gguf_any
 
 
 def _onnx():
@@ -57,7 +57,8 @@ _LOADERS = {
             _awq),
     "gptq": ("GPTQ v1 layout (2/4/8 bits, per-layer overrides): onnxruntime-genai's builder, vLLM, GPTQModel",
              False, _gptq),
-    "gguf": ("llama.cpp GGUF file (Q4_0 / Q4_1 / Q8_0 from the stored codes where exact)", True, _gguf),
+    "gguf": ("llama.cpp GGUF file (Q4_0 / Q4_1 / Q8_0 from the stored codes where exact; F16 / BF16 / F32 of any "
+             "model)", True, _gguf),
     "onnx": ("ONNX decoder with MatMulNBits + genai_config.json: onnxruntime, onnxruntime-genai", False, _onnx),
 }
 NAMES = tuple(_LOADERS)

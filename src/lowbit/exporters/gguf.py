@@ -8,8 +8,9 @@ float16 (relative error <= 2^-11). Anything else (groups of 16, 8-bit asymmetric
 re-quantized from lowbit's dequantized weights (gguf_blocks.requantize), with a warning (check_gguf returns it; the file
 keeps it under lowbit.warnings). `quant_type` forces one type for every quantized linear, K-quants (Q2_K ...
 Q6_K, gguf_kquants) and IQ4_NL (gguf_iq4nl) included, or names one of llama.cpp's K-quant mixes (gguf_mixes:
-per-tensor types as llama-quantize chooses them, the float embedding / output quantized as well). No lowbit
-scheme maps onto the K-quants' two-level scales yet: they are always re-quantized from the dequantized weights.
+per-tensor types as llama-quantize chooses them, the float embedding / output quantized as well). lowbit's
+K-quant grids (schemes w_q2_k .. w_q6_k and the mixes gguf_q4_k_m ..., formats/kquant) move exactly; where a mix
+says IQ4_NL and lowbit holds exact Q4_0 codes (the same size), the codes are kept.
 
 Architectures: llama and mistral (llama.cpp's "llama": q/k rows permuted from HF's rotate-half RoPE to
 llama.cpp's adjacent pairs, an exact row move), qwen2 (no permutation; q/k/v biases) and gemma (norm weights
@@ -95,6 +96,7 @@ class GGUFPlan:
     mix: str | None = None  # one of llama.cpp's K-quant mixes (gguf_mixes.MIXES)
     float_types: dict[str, T] = field(default_factory=dict)  # 2-D float tensors the mix quantizes too
     importance: dict[str, torch.Tensor] = field(default_factory=dict)  # GGUF name -> imatrix column weights
+    file_type: gguf.LlamaFileType | None = None  # general.file_type when set (a float GGUF: gguf_float)
 
 
 def check_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None) -> list[str]:
@@ -150,6 +152,8 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None)
         exact = exact_type(spec, cols)
         qtype = mixed[gguf_name] if mix else fallback(forced, cols) if forced is not None else \
             exact if exact is not None else fallback_type(spec)
+        if qtype == T.IQ4_NL and exact == T.Q4_0:  # the same 4.5 bits: calibrated codes beat re-quantizing
+            qtype = exact
         if qtype != exact:
             requantized[(spec.short_name, qtype.name, exact.name if exact else None)] += 1
         plan.linears.append(LinearGGUF(name, gguf_name, spec, (rows, cols), qtype, qtype == exact,
@@ -175,10 +179,7 @@ def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: di
     """The mix's type for every quantized linear (GGUF name -> type), and in plan.float_types for the float
     embedding and output, which llama.cpp's quantizer quantizes as well."""
     config = plan.config
-    heads = config["num_attention_heads"]
-    shape = ModelShape(config["num_hidden_layers"], heads // (config.get("num_key_value_heads") or heads),
-                       int(config.get("num_local_experts") or config.get("num_experts") or 0),
-                       tied_output=bool(config.get("tie_word_embeddings")) or not plan.arch.separate_output)
+    shape = _model_shape(config, plan.arch)
     hidden = config["hidden_size"]
     tensors = {gguf_names[n]: cols for n, (_, (_, cols)) in model.modules.items()}
     floats = {"token_embd.weight": hidden} if "token_embd.weight" not in tensors else {}
@@ -189,26 +190,51 @@ def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: di
     return types
 
 
+def check_imatrix(model: LowbitFolder | PlannedModel, quant_type: str | None, path) -> list[str]:
+    """Refuse (LowbitError) an imatrix file that is not one, or that was computed for another model, before any
+    work (`quantize --export gguf --imatrix`); returns its warnings."""
+    plan = plan_gguf(model, quant_type)
+    before = len(plan.warnings)
+    _importance(read_imatrix(path), plan, path)
+    return plan.warnings[before:]
+
+
+def _model_shape(config: dict, arch: Arch) -> ModelShape:
+    heads = config["num_attention_heads"]
+    return ModelShape(config["num_hidden_layers"], heads // (config.get("num_key_value_heads") or heads),
+                      int(config.get("num_local_experts") or config.get("num_experts") or 0),
+                      tied_output=bool(config.get("tie_word_embeddings")) or not arch.separate_output)
+
+
+def linear_mix_types(config: dict, mix: str, linears: dict[str, int]) -> dict[str, T]:
+    """The type llama.cpp's quantizer gives each linear (HF name -> width) in a file of `mix`, as the export of
+    that mix chooses it; refuses architectures GGUF has no place for."""
+    arch = ARCHS.get(config.get("model_type"))
+    names = gguf_tensor_names(config, list(linears))
+    types = mix_types(mix, {names[n]: cols for n, cols in linears.items()}, _model_shape(config, arch))
+    return {n: types[names[n]] for n in linears}
+
+
 def _importance(table: dict[str, torch.Tensor], plan: GGUFPlan, path) -> dict:
-    """The imatrix entries of the tensors this file re-quantizes with a weighted search, checked against their
-    widths; a tensor the file has no entry for is quantized without (a warning says how many)."""
-    widths = {lin.gguf_name: lin.shape[1] for lin in plan.linears if not lin.exact}
+    """The imatrix entries of the tensors this file re-quantizes with a weighted search, every entry of this
+    model's tensors checked against their widths; a re-quantized tensor the file has no entry for is quantized
+    without (a warning says how many). An imatrix with no entry for any linear is another model's."""
+    widths = {lin.gguf_name: lin.shape[1] for lin in plan.linears}
     widths.update({n: plan.config["hidden_size"] for n in plan.float_types})
-    used = {}
     for name, cols in widths.items():
         found = table.get(name)
-        if found is None:
-            continue
-        if found.numel() != cols:
+        if found is not None and found.numel() != cols:
             raise LowbitError(f"the imatrix {path} has {found.numel()} columns for {name}, which has {cols}: it "
                               f"was computed for another model")
-        used[name] = found
-    if not used:
+    if not any(lin.gguf_name in table for lin in plan.linears) and not any(n in table for n in plan.float_types):
         raise LowbitError(f"the imatrix {path} has no entry for any tensor of this model (names like "
                           f"{next(iter(widths), 'blk.0.attn_q.weight')}); it was computed for another model")
-    if len(used) < len(widths):
-        plan.warnings.append(f"{len(widths) - len(used)} re-quantized tensors have no entry in the imatrix "
-                             f"{path}; they are quantized without importance weights")
+    needed = [lin.gguf_name for lin in plan.linears if not lin.exact] + list(plan.float_types)
+    used = {name: table[name] for name in needed if name in table}
+    missing = [name for name in needed if name not in table and name != "token_embd.weight"]
+    if missing:  # llama-imatrix collects no entry for the embedding, a lookup table
+        plan.warnings.append(f"{len(missing)} re-quantized tensors have no entry in the imatrix {path}; they are "
+                             f"quantized without importance weights")
     return used
 
 
@@ -361,7 +387,7 @@ def _add_general(writer: gguf.GGUFWriter, plan: GGUFPlan, name: str) -> None:
     writer.add_quantized_by(f"lowbit {__version__}")
     if plan.warnings:
         writer.add_array("lowbit.warnings", plan.warnings)
-    file_type = MIXES[plan.mix].file_type if plan.mix else \
+    file_type = plan.file_type if plan.file_type is not None else MIXES[plan.mix].file_type if plan.mix else \
         FILE_TYPES.get(counts.most_common(1)[0][0], _FT.GUESSED) if counts else _FT.ALL_F32
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -22,7 +22,7 @@ widths that are whole 256-wide super-blocks and weights on no earlier grid.
 
     python benchmarks/gguf_kquants.py [--model demo] [--mixes q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k] [--dataset pydoc]
         [--eval-chunks 8] [--seq-len 512] [--calib-windows 32] [--reference f16] [--random-model 512,8,1536]
-        [--skip gptq] [--work /tmp/lowbit-kquants] [--json-out FILE]
+        [--algos 'gptq;awq,gptq'] [--work /tmp/lowbit-kquants] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -196,8 +196,8 @@ class Bench:
             export_gguf_any(self.model, out, overwrite=True, quant_type=mix, imatrix=imatrix)
             self.add({"tool": tool, "mix": mix, "seconds": round(time.perf_counter() - start, 2),
                       **self.score(out)})
-        if "gptq" not in self.args.skip:
-            self.calibrated(mix, "gptq")
+        for algo in filter(None, self.args.algos.split(";")):
+            self.calibrated(mix, algo)
 
     def calibrated(self, mix: str, algo: str) -> None:
         from lowbit.api import quantize
@@ -209,7 +209,7 @@ class Bench:
                           num_calib_data=a.calib_windows, seq_len=a.seq_len, dataset=a.dataset, overwrite=True,
                           progress=False, quiet=True)
         out = Path(result.summary["exports"]["gguf"])
-        self.add({"tool": f"lowbit {algo.upper()} (gguf_{mix})", "mix": mix,
+        self.add({"tool": f"lowbit {algo} (gguf_{mix})", "mix": mix,
                   "seconds": round(time.perf_counter() - start, 2), **self.score(out)})
 
     def score(self, path: Path) -> dict:
@@ -226,7 +226,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--reference", default="f16", choices=["f16", "bf16", "f32"])
-    p.add_argument("--skip", default="", help="comma list of rows to leave out: gptq")
+    p.add_argument("--algos", default="gptq", help="lowbit's calibrated rows: algorithm chains separated by ';' "
+                                                    "(e.g. 'gptq;awq,gptq'); '' for none")
     p.add_argument("--work", type=Path, default=Path("/tmp/lowbit-kquants"))
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args()

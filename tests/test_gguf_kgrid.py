@@ -165,3 +165,17 @@ def test_quantize_refuses_an_imatrix_of_another_model_before_any_work(tiny256, t
         api_quantize(tiny256, tmp_path / "q", scheme="gguf_q4_k_m", algo="gptq", export="gguf",
                      export_options={"gguf": {"imatrix": str(other)}}, progress=False, quiet=True)
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.gguf").exists()
+
+
+def test_cli_quantize_a_mix_scheme_with_export(tiny256, tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["quantize", str(tiny256), "-o", str(out), "--scheme", "gguf_q3_k_m", "--algo", "gptq", "--export",
+                 "gguf", "--num-calib-data", "4", "--seq-len", "32", "--no-progress"]) == 0
+    reader = gguf.GGUFReader(tmp_path / "cli.gguf")
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q3_K_M)
+    assert "re-quantized" not in capsys.readouterr().err
+    assert main(["quantize", str(tiny256), "-o", str(tmp_path / "bad"), "--scheme", "w_q4_k", "--group-size", "64"]) \
+        != 0
+    assert "sub-blocks are fixed" in capsys.readouterr().err and not (tmp_path / "bad").exists()

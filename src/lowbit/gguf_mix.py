@@ -15,8 +15,8 @@ from .exporters.gguf import linear_mix_types
 from .recipe import Override, Recipe, resolve_plan
 from .spec import gguf_mix, parse_scheme
 
-# GGUF type -> (scheme, group size) whose codes it holds exactly; IQ4_NL (llama.cpp's fallback for Q2_K / Q3_K
-# rows that are not whole super-blocks) becomes Q4_0, the same 4.5 bits per weight
+# GGUF type -> (scheme, group size) whose codes it holds exactly; IQ4_NL (gguf_mixes' fallback for Q2_K / Q3_K
+# rows that are not whole super-blocks) becomes Q4_0, llama.cpp's own fallback there: the same 4.5 bits per weight
 _SCHEMES = {T.Q2_K: ("w_q2_k", None), T.Q3_K: ("w_q3_k", None), T.Q4_K: ("w_q4_k", None), T.Q5_K: ("w_q5_k", None),
             T.Q6_K: ("w_q6_k", None), T.Q4_0: ("w_int4_per_group_sym", 32), T.IQ4_NL: ("w_int4_per_group_sym", 32),
             T.Q5_0: ("w_int5_per_group_sym", 32), T.Q5_1: ("w_uint5_per_group_asym", 32),

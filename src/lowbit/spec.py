@@ -262,7 +262,7 @@ KQUANT_SPECS = {name: QuantSpec(kind="int", bits=bits, signed=sym, symmetric=sym
                                 group_size=group, kquant=name) for name, (bits, group, sym) in KQUANT_LAYOUTS.items()}
 KQUANT_SUPER = 256  # columns per super-block
 # What a linear whose width is not a multiple of 256 gets instead: llama.cpp's fallback types as the integer
-# specs GGUF holds exactly (Q5_0, Q5_1, Q8_0; Q4_0 for Q2_K / Q3_K, the size of llama.cpp's IQ4_NL)
+# specs GGUF holds exactly (Q5_0, Q5_1, Q8_0; Q4_0 for Q2_K / Q3_K, as llama.cpp's quantizer falls back)
 KQUANT_FALLBACKS = {
     "q2_k": ("Q4_0", QuantSpec(kind="int", bits=4, signed=True, symmetric=True, group_size=32)),
     "q3_k": ("Q4_0", QuantSpec(kind="int", bits=4, signed=True, symmetric=True, group_size=32)),

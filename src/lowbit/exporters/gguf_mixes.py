@@ -8,7 +8,9 @@ lowbit file and one from `llama-quantize` hold the same types and sizes and diff
 - attn_v, ffn_down and attn_output get more bits by the mix's rules; "use more bits" layers are the first and
   last eighth and every third layer between (use_more_bits).
 - A tensor whose rows are not a multiple of 256 (SmolLM2's 576, Gemma-3-270M's 640 columns) falls back:
-  Q2_K / Q3_K -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32 divides the row.
+  Q2_K / Q3_K -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32 divides the row. (The
+  llama.cpp that llama-cpp-python 0.3.36 vendors falls back from Q2_K / Q3_K to Q4_0; lowbit re-quantizes to
+  IQ4_NL, the same 4.5 bits per weight on a non-uniform grid, and writes GPTQ's exact Q4_0 codes where it has them.)
 Left as llama.cpp's quantizer leaves them: 1-D tensors (norms, biases) stay float32.
 Not reproduced: the rules for models llama.cpp recognises as 70B (attn_v raised to Q5_K) and for Falcon.
 """

@@ -13,7 +13,7 @@ from gguf.quants import dequantize, quantize
 
 from lowbit.api import load
 from lowbit.exporters.gguf import check_gguf, export_gguf
-from lowbit.exporters.gguf_iq4nl import quantize_iq4_nl
+from lowbit.exporters.gguf_iq4nl import quantize_iq4_nl, quantize_iq4_xs
 from lowbit.exporters.gguf_mixes import ModelShape, fallback, mix_types, use_more_bits
 from lowbit.exporters.source import LowbitFolder
 
@@ -67,6 +67,37 @@ def test_fallbacks_for_rows_that_are_not_super_blocks():
     assert types["blk.0.attn_v.weight"] == T.Q8_0
 
 
+def test_iq4_xs_mix_rules():
+    """llama.cpp's IQ4_XS file: attn_v Q5_K with 4+ heads per KV head, the first eighth of ffn_down Q5_K unless an
+    importance matrix is used, output Q6_K, IQ4_NL for rows that are not whole super-blocks."""
+    plain = mix_types("iq4_xs", _names(32), ModelShape(32, 4, tied_output=False))
+    weighted = mix_types("iq4_xs", _names(32), ModelShape(32, 4, tied_output=False), imatrix=True)
+    assert plain["blk.5.attn_v.weight"] == T.Q5_K and plain["blk.5.attn_q.weight"] == T.IQ4_XS
+    assert [plain[f"blk.{i}.ffn_down.weight"] for i in (0, 3, 4)] == [T.Q5_K, T.Q5_K, T.IQ4_XS]
+    assert weighted["blk.0.ffn_down.weight"] == T.IQ4_XS and plain["output.weight"] == T.Q6_K
+    assert mix_types("iq4_xs", _names(32), ModelShape(32, 1, tied_output=False))["blk.5.attn_v.weight"] == T.IQ4_XS
+    assert fallback(T.IQ4_XS, 576) == T.IQ4_NL
+
+
+def test_iq4_xs_decodes_and_matches_llama_cpp():
+    """IQ4_XS blocks gguf-py decodes, whose error is llama.cpp's own (ggml_quantize_chunk), with and without an
+    importance vector (measured error ratios 0.9996 and 0.978)."""
+    from .test_gguf_kquants import _ggml_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 1024, generator=g)
+    w[:, 5] *= 6
+    for imp in (None, torch.rand(1024, generator=g) + 0.1):
+        weight = torch.ones(1024) if imp is None else imp
+        ours = torch.from_numpy(dequantize(quantize_iq4_xs(w, imp), T.IQ4_XS)).reshape(w.shape)
+        theirs = torch.from_numpy(dequantize(_ggml_quantize(w.numpy(), T.IQ4_XS, None if imp is None else
+                                                            imp.numpy()), T.IQ4_XS)).reshape(w.shape)
+        err = [float(((v - w) ** 2 * weight).sum()) for v in (ours, theirs)]
+        assert err[0] < 1.01 * err[1]
+    with pytest.raises(ValueError, match="whole super-blocks"):
+        quantize_iq4_xs(torch.randn(4, 576))
+
+
 def test_iq4_nl_decodes_and_beats_q4_0():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 256, generator=g)
@@ -97,7 +128,7 @@ def tiny256(tmp_path_factory, tokenizer_dir):
                              randomize_1d=True)
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q2_k", "q6_k", "q3_k_m", "q5_k_m"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q2_k", "q6_k", "q3_k_m", "q5_k_m", "iq4_xs"])
 def test_mix_file_runs_in_llama_cpp(mix, tiny256, lowbit_out, tmp_path):
     src = lowbit_out(tiny256, "w_int8_per_group_sym", group_size=32)
     warnings = check_gguf(LowbitFolder(src), mix)

@@ -50,11 +50,11 @@ def _add_recipe_args(p, required: bool) -> None:
 def _add_export_options(p) -> None:
     p.add_argument("--gguf-type", default=None, type=str.lower, metavar="TYPE",
                    choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k",
-                            "q6_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "f16",
+                            "q6_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_xs", "f16",
                             "bf16", "f32"],
                    help="gguf: one type for every quantized linear (q4_0 q4_1 q5_0 q5_1 q8_0 mxfp4 iq4_nl q2_k q3_k "
                         "q4_k q5_k q6_k), or one of llama.cpp's K-quant mixes, each tensor's type chosen as "
-                        "llama-quantize chooses it (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k); "
+                        "llama-quantize chooses it (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k iq4_xs); "
                         "re-quantized where the stored codes do not map [default: the exact type per layer, else "
                         "the nearest, with a warning]; f16 bf16 f32: a float GGUF (quantized linears dequantized) "
                         "of any model, for llama-quantize; a float model (HF folder, .gguf, demo) takes these or a mix")

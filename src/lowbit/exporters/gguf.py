@@ -48,13 +48,13 @@ from .declared import check_layers
 from .source import LowbitFolder, PlannedModel
 
 QUANT_TYPES = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "mxfp4": T.MXFP4,
-               "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K, "iq4_nl": T.IQ4_NL}
+               "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K, "iq4_nl": T.IQ4_NL, "iq4_xs": T.IQ4_XS}
 GGUF_TYPES = sorted({*QUANT_TYPES, *MIXES})  # what --gguf-type takes: one type, or one of llama.cpp's mixes
 _FT = gguf.LlamaFileType
 FILE_TYPES = {T.Q4_0: _FT.MOSTLY_Q4_0, T.Q4_1: _FT.MOSTLY_Q4_1, T.Q5_0: _FT.MOSTLY_Q5_0, T.Q5_1: _FT.MOSTLY_Q5_1,
               T.Q8_0: _FT.MOSTLY_Q8_0, T.MXFP4: _FT.MOSTLY_MXFP4_MOE, T.Q2_K: _FT.MOSTLY_Q2_K,
               T.Q3_K: _FT.MOSTLY_Q3_K_S, T.Q4_K: _FT.MOSTLY_Q4_K_S, T.Q5_K: _FT.MOSTLY_Q5_K_S,
-              T.Q6_K: _FT.MOSTLY_Q6_K, T.IQ4_NL: _FT.MOSTLY_IQ4_NL, T.F16: _FT.MOSTLY_F16}
+              T.Q6_K: _FT.MOSTLY_Q6_K, T.IQ4_NL: _FT.MOSTLY_IQ4_NL, T.IQ4_XS: _FT.MOSTLY_IQ4_XS, T.F16: _FT.MOSTLY_F16}
 NOT_EXPORTED = re.compile(r"rotary_emb\.inv_freq$")  # buffers some checkpoints carry; llama.cpp computes them
 
 
@@ -117,7 +117,7 @@ def export_gguf(src: Path, out: Path, overwrite: bool = False, quant_type: str |
     folder = LowbitFolder(src)
     out = Path(out)
     _check_target(out, overwrite, folder.folder)
-    plan = plan_gguf(folder, quant_type)
+    plan = plan_gguf(folder, quant_type, imatrix is not None)
     if imatrix is not None:
         plan.importance = _importance(read_imatrix(imatrix), plan, imatrix)
     vocab = read_vocab(folder.folder, n_vocab(plan.config))
@@ -130,8 +130,9 @@ def export_gguf(src: Path, out: Path, overwrite: bool = False, quant_type: str |
 
 # -- planning ------------------------------------------------------------------------------------------
 
-def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None) -> GGUFPlan:
-    """Every quantized linear's GGUF type, refusing the first thing llama.cpp cannot run."""
+def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None, imatrix: bool = False) -> GGUFPlan:
+    """Every quantized linear's GGUF type, refusing the first thing llama.cpp cannot run (imatrix: an importance
+    matrix will be used, which changes an iq4_xs mix)."""
     config = model.config
     model_type = config.get("model_type")
     arch = ARCHS.get(model_type)
@@ -145,7 +146,7 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None)
     names = gguf.get_tensor_name_map(arch.gguf_arch, config["num_hidden_layers"])
     plan = GGUFPlan(arch, config, names, [], config_warnings(config), mix)
     gguf_names = {name: _gguf_name(names, f"{name}.weight", arch) for name in model.modules}
-    mixed = _mix_plan(plan, model, gguf_names) if mix else {}
+    mixed = _mix_plan(plan, model, gguf_names, imatrix) if mix else {}
     requantized: Counter = Counter()
     for name, (spec, (rows, cols)) in model.modules.items():
         gguf_name = gguf_names[name]
@@ -175,7 +176,8 @@ def gguf_tensor_names(config: dict, names: list[str]) -> dict[str, str]:
     return {name: _gguf_name(table, f"{name}.weight", arch) for name in names}
 
 
-def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: dict[str, str]) -> dict[str, T]:
+def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: dict[str, str],
+              imatrix: bool = False) -> dict[str, T]:
     """The mix's type for every quantized linear (GGUF name -> type), and in plan.float_types for the float
     embedding and output, which llama.cpp's quantizer quantizes as well."""
     config = plan.config
@@ -185,7 +187,7 @@ def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: di
     floats = {"token_embd.weight": hidden} if "token_embd.weight" not in tensors else {}
     if not shape.tied_output and "output.weight" not in tensors:
         floats["output.weight"] = hidden
-    types = mix_types(plan.mix, {**tensors, **floats}, shape)
+    types = mix_types(plan.mix, {**tensors, **floats}, shape, imatrix)
     plan.float_types = {n: types[n] for n in floats}
     return types
 
@@ -193,7 +195,7 @@ def _mix_plan(plan: GGUFPlan, model: LowbitFolder | PlannedModel, gguf_names: di
 def check_imatrix(model: LowbitFolder | PlannedModel, quant_type: str | None, path) -> list[str]:
     """Refuse (LowbitError) an imatrix file that is not one, or that was computed for another model, before any
     work (`quantize --export gguf --imatrix`); returns its warnings."""
-    plan = plan_gguf(model, quant_type)
+    plan = plan_gguf(model, quant_type, True)
     before = len(plan.warnings)
     _importance(read_imatrix(path), plan, path)
     return plan.warnings[before:]

@@ -26,7 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize
 
 from ..formats import Quantized, kquant
-from .gguf_iq4nl import quantize_iq4_nl
+from .gguf_iq4nl import quantize_iq4_nl, quantize_iq4_xs
 from .gguf_kquants import KQUANT_TYPES, SUPER, pack_k, quantize_k
 from .gguf_legacy import LEGACY_TYPES, quantize_legacy
 from ..spec import QuantSpec
@@ -105,9 +105,9 @@ def requantize(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None =
     """uint8 (N, row_bytes) blocks of a float weight: K-quants and IQ4_NL by lowbit's own quantizers (weighted by
     the importance matrix's column weights when given), so are Q4_0 / Q4_1 / Q5_0 / Q5_1 (a weighted search,
     gguf_legacy); Q8_0 by gguf-py's reference quantizer."""
-    if qtype in KQUANT_TYPES or qtype in LEGACY_TYPES or qtype == T.IQ4_NL:
+    if qtype in KQUANT_TYPES or qtype in LEGACY_TYPES or qtype in (T.IQ4_NL, T.IQ4_XS):
         search = quantize_legacy if qtype in LEGACY_TYPES else quantize_k if qtype in KQUANT_TYPES else \
-            (lambda w, _, imp: quantize_iq4_nl(w, imp))
+            (lambda w, _, imp: (quantize_iq4_nl if qtype == T.IQ4_NL else quantize_iq4_xs)(w, imp))
         with _one_thread():
             return _by_row_chunks(lambda rows: search(rows, qtype, importance), weight.float())
     if qtype == T.F16:

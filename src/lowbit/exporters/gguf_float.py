@@ -17,6 +17,7 @@ model), and everything gguf.py refuses for the architecture.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,11 +31,11 @@ from gguf import GGMLQuantizationType as T
 from ..errors import LowbitError
 from ..model_files import read_json
 from ..staging import staged
-from .gguf import (ARCHS, NOT_EXPORTED, GGUFPlan, Tensor, _check_target, _float_tensor, _gguf_name, _heads, _order,
-                   _permute_rows, _write, check_gguf, export_gguf)
+from .gguf import (ARCHS, NOT_EXPORTED, GGUFPlan, Tensor, _check_target, _float_tensor, _gguf_name, _heads,
+                   _model_shape, _order, _permute_rows, _write, check_gguf, export_gguf)
 from .gguf_blocks import requantize, row_bytes
 from .gguf_meta import config_warnings, llama3_rope_factors, n_vocab, rope
-from .gguf_mixes import MIXES, ModelShape, mix_types
+from .gguf_mixes import MIXES, mix_types
 from .gguf_vocab import read_vocab
 
 _FT = gguf.LlamaFileType
@@ -121,7 +122,7 @@ def export_float_gguf(src, out: Path, overwrite: bool = False, quant_type: str |
     _check_target(out, overwrite, first)
     source = open_source(src)
     _check_target(out, overwrite, source.paths[0])
-    fplan = _plan(source, quant_type)
+    fplan = _plan(source, quant_type, imatrix is not None)
     plan = fplan.plan
     if imatrix is not None and plan.mix is None:
         raise LowbitError("--imatrix weights the scale searches of quantized types; a float GGUF has none: drop it")
@@ -203,7 +204,7 @@ class FloatPlan:
     widths: dict[str, int] = field(default_factory=dict)
 
 
-def _plan(source: FloatSource, quant_type: str | None) -> FloatPlan:
+def _plan(source: FloatSource, quant_type: str | None, imatrix: bool = False) -> FloatPlan:
     """The GGUF names of the source's tensors, and for a K-quant mix each 2-D tensor's type (in float_types)."""
     config = source.config
     kind = "f16" if quant_type is None else str(quant_type).lower()
@@ -221,10 +222,8 @@ def _plan(source: FloatSource, quant_type: str | None) -> FloatPlan:
     plan.mix = kind
     shapes = {g: _shape(source, n) for n, g in gguf_names.items()}
     widths = {g: s[1] for g, s in shapes.items() if len(s) == 2}
-    heads = config["num_attention_heads"]
-    shape = ModelShape(config["num_hidden_layers"], heads // (config.get("num_key_value_heads") or heads),
-                       tied_output="output.weight" not in widths)
-    plan.float_types = mix_types(kind, widths, shape)
+    shape = dataclasses.replace(_model_shape(config, arch), tied_output="output.weight" not in widths)
+    plan.float_types = mix_types(kind, widths, shape, imatrix)
     return FloatPlan(plan, gguf_names, T.F32, widths)  # 1-D tensors stay float32
 
 

@@ -1,4 +1,4 @@
-"""llama.cpp's K-quant mixes (`--gguf-type q4_k_m`, ...): the GGUF type of each tensor, chosen the way
+"""llama.cpp's K-quant mixes (`--gguf-type q4_k_m`, ..., and iq4_xs): the GGUF type of each tensor, chosen the way
 llama.cpp's quantizer does (llama_tensor_get_type in src/llama-quant.cpp, for the K-quant file types), so that a
 lowbit file and one from `llama-quantize` hold the same types and sizes and differ only in their codes.
 
@@ -40,9 +40,9 @@ MIXES = {
     "q3_k_m": Mix(T.Q3_K, F.MOSTLY_Q3_K_M), "q3_k_l": Mix(T.Q3_K, F.MOSTLY_Q3_K_L),
     "q4_k_s": Mix(T.Q4_K, F.MOSTLY_Q4_K_S), "q4_k_m": Mix(T.Q4_K, F.MOSTLY_Q4_K_M),
     "q5_k_s": Mix(T.Q5_K, F.MOSTLY_Q5_K_S), "q5_k_m": Mix(T.Q5_K, F.MOSTLY_Q5_K_M),
-    "q6_k": Mix(T.Q6_K, F.MOSTLY_Q6_K),
+    "q6_k": Mix(T.Q6_K, F.MOSTLY_Q6_K), "iq4_xs": Mix(T.IQ4_XS, F.MOSTLY_IQ4_XS),
 }
-FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -58,15 +58,17 @@ class ModelShape:
     tied_output: bool = True  # no separate output tensor: the embedding takes the output's type
 
 
-def mix_types(mix_name: str, tensors: dict[str, int], shape: ModelShape) -> dict[str, T]:
+def mix_types(mix_name: str, tensors: dict[str, int], shape: ModelShape, imatrix: bool = False) -> dict[str, T]:
     """GGUF name -> type for every quantized 2-D tensor (tensors: GGUF name -> row length), by the mix's rules
-    and the fallbacks for rows that are not whole super-blocks."""
+    and the fallbacks for rows that are not whole super-blocks; imatrix: an importance matrix is used (IQ4_XS then
+    keeps the first eighth of ffn_down at its base type, as llama.cpp does)."""
     mix = MIXES.get(mix_name)
     if mix is None:
         raise LowbitError(f"unknown K-quant mix {mix_name!r}; use one of {', '.join(MIXES)}")
     out = {}
     for name, cols in tensors.items():
-        qtype = _output_type(mix, cols) if _is_output(name, shape) else _rule(mix_name, mix.base, name, shape)
+        qtype = _output_type(mix, cols) if _is_output(name, shape) else \
+            _iq4_xs_rule(name, shape, imatrix) if mix_name == "iq4_xs" else _rule(mix_name, mix.base, name, shape)
         out[name] = fallback(qtype, cols)
     return out
 
@@ -104,6 +106,21 @@ def _rule(mix: str, base: T, name: str, shape: ModelShape) -> T:
     if "attn_qkv.weight" in name:
         return {"q3_k_m": T.Q4_K, "q3_k_l": T.Q4_K, "q4_k_m": T.Q5_K, "q5_k_m": T.Q6_K}.get(mix, base)
     return base
+
+
+def _iq4_xs_rule(name: str, shape: ModelShape, imatrix: bool) -> T:
+    """IQ4_XS files: attn_v Q5_K with 4 or more heads per KV head; ffn_down Q5_K in the first eighth of the
+    layers when no importance matrix is used; attn_output Q5_K with 8 experts."""
+    i, n = _layer(name), shape.n_layers
+    if "attn_v.weight" in name:
+        return T.Q8_0 if shape.n_expert == 8 else T.Q5_K if shape.n_gqa >= 4 else T.IQ4_XS
+    if "attn_k.weight" in name and shape.n_expert == 8:
+        return T.Q8_0
+    if "ffn_down" in name and i < n // 8 and not imatrix:
+        return T.Q5_K
+    if "attn_output.weight" in name and shape.n_expert == 8:
+        return T.Q5_K
+    return T.IQ4_XS
 
 
 def _attn_v(mix: str, base: T, i: int, n: int, shape: ModelShape) -> T:

@@ -122,15 +122,32 @@ def test_gptq_q4_k_folder_exports_exactly_and_runs_in_llama_cpp(tiny256, lowbit_
     assert np.abs(ours - theirs).max() < 0.08 * np.abs(ours).max()  # llama.cpp's Q8_K activations (test_gguf_kmix)
 
 
-def test_other_formats_refuse_k_quant_grids_and_autoround_is_refused(tiny256, lowbit_out, tmp_path):
-    from lowbit.api import export, quantize as api_quantize
+def test_other_formats_refuse_k_quant_grids(tiny256, lowbit_out, tmp_path):
+    from lowbit.api import export
 
     src = lowbit_out(tiny256, "w_q4_k")
     with pytest.raises(LowbitError, match="holds no K-quant grids.*export to gguf"):
         export(src, tmp_path / "ct", "compressed-tensors")
-    with pytest.raises(LowbitError, match="AutoRound does not learn onto K-quant grids"):
-        api_quantize(tiny256, tmp_path / "ar", scheme="w_q4_k", algo="autoround", progress=False, quiet=True)
-    assert not (tmp_path / "ct").exists() and not (tmp_path / "ar").exists()
+    assert not (tmp_path / "ct").exists()
+
+
+def test_autoround_learns_the_rounding_on_a_k_quant_grid(tiny256, lowbit_out):
+    """AutoRound keeps the searched two-level grid and learns only the rounding: the codes differ from RTN's, the
+    scales do not, the block loss falls, and the export still holds the codes exactly."""
+    rtn = LowbitFolder(lowbit_out(tiny256, "w_q5_k"))
+    src = lowbit_out(tiny256, "w_q5_k", algo="autoround", algo_args={"autoround": {"iters": 20}})
+    learned = LowbitFolder(src)
+    name = "model.layers.1.mlp.down_proj"
+    a, b = rtn.quantized(name), learned.quantized(name)
+    assert torch.equal(a.scale, b.scale) and torch.equal(a.tensor_scale, b.tensor_scale)
+    assert not torch.equal(a.codes, b.codes)
+    plan = plan_gguf(learned)
+    assert all(lin.exact and lin.qtype == T.Q5_K for lin in plan.linears)
+    blocks = pack_exact(b, T.Q5_K)
+    assert torch.allclose(_gguf_values(blocks, "q5_k", b.shape), b.dequantize().double(), rtol=1e-5, atol=1e-7)
+    import json
+    notes = json.loads((src / "summary.json").read_text())
+    assert "autoround: block output loss" in json.dumps(notes)
 
 
 @pytest.mark.parametrize("mix", ["q4_k_m", "q2_k"])

@@ -77,10 +77,6 @@ def plan_for(loaded: LoadedModel, recipe: Recipe):
     """The validated per-module plan of a recipe on a model."""
     plan = resolve_plan(recipe, linear_modules(loaded.model))
     validate_plan(plan, recipe.scheme)
-    kquant = next((lp for lp in plan.values() if lp.spec is not None and lp.spec.kquant), None)
-    if kquant is not None and any(a.name == "autoround" for a in recipe.algorithms):
-        raise LowbitError(f"AutoRound does not learn onto K-quant grids yet ({kquant.name} has the "
-                          f"{kquant.spec.kquant} grid); use --algo gptq or rtn (AWQ may come first)")
     return plan
 
 

@@ -11,7 +11,8 @@ and the (V, c) of the lowest loss seen is kept. Rounding uses the straight-throu
 One implementation for every format of lowbit: the scales come from formats.compute_qparams with the factors c
 (so E8M0 and FP8 block scales stay on their own grids), the elements from formats.grid_round (integers or
 minifloat FP4 values), and the result is a Quantized like any other: codes on the format's grid, exported as
-any other. With zero iterations the result is RTN's.
+any other. With zero iterations the result is RTN's. On llama.cpp's K-quant grids (spec.kquant) the two-level
+grid is searched once and only the rounding is learned (KQuantRounding), so the GGUF export holds the codes.
 
 The engine serves BLOCK_FORWARD as a BlockProblem (engine/block.py): the block's linears, their specs and
 initial clipping factors, the calibration windows, loss(weights, windows) and sync (sums across processes).
@@ -24,7 +25,7 @@ import math
 import torch
 
 from ..errors import LowbitError
-from ..formats import Quantized, compute_qparams, grid_round, quantize, tensor_scale, values_to_codes
+from ..formats import Quantized, compute_qparams, grid_round, kquant, quantize, tensor_scale, values_to_codes
 from ..formats.integer import block_range, range_qparams
 from ..formats.scaled import element_max
 from ..spec import QuantSpec
@@ -128,8 +129,29 @@ class RangeRounding(Rounding):
             expand(z_live, self.spec, self.w.shape)
 
 
+class KQuantRounding(Rounding):
+    """A weight on one of llama.cpp's K-quant grids (spec.kquant): the two-level grid is searched once from the
+    float weight (formats.kquant) and stays; only the rounding offsets V are learned."""
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None, clip_range):
+        self.w, self.spec, self.clip_range = weight.detach().float(), spec, clip_range
+        self.scale, self.zero, self.t = kquant.qparams(self.w, spec)
+        self.v = torch.zeros_like(self.w, requires_grad=True)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [self.v]
+
+    def _grid(self):
+        return self.scale, self.zero, expand(self.scale, self.spec, self.w.shape), \
+            None if self.zero is None else expand(self.zero, self.spec, self.w.shape)
+
+
 def rounding(weight, spec: QuantSpec, clip, clip_range) -> Rounding:
-    """The learned rounding a format gets: two clipping factors per group for asymmetric integers, one otherwise."""
+    """The learned rounding a format gets: two clipping factors per group for asymmetric integers, one otherwise;
+    rounding offsets alone on a K-quant grid."""
+    if spec.kquant:
+        return KQuantRounding(weight, spec, clip, clip_range)
     kind = RangeRounding if spec.plain_int and not spec.symmetric else Rounding
     return kind(weight, spec, clip, clip_range)
 

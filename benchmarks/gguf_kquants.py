@@ -12,8 +12,9 @@ or f32), the reference; llama.cpp's tools run on that file. Rows per mix:
 - lowbit GPTQ: `quantize --scheme gguf_MIX --algo gptq --export gguf` (calibrated codes on each tensor's K-quant
   grid, written exactly; the float embedding / output weighted by lowbit's imatrix).
 The calibration text is the dataset's "calib" part, given to both imatrix tools; the evaluation windows come from
-its "eval" part. Perplexity and KL come from llama.cpp's logits over the same windows (each from an empty cache);
-KL is the mean over predicted tokens of KL(float || quantized).
+its "eval" part (or --eval-dataset: a text file none of the calibration saw). Perplexity and KL come from
+llama.cpp's logits over the same windows (each from an empty cache); KL is the mean over predicted tokens of
+KL(float || quantized).
 
 llama-quantize and llama-imatrix are taken from $LLAMA_CPP_BIN or PATH, else built (cmake, a few minutes) from
 the llama.cpp sources inside the sdist of the installed llama-cpp-python (pip download), under --work.
@@ -21,7 +22,8 @@ the llama.cpp sources inside the sdist of the installed llama-cpp-python (pip do
 widths that are whole 256-wide super-blocks and weights on no earlier grid.
 
     python benchmarks/gguf_kquants.py [--model demo] [--mixes q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k] [--dataset pydoc]
-        [--eval-chunks 8] [--seq-len 512] [--calib-windows 32] [--reference f16] [--random-model 512,8,1536]
+        [--eval-dataset FILE] [--eval-chunks 8] [--seq-len 512] [--calib-windows 32] [--reference f16]
+        [--random-model 512,8,1536]
         [--algos 'gptq;awq,gptq'] [--work /tmp/lowbit-kquants] [--json-out FILE]
 """
 
@@ -157,8 +159,8 @@ class Bench:
         text = load_text(args.dataset, "calib")
         self.calib_text = self.work / "calib.txt"
         self.calib_text.write_text(text)
-        self.windows = eval_windows(tokenize(open_model(model).tokenizer(), load_text(args.dataset, "eval")),
-                                    args.seq_len, args.eval_chunks)
+        evaluated = load_text(args.eval_dataset or args.dataset, "eval")
+        self.windows = eval_windows(tokenize(open_model(model).tokenizer(), evaluated), args.seq_len, args.eval_chunks)
         row, self.ref_logp = measure(self.reference, self.windows, None)
         self.add({"tool": f"float ({args.reference})", "mix": args.reference, **row})
 
@@ -222,6 +224,8 @@ def main() -> None:
     p.add_argument("--random-model", default=None, metavar="H,L,F")
     p.add_argument("--mixes", default="q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k")
     p.add_argument("--dataset", default="pydoc")
+    p.add_argument("--eval-dataset", default=None, help="evaluation text, when not the dataset's eval part (e.g. a "
+                                                           "held-out file: calibration stays on --dataset)")
     p.add_argument("--eval-chunks", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-windows", type=int, default=32)

@@ -1,4 +1,4 @@
-"""K-quant grids as lowbit weight formats (w_q2_k .. w_q6_k, formats/kquant): RTN and GPTQ put their codes on the
+"""K-quant grids as lowbit weight formats (w_q2_k .. w_q6_k, formats/gguf_grid): RTN and GPTQ put their codes on the
 two-level grid a GGUF K-quant block stores, the export writes them byte for byte, and llama.cpp runs the file."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from gguf.quants import dequantize
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.errors import LowbitError
 from lowbit.exporters.gguf import export_gguf, plan_gguf
-from lowbit.exporters.gguf_blocks import pack_exact
+from lowbit.exporters.gguf_blocks import pack_exact, requantize
 from lowbit.exporters.gguf_kquants import quantize_k
 from lowbit.exporters.source import LowbitFolder
 from lowbit.formats import quantize
@@ -23,7 +23,7 @@ from lowbit.spec import KQUANT_SPECS, parse_scheme
 
 from .conftest import need_llama_cpp, save_random_model
 
-KINDS = list(KQUANT_SPECS)
+KINDS = list(KQUANT_SPECS)  # the K-quants and the legacy grids they fall back to
 
 
 def _weight(rows=48, cols=512, seed=0):
@@ -48,14 +48,15 @@ def test_rtn_codes_pack_exactly_and_match_llama_cpp_style_search(kind):
     blocks = pack_exact(qt, T[kind.upper()])
     ours = qt.dequantize().double()
     assert torch.allclose(_gguf_values(blocks, kind, w.shape), ours, rtol=1e-5, atol=1e-7)
-    searched = _gguf_values(quantize_k(w, T[kind.upper()]), kind, w.shape)
+    search = quantize_k if kind.endswith("_k") else requantize  # the exporter's own search (Q8_0: gguf-py's)
+    searched = _gguf_values(search(w, T[kind.upper()]), kind, w.shape)
     assert float(((ours - w) ** 2).sum()) <= float(((searched - w) ** 2).sum()) * (1 + 1e-6)
     back = unpack_linear(pack_linear(qt), spec, tuple(w.shape))  # lowbit's folder keeps the grid
     assert torch.equal(back.codes, qt.codes) and torch.equal(back.dequantize(), qt.dequantize())
     assert np.array_equal(pack_exact(back, T[kind.upper()]), blocks)
 
 
-@pytest.mark.parametrize("kind", ["q2_k", "q4_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["q2_k", "q4_k", "q6_k", "q4_1", "q5_0"])
 def test_gptq_lands_on_the_grid_and_lowers_the_output_error(kind):
     g = torch.Generator().manual_seed(1)
     w = _weight(32, 512, seed=2)
@@ -77,7 +78,10 @@ def test_scheme_names_fallbacks_and_refusals():
     with pytest.raises(LowbitError, match="drop the changes"):
         KQUANT_SPECS["q4_k"].with_changes(group_size=64)
     spec, why = kquant_fallback(KQUANT_SPECS["q4_k"], (64, 576), "scheme")
-    assert (spec.bits, spec.symmetric, spec.group_size, spec.kquant) == (5, True, 32, "") and "Q5_0" in why
+    assert spec == KQUANT_SPECS["q5_0"] and (spec.bits, spec.symmetric, spec.group_size) == (5, True, 32)
+    assert "Q5_0" in why
+    with pytest.raises(LowbitError, match="blocks of 32 columns"):
+        kquant_fallback(KQUANT_SPECS["q4_0"], (64, 48), "scheme")
     assert kquant_fallback(KQUANT_SPECS["q6_k"], (64, 1536), "scheme")[0] == KQUANT_SPECS["q6_k"]
     assert kquant_fallback(KQUANT_SPECS["q5_k"], (64, 576), "scheme")[0].symmetric is False
 
@@ -126,7 +130,7 @@ def test_other_formats_refuse_k_quant_grids(tiny256, lowbit_out, tmp_path):
     from lowbit.api import export
 
     src = lowbit_out(tiny256, "w_q4_k")
-    with pytest.raises(LowbitError, match="holds no K-quant grids.*export to gguf"):
+    with pytest.raises(LowbitError, match="holds no llama.cpp block grids.*export to gguf"):
         export(src, tmp_path / "ct", "compressed-tensors")
     assert not (tmp_path / "ct").exists()
 
@@ -196,3 +200,42 @@ def test_cli_quantize_a_mix_scheme_with_export(tiny256, tmp_path, capsys):
     assert main(["quantize", str(tiny256), "-o", str(tmp_path / "bad"), "--scheme", "w_q4_k", "--group-size", "64"]) \
         != 0
     assert "sub-blocks are fixed" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny320(tmp_path_factory, tokenizer_dir):
+    """Rows of 320 (not whole super-blocks: the fallback grids) and an MLP of 768 (K-quant super-blocks)."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    config = tf.LlamaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=320,
+                            intermediate_size=768, num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1,
+                            max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    return save_random_model(config, tmp_path_factory.mktemp("tiny320"), tokenizer_dir, torch.float32)
+
+
+def test_mix_scheme_on_rows_that_are_not_super_blocks_uses_the_fallback_grids(tiny320, tmp_path):
+    """gguf_q3_k_m on 320-wide rows: llama.cpp's fallback types (Q4_0 for Q3_K; Q5_0 for a raised Q4_K, ...) as
+    lowbit grids, so GPTQ's codes move exactly there too; ffn_down (768 wide) stays on K-quant grids."""
+    from lowbit.api import quantize as api_quantize
+    from lowbit.exporters.gguf_mixes import ModelShape, mix_types
+
+    out = tmp_path / "q"
+    api_quantize(tiny320, out, scheme="gguf_q3_k_m", algo="gptq", progress=False, quiet=True, num_calib_data=4,
+                 seq_len=64)
+    folder = LowbitFolder(out)
+    plan = plan_gguf(folder, "q3_k_m")
+    assert all(lin.exact for lin in plan.linears) and not plan.warnings
+    types = {lin.gguf_name: lin.qtype for lin in plan.linears}
+    wanted = mix_types("q3_k_m", {lin.gguf_name: lin.shape[1] for lin in plan.linears}, ModelShape(2, 5, tied_output=False))
+    assert types == {n: T.Q4_0 if t == T.IQ4_NL else t for n, t in wanted.items()}
+    assert types["blk.1.ffn_down.weight"] in (T.Q4_K, T.Q5_K) and types["blk.1.attn_q.weight"] == T.Q4_0
+    assert folder.modules["model.layers.1.self_attn.q_proj"][0].gguf_grid == "q4_0"
+
+
+def test_a_grid_on_a_width_not_a_multiple_of_32_is_refused(tiny_models, tmp_path):
+    from lowbit.api import quantize as api_quantize
+
+    with pytest.raises(LowbitError, match="cannot hold llama.cpp's q4_k blocks nor its q5_0 fallback"):
+        api_quantize(tiny_models["llama"], tmp_path / "q", scheme="w_q4_k", progress=False, quiet=True)
+    assert not (tmp_path / "q").exists()

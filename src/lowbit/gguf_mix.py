@@ -15,12 +15,11 @@ from .exporters.gguf import linear_mix_types
 from .recipe import Override, Recipe, resolve_plan
 from .spec import gguf_mix, parse_scheme
 
-# GGUF type -> (scheme, group size) whose codes it holds exactly; IQ4_NL (gguf_mixes' fallback for Q2_K / Q3_K
-# rows that are not whole super-blocks) becomes Q4_0, llama.cpp's own fallback there: the same 4.5 bits per weight
-_SCHEMES = {T.Q2_K: ("w_q2_k", None), T.Q3_K: ("w_q3_k", None), T.Q4_K: ("w_q4_k", None), T.Q5_K: ("w_q5_k", None),
-            T.Q6_K: ("w_q6_k", None), T.Q4_0: ("w_int4_per_group_sym", 32), T.IQ4_NL: ("w_int4_per_group_sym", 32),
-            T.Q5_0: ("w_int5_per_group_sym", 32), T.Q5_1: ("w_uint5_per_group_asym", 32),
-            T.Q8_0: ("w_int8_per_group_sym", 32)}
+# GGUF type -> the scheme of its grid; IQ4_NL (gguf_mixes' fallback for Q2_K / Q3_K rows that are not whole
+# super-blocks) becomes Q4_0, llama.cpp's own fallback there: the same 4.5 bits per weight
+_SCHEMES = {T.Q2_K: "w_q2_k", T.Q3_K: "w_q3_k", T.Q4_K: "w_q4_k", T.Q5_K: "w_q5_k", T.Q6_K: "w_q6_k",
+            T.Q4_0: "w_q4_0", T.IQ4_NL: "w_q4_0", T.Q4_1: "w_q4_1", T.Q5_0: "w_q5_0", T.Q5_1: "w_q5_1",
+            T.Q8_0: "w_q8_0"}
 
 
 def with_gguf_mix(recipe: Recipe, config: dict, linears: dict[str, tuple[int, int]]) -> Recipe:
@@ -37,9 +36,7 @@ def with_gguf_mix(recipe: Recipe, config: dict, linears: dict[str, tuple[int, in
         if qtype not in _SCHEMES:
             raise LowbitError(f"{name}: llama.cpp's {mix} gives it {qtype.name}, which lowbit does not quantize "
                               f"onto; exclude it (--exclude-layers {name})")
-        scheme, group = _SCHEMES[qtype]
-        spec = parse_scheme(scheme, group).weight
-        if spec != mine[name].spec:
-            changes = (("scheme", scheme),) + ((("group_size", group),) if group else ())
-            added.append(Override(name, changes))
+        scheme = _SCHEMES[qtype]
+        if parse_scheme(scheme).weight != mine[name].spec:
+            added.append(Override(name, (("scheme", scheme),)))
     return dataclasses.replace(recipe, overrides=tuple(recipe.overrides) + tuple(added))

@@ -22,7 +22,7 @@ import yaml
 from .data import check_count
 from .errors import LowbitError
 from .arch.moe import EXPERT_PATTERN, is_router
-from .spec import KQUANT_FALLBACKS, KQUANT_SUPER, QuantSpec, Scheme, parse_scheme
+from .spec import KQUANT_FALLBACKS, KQUANT_SPECS, KQUANT_SUPER, QuantSpec, Scheme, parse_scheme
 
 DEFAULT_EXCLUDE = ("lm_head",)
 KV_PROJECTIONS = ("k_proj", "v_proj")  # linears whose outputs are the KV cache
@@ -109,7 +109,7 @@ class Override:
         if "scheme" in changes:  # a per-group scheme without its own group_size keeps the current one
             inherited = spec.group_size if spec.granularity == "group" else None
             new = parse_scheme(str(changes.pop("scheme"))).weight
-            if new.granularity == "group" and not new.kquant:  # K-quant sub-blocks are fixed
+            if new.granularity == "group" and not new.gguf_grid:  # K-quant sub-blocks are fixed
                 new = new.with_changes(group_size=changes.pop("group_size", inherited or new.group_size))
             spec = new
         if changes.get("group_size") is not None and "granularity" not in changes:
@@ -255,12 +255,20 @@ def resolve_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[st
 
 
 def kquant_fallback(spec: QuantSpec, shape: tuple[int, int], reason: str) -> tuple[QuantSpec, str]:
-    """A K-quant grid on a linear whose width is not a multiple of 256 becomes llama.cpp's fallback for it,
-    as an integer spec GGUF holds exactly (spec.KQUANT_FALLBACKS)."""
-    if not spec.kquant or shape[1] % KQUANT_SUPER == 0:
+    """A K-quant grid on a linear whose width is not a multiple of 256 becomes llama.cpp's fallback grid for it
+    (spec.KQUANT_FALLBACKS); a grid on a width that is not a multiple of 32 is refused."""
+    if not spec.gguf_grid:
         return spec, reason
-    gguf_type, fallback = KQUANT_FALLBACKS[spec.kquant]
-    return fallback, f"{reason}; {shape[1]} columns are not whole {spec.kquant.upper()} super-blocks: {gguf_type}"
+    asked = spec.gguf_grid
+    if spec.gguf_grid.endswith("_k") and shape[1] % KQUANT_SUPER:
+        grid = KQUANT_FALLBACKS[spec.gguf_grid]
+        spec, reason = KQUANT_SPECS[grid], f"{reason}; {shape[1]} columns are not whole {spec.gguf_grid.upper()} " \
+                                          f"super-blocks: {grid.upper()}"
+    if shape[1] % 32:
+        held = asked if asked == spec.gguf_grid else f"{asked} blocks nor its {spec.gguf_grid} fallback"
+        raise LowbitError(f"a linear of {shape[1]} input features cannot hold llama.cpp's {held} (blocks of 32 "
+                          f"columns); exclude it (--exclude-layers) or use an integer scheme")
+    return spec, reason
 
 
 def validate_plan(plan: dict[str, LayerPlan], scheme: Scheme) -> None:

@@ -46,9 +46,10 @@ class QuantSpec:
     # and floor + 1); every rule gives valid MX data, decoders do not care
     scale_rule: str = "even"
     subblock_size: int = 0  # block floating point with shared microexponents (MX6/MX9): 1-bit shift per sub-block
-    # one of llama.cpp's K-quant grids (q2_k .. q6_k, KQUANT_SPECS): group scales (and mins) are themselves
-    # integers under float16 scales per 256 columns, so the GGUF export holds the codes exactly
-    kquant: str = ""
+    # one of llama.cpp's block grids (KQUANT_SPECS): K-quants q2_k .. q6_k (group scales and mins are themselves
+    # integers under float16 scales per 256 columns) or legacy q4_0 .. q8_0 (float16 scale and min per 32), so
+    # the GGUF export holds the codes exactly
+    gguf_grid: str = ""
 
     def __post_init__(self):
         for f in fields(self):
@@ -82,17 +83,17 @@ class QuantSpec:
                               f"of {self.subblock_size}")
         if self.tensor_scale and self.scale_dtype != "fp8_e4m3":
             raise LowbitError("a per-tensor second-level scale goes with fp8_e4m3 block scales (NVFP4-style)")
-        if self.kquant:
+        if self.gguf_grid:
             self._check_kquant()
 
     def _check_kquant(self) -> None:
-        layout = KQUANT_LAYOUTS.get(self.kquant)
+        layout = KQUANT_LAYOUTS.get(self.gguf_grid)
         if layout is None:
-            raise LowbitError(f"unknown K-quant grid {self.kquant!r}; use one of {', '.join(KQUANT_LAYOUTS)}")
+            raise LowbitError(f"unknown GGUF grid {self.gguf_grid!r}; use one of {', '.join(KQUANT_LAYOUTS)}")
         bits, group, symmetric = layout
         if (self.kind, self.bits, self.group_size, self.symmetric, self.signed, self.granularity, self.scale_dtype,
                 self.dynamic) != ("int", bits, group, symmetric, symmetric, "group", "float32", False):
-            raise LowbitError(f"the {self.kquant} grid has {'' if symmetric else 'u'}int{bits} codes in sub-blocks of "
+            raise LowbitError(f"the {self.gguf_grid} grid has {'' if symmetric else 'u'}int{bits} codes in sub-blocks of "
                               f"{group}; drop the changes to it (group size, bits, symmetry) or use an integer scheme")
 
     # -- integer ranges -------------------------------------------------------------------------
@@ -140,16 +141,16 @@ class QuantSpec:
             parts.append(f"scale {self.scale_dtype}" + (f" ({self.scale_rule})" if self.scale_dtype == "e8m0" else ""))
         if self.tensor_scale:
             parts.append("+ tensor scale")
-        if self.kquant:
-            parts.append(f"({self.kquant.upper()} grid)")
+        if self.gguf_grid:
+            parts.append(f"({self.gguf_grid.upper()} grid)")
         if self.dynamic:
             parts.append("dynamic")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        if not self.kquant:  # older folders and recipes (and their checksums) stay as they were
-            del out["kquant"]
+        if not self.gguf_grid:  # older folders and recipes (and their checksums) stay as they were
+            del out["gguf_grid"]
         return out
 
     @classmethod
@@ -255,21 +256,17 @@ _FLOAT_NAMES = {
 }
 
 
-# llama.cpp's K-quant grids (formats/kquant): code bits, sub-block size and symmetry as in ggml's block_qN_K
+# llama.cpp's block grids (formats/gguf_grid): code bits, block (sub-block) size and symmetry as in ggml's
+# block_qN_K (K-quants, 256-column super-blocks) and block_qN_0 / block_qN_1 (legacy blocks of 32)
 KQUANT_LAYOUTS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q5_k": (5, 32, False),
-                  "q6_k": (6, 16, True)}
+                  "q6_k": (6, 16, True), "q4_0": (4, 32, True), "q4_1": (4, 32, False), "q5_0": (5, 32, True),
+                  "q5_1": (5, 32, False), "q8_0": (8, 32, True)}
 KQUANT_SPECS = {name: QuantSpec(kind="int", bits=bits, signed=sym, symmetric=sym, granularity="group",
-                                group_size=group, kquant=name) for name, (bits, group, sym) in KQUANT_LAYOUTS.items()}
+                                group_size=group, gguf_grid=name) for name, (bits, group, sym) in KQUANT_LAYOUTS.items()}
 KQUANT_SUPER = 256  # columns per super-block
-# What a linear whose width is not a multiple of 256 gets instead: llama.cpp's fallback types as the integer
-# specs GGUF holds exactly (Q5_0, Q5_1, Q8_0; Q4_0 for Q2_K / Q3_K, as llama.cpp's quantizer falls back)
-KQUANT_FALLBACKS = {
-    "q2_k": ("Q4_0", QuantSpec(kind="int", bits=4, signed=True, symmetric=True, group_size=32)),
-    "q3_k": ("Q4_0", QuantSpec(kind="int", bits=4, signed=True, symmetric=True, group_size=32)),
-    "q4_k": ("Q5_0", QuantSpec(kind="int", bits=5, signed=True, symmetric=True, group_size=32)),
-    "q5_k": ("Q5_1", QuantSpec(kind="int", bits=5, signed=False, symmetric=False, group_size=32)),
-    "q6_k": ("Q8_0", QuantSpec(kind="int", bits=8, signed=True, symmetric=True, group_size=32)),
-}
+# What a linear whose width is not a multiple of 256 gets instead of a K-quant: llama.cpp's fallback type's grid
+# (Q5_0, Q5_1, Q8_0; Q4_0 for Q2_K / Q3_K, as llama.cpp's quantizer falls back)
+KQUANT_FALLBACKS = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 _KQUANT_NAMES = {f"w_{k}": k for k in KQUANT_SPECS}
 # llama.cpp's K-quant file mixes (exporters/gguf_mixes.MIXES) as schemes: gguf_q4_k_m quantizes every linear onto
 # the K-quant grid llama-quantize would give its tensor in a Q4_K_M file (api.gguf_mix_overrides), so the export
@@ -327,7 +324,7 @@ def scheme_grammar() -> str:
     """A one-line summary of valid names, for error messages."""
     return ("w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym}, "
             "w_int8_a_int8_per_{tensor|channel}_sym (static activations), " + ", ".join(_DYNAMIC_NAMES) +
-            ", " + ", ".join(_FLOAT_NAMES) + ", " + ", ".join(_KQUANT_NAMES) + " (llama.cpp's K-quant grids), gguf_{"
+            ", " + ", ".join(_FLOAT_NAMES) + ", " + ", ".join(_KQUANT_NAMES) + " (llama.cpp's block grids), gguf_{"
             + "|".join(GGUF_MIXES) + "} (llama.cpp's mixes of them)")
 
 

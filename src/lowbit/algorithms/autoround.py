@@ -11,7 +11,7 @@ and the (V, c) of the lowest loss seen is kept. Rounding uses the straight-throu
 One implementation for every format of lowbit: the scales come from formats.compute_qparams with the factors c
 (so E8M0 and FP8 block scales stay on their own grids), the elements from formats.grid_round (integers or
 minifloat FP4 values), and the result is a Quantized like any other: codes on the format's grid, exported as
-any other. With zero iterations the result is RTN's. On llama.cpp's K-quant grids (spec.kquant) the two-level
+any other. With zero iterations the result is RTN's. On llama.cpp's K-quant grids (spec.gguf_grid) the two-level
 grid is searched once and only the rounding is learned (KQuantRounding), so the GGUF export holds the codes.
 
 The engine serves BLOCK_FORWARD as a BlockProblem (engine/block.py): the block's linears, their specs and
@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..errors import LowbitError
-from ..formats import Quantized, compute_qparams, grid_round, kquant, quantize, tensor_scale, values_to_codes
+from ..formats import Quantized, compute_qparams, grid_round, gguf_grid, quantize, tensor_scale, values_to_codes
 from ..formats.integer import block_range, range_qparams
 from ..formats.scaled import element_max
 from ..spec import QuantSpec
@@ -130,12 +130,12 @@ class RangeRounding(Rounding):
 
 
 class KQuantRounding(Rounding):
-    """A weight on one of llama.cpp's K-quant grids (spec.kquant): the two-level grid is searched once from the
-    float weight (formats.kquant) and stays; only the rounding offsets V are learned."""
+    """A weight on one of llama.cpp's K-quant grids (spec.gguf_grid): the two-level grid is searched once from the
+    float weight (formats.gguf_grid) and stays; only the rounding offsets V are learned."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None, clip_range):
         self.w, self.spec, self.clip_range = weight.detach().float(), spec, clip_range
-        self.scale, self.zero, self.t = kquant.qparams(self.w, spec)
+        self.scale, self.zero, self.t = gguf_grid.qparams(self.w, spec)
         self.v = torch.zeros_like(self.w, requires_grad=True)
 
     @property
@@ -150,7 +150,7 @@ class KQuantRounding(Rounding):
 def rounding(weight, spec: QuantSpec, clip, clip_range) -> Rounding:
     """The learned rounding a format gets: two clipping factors per group for asymmetric integers, one otherwise;
     rounding offsets alone on a K-quant grid."""
-    if spec.kquant:
+    if spec.gguf_grid:
         return KQuantRounding(weight, spec, clip, clip_range)
     kind = RangeRounding if spec.plain_int and not spec.symmetric else Rounding
     return kind(weight, spec, clip, clip_range)

@@ -9,7 +9,7 @@ Works on tensors only: a weight (N, K) and the Hessian 2/n * sum x x^T of its in
   point come from the original weights in the original column order, so the result needs no g_idx; the
   quantizer (clip=True) shrinks each static group's range by AWQ's clip search on the Hessian;
 - without act-order, a group's parameters come from the already-updated weights when the group starts;
-- K-quant grids (spec.kquant) are always static: the two-level grid is searched once, on the whole weight, with
+- K-quant grids (spec.gguf_grid) are always static: the two-level grid is searched once, on the whole weight, with
   the Hessian's diagonal (the inputs' mean square, llama.cpp's importance matrix) weighting the search.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import Quantized, compute_qparams, grid_round, kquant, quantize, tensor_scale, values_to_codes
+from ..formats import Quantized, compute_qparams, grid_round, gguf_grid, quantize, tensor_scale, values_to_codes
 from ..spec import QuantSpec
 from .awq import search_clip
 from .base import INPUT_STATS, Quantizer, register
@@ -62,8 +62,8 @@ def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
 def grid_params(W: torch.Tensor, spec: QuantSpec, clip, H: torch.Tensor) -> tuple:
     """(scale, zero, tensor scale) of a whole weight with input Hessian H: a K-quant grid (its super-scales as
     the tensor scale) searched with H's diagonal as column importance, else the spec's own with `clip`."""
-    if spec.kquant:
-        return kquant.qparams(W, spec, H.diagonal().clamp_min(0))
+    if spec.gguf_grid:
+        return gguf_grid.qparams(W, spec, H.diagonal().clamp_min(0))
     t = tensor_scale(W, spec)  # two-level specs: one tensor scale for every group, however they are made
     return (*compute_qparams(W, spec, clip, t), t)
 
@@ -99,7 +99,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
 
     group = spec.block_shape(N, K)[1]  # columns sharing one scale (MX6/MX9: a sub-block)
     static = qparams is not None or act_order or spec.granularity != "group" or spec.subblock_size > 0 \
-        or bool(spec.kquant)
+        or bool(spec.gguf_grid)
     scale, zero, t = qparams if qparams is not None else _grid(W, spec, clip, static, H)
     if not static:
         block_size = group * max(1, block_size // group)
@@ -202,7 +202,7 @@ class GPTQ(Quantizer):
             for n in names:
                 self.notes[n] = f"{self.notes.get(n, 'no calibration inputs')}: RTN"
             return quantize(weight, spec, clip)
-        if clip is None and self.clip and (self.act_order or spec.granularity != "group") and not spec.kquant:
+        if clip is None and self.clip and (self.act_order or spec.granularity != "group") and not spec.gguf_grid:
             clip = search_clip(weight, spec, H / 2)  # static groups: ranges chosen for the output error
         try:
             qt, used = self.solve(weight, H, spec, clip, **self._solver_args)
@@ -240,5 +240,6 @@ class GPTQ(Quantizer):
             return [Quantized(c, s, z, specs[0], t) for c, s, z, t in zip(
                 joint.codes.split(rows), joint.scale.split(rows),
                 joint.zero.split(rows) if joint.zero is not None else [None] * len(rows),
-                joint.tensor_scale.split(rows) if specs[0].kquant else [None] * len(rows))]
+                joint.tensor_scale.split(rows) if joint.tensor_scale is not None and specs[0].gguf_grid
+                else [None] * len(rows))]
         return [self._run((n,), w, s, H, c) for n, w, s, c in zip(names, weights, specs, clips)]

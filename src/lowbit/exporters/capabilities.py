@@ -153,12 +153,12 @@ class Capabilities:
     kv_cache: tuple[Element, ...] = ()  # output specs held on kv_projections; () none
     kv_projections: tuple[str, ...] = ("k_proj", "v_proj")  # all of them, under each attention module
     online_rotations: bool = False  # rotation r4's run-time Hadamard before a linear
-    kquant: bool = False  # llama.cpp's K-quant grids (spec.kquant), exactly
+    gguf_grid: bool = False  # llama.cpp's block grids (spec.gguf_grid), exactly
 
     def weight_problem(self, spec: QuantSpec) -> tuple[str, str] | None:
         """(aspect, why) for the first part of a weight spec no element holds, or None."""
-        if spec.kquant:
-            return None if self.kquant else ("kind", f"{self.holder} holds no K-quant grids ({spec.kquant}: "
+        if spec.gguf_grid:
+            return None if self.gguf_grid else ("kind", f"{self.holder} holds no llama.cpp block grids ({spec.gguf_grid}: "
                                                      f"llama.cpp's two-level scales)")
         same_kind = [e for e in self.elements if e.kind == element_kind(spec) and spec.scale_dtype in e.scales]
         if not same_kind:

@@ -41,7 +41,7 @@ CAPABILITIES = {
         elements=(Element("int", INT_BITS, asymmetric_bits=INT_BITS[:-1]), Element("int", INT_BITS, scales=("e8m0",)),
                   Element("fp", layouts=((2, 1),), scales=("e8m0",), granularities=("group",), group_sizes=(32,))),
         requantizes=True, group_multiple=32, group_note="GGUF blocks are 32 columns, each inside one group",
-        width_multiple=32, width_note=", and every quantized GGUF type works in blocks of 32", kquant=True),
+        width_multiple=32, width_note=", and every quantized GGUF type works in blocks of 32", gguf_grid=True),
     "onnx": Capabilities(
         "onnx", "ONNX", "MatMulNBits", elements=(Element("int", MATMUL_BITS, asymmetric_bits=MATMUL_BITS),),
         group_multiple=16, group_note="MatMulNBits blocks are powers of two >= 16", online_rotations=True),

@@ -9,7 +9,7 @@ re-quantized from lowbit's dequantized weights (gguf_blocks.requantize), with a 
 keeps it under lowbit.warnings). `quant_type` forces one type for every quantized linear, K-quants (Q2_K ...
 Q6_K, gguf_kquants) and IQ4_NL (gguf_iq4nl) included, or names one of llama.cpp's K-quant mixes (gguf_mixes:
 per-tensor types as llama-quantize chooses them, the float embedding / output quantized as well). lowbit's
-K-quant grids (schemes w_q2_k .. w_q6_k and the mixes gguf_q4_k_m ..., formats/kquant) move exactly; where a mix
+K-quant grids (schemes w_q2_k .. w_q6_k and the mixes gguf_q4_k_m ..., formats/gguf_grid) move exactly; where a mix
 says IQ4_NL and lowbit holds exact Q4_0 codes (the same size), the codes are kept.
 
 Architectures: llama and mistral (llama.cpp's "llama": q/k rows permuted from HF's rotate-half RoPE to

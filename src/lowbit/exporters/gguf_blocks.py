@@ -9,8 +9,9 @@ scale group (group size a multiple of 32, or one scale per channel / tensor) and
 - Q4_1 / Q5_1 hold d * q + m with q in [0, 15] / [0, 31]: asymmetric integers of up to 4 / 5 bits,
   q = code - qmin, d = scale, m = -(zero - qmin) * scale.
 - MXFP4 holds 2^(e - 127) * E2M1(q): lowbit's MXFP4 (E2M1 codes, E8M0 scales, groups of 32), byte for byte.
-- Q2_K .. Q6_K hold lowbit's K-quant grids (spec.kquant, formats/kquant) of widths that are whole super-blocks:
-  codes, sub-block scales and mins, and float16 super-scales, byte for byte.
+- Q2_K .. Q6_K hold lowbit's K-quant grids (spec.gguf_grid, formats/gguf_grid) of widths that are whole
+  super-blocks: codes, sub-block scales and mins, and float16 super-scales, byte for byte; Q4_0 .. Q8_0 hold
+  lowbit's legacy grids (float16 d, and m = -zero * d for Q4_1 / Q5_1) the same way.
 Everything else is re-quantized from the dequantized weight (`requantize`): Q8_0 by gguf-py, the rest by lowbit.
 """
 
@@ -25,9 +26,9 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize
 
-from ..formats import Quantized, kquant
+from ..formats import Quantized, gguf_grid
 from .gguf_iq4nl import quantize_iq4_nl, quantize_iq4_xs
-from .gguf_kquants import KQUANT_TYPES, SUPER, pack_k, quantize_k
+from .gguf_kquants import KQUANT_TYPES, pack_k, quantize_k
 from .gguf_legacy import LEGACY_TYPES, quantize_legacy
 from ..spec import QuantSpec
 
@@ -44,8 +45,8 @@ def row_bytes(qtype: T, cols: int) -> int:
 
 def exact_type(spec: QuantSpec, cols: int) -> T | None:
     """The GGUF type that holds this spec's codes and scales without re-quantization, or None."""
-    if spec.kquant:
-        return T[spec.kquant.upper()] if cols % SUPER == 0 else None
+    if spec.gguf_grid:
+        return T[spec.gguf_grid.upper()] if cols % gguf_grid.width_multiple(spec.gguf_grid) == 0 else None
     block_cols = spec.block_shape(1, cols)[1]
     if cols % BLOCK or block_cols % BLOCK:
         return None
@@ -72,16 +73,18 @@ def pack_exact(qt: Quantized, qtype: T) -> np.ndarray:
     """uint8 (N, row_bytes) GGUF blocks of a quantized weight whose spec maps exactly to qtype."""
     spec = qt.spec
     rows, cols = qt.shape
-    if spec.kquant:
-        return pack_k(qt.codes, qtype, kquant.to_grid(qt.scale, qt.zero, qt.tensor_scale, spec), rows)
+    if qtype in KQUANT_TYPES:
+        return pack_k(qt.codes, qtype, gguf_grid.to_grid(qt.scale, qt.zero, qt.tensor_scale, spec), rows)
     nb = cols // BLOCK
     scale = _per_block(qt.scale.float(), spec, rows, cols)
     codes = qt.codes.to(torch.int64).reshape(rows, nb, BLOCK)
     if qtype == T.MXFP4:
         exps = torch.log2(scale).round().to(torch.int64) + 127
         return _concat([_u8(exps)], _nibbles(codes), rows)
-    zero = _per_block(qt.zero.to(torch.int64), spec, rows, cols) if qt.zero is not None \
-        else torch.zeros(rows, nb, dtype=torch.int64)
+    if qt.zero is None:
+        zero = torch.zeros(rows, nb, dtype=torch.int64)
+    else:  # a legacy grid's zero point is a float (-m / d); an integer scheme's an integer
+        zero = _per_block(qt.zero.double() if spec.gguf_grid else qt.zero.to(torch.int64), spec, rows, cols)
     if qtype in MIN_TYPES:
         q = codes - spec.qmin
         heads = [_f16(scale), _f16(-(zero - spec.qmin).double() * scale.double())]

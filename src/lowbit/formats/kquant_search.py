@@ -1,6 +1,6 @@
 """llama.cpp's K-quant grids (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) as tensor maths: the two-level scales a weight gets
 and its codes on them, vectorised over all super-blocks at once (the algorithms of ggml-quants.c, reimplemented).
-exporters/gguf_kquants packs them into GGUF blocks; formats/kquant makes them a lowbit weight format, so GPTQ's
+exporters/gguf_kquants packs them into GGUF blocks; formats/gguf_grid makes them a lowbit weight format, so GPTQ's
 and RTN's codes land on the grid the GGUF file stores.
 
 A super-block is 256 consecutive columns of one row, cut into sub-blocks of 16 (Q2_K, Q3_K, Q6_K) or 32 (Q4_K,

@@ -12,9 +12,9 @@ Per quantized linear `p` (weight of shape (N, K)):
   scales then hold one exponent per group);
 - `p.qzeros`   uint8, same shape as the scales, zero point minus qmin: asymmetric specs only (a symmetric
   spec's zero point is implied: 0 signed, 2^(bits-1) unsigned);
-- K-quant grids (spec.kquant): `p.scales` float32 (N, K / group) effective sub-block scales, `p.zeros` float32
+- K-quant grids (spec.gguf_grid): `p.scales` float32 (N, K / group) effective sub-block scales, `p.zeros` float32
   (same shape) float zero points (affine grids only), `p.super_scales` float16 (N, K / 256, 2): d and dmin
-  (formats.kquant; no `p.qzeros`);
+  (K-quant grids only; formats.gguf_grid; no `p.qzeros`);
 - `p.bias` unchanged when the layer has one;
 - `p.input_scale` float32, for a static input-activation spec: the scale (symmetric) or (scale, zero point).
 """
@@ -45,8 +45,10 @@ def _exponents(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def pack_linear(qt: Quantized) -> dict[str, torch.Tensor]:
     spec = qt.spec
     out = {"qweight": pack_rows(qt.codes - _code_offset(spec), spec.bits)}
-    if spec.kquant:
-        out.update(scales=qt.scale.float().contiguous(), super_scales=qt.tensor_scale.to(torch.float16).contiguous())
+    if spec.gguf_grid:
+        out["scales"] = qt.scale.float().contiguous()
+        if qt.tensor_scale is not None:
+            out["super_scales"] = qt.tensor_scale.to(torch.float16).contiguous()
         if qt.zero is not None:
             out["zeros"] = qt.zero.float().contiguous()
         return out
@@ -72,9 +74,10 @@ def pack_linear(qt: Quantized) -> dict[str, torch.Tensor]:
 def unpack_linear(tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> Quantized:
     codes = unpack_rows(tensors["qweight"], spec.bits, shape[1]) + _code_offset(spec)
     stored = tensors["scales"]
-    if spec.kquant:
+    if spec.gguf_grid:
         zero = tensors["zeros"].float() if "zeros" in tensors else None
-        return Quantized(codes, stored.float(), zero, spec, tensors["super_scales"].float())
+        supers = tensors["super_scales"].float() if "super_scales" in tensors else None
+        return Quantized(codes, stored.float(), zero, spec, supers)
     t = None
     if spec.scale_dtype == "float32":
         scale = stored.float()
@@ -99,8 +102,9 @@ def unpack_linear(tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tupl
 def stored_names(spec: QuantSpec) -> list[str]:
     """The tensors a packed linear of this spec has (besides its bias)."""
     names = ["qweight", "scales"]
-    if spec.kquant:
-        return names + ["super_scales"] + ([] if spec.symmetric else ["zeros"])
+    if spec.gguf_grid:
+        return names + (["super_scales"] if spec.gguf_grid.endswith("_k") else []) + \
+            ([] if spec.symmetric else ["zeros"])
     if spec.scale_dtype == "fp8_e4m3":
         names.append("tensor_scale")
     if spec.subblock_size:

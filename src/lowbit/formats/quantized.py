@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..spec import QuantSpec
-from . import integer, kquant, scaled
+from . import gguf_grid, integer, scaled
 
 
 @dataclass
@@ -62,9 +62,9 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None 
                     t: torch.Tensor | None = None):
     """(scale, zero point or None) per block of w; `clip` shrinks each block's range; `t` fixes the
     tensor scale of a two-level spec (GPTQ computes group scales piecewise and needs one t for all). K-quant
-    grids are made whole (kquant.qparams; quantize keeps their super-scales): clip and t do not apply."""
-    if spec.kquant:
-        return kquant.qparams(w, spec)[:2]
+    grids are made whole (gguf_grid.qparams; quantize keeps their super-scales): clip and t do not apply."""
+    if spec.gguf_grid:
+        return gguf_grid.qparams(w, spec)[:2]
     if spec.plain_int:
         return integer.compute_qparams(w, spec, clip)
     return scaled.compute_qparams(w, spec, clip, t)
@@ -75,8 +75,8 @@ def grid_round(x: torch.Tensor, spec: QuantSpec, zero: torch.Tensor | None = Non
     dequantized value is the result times the scale."""
     if not spec.plain_int:
         return scaled.grid_round(x, spec)
-    if spec.kquant:
-        return kquant.grid_round(x, spec, zero)
+    if spec.gguf_grid:
+        return gguf_grid.grid_round(x, spec, zero)
     q = torch.round(x)
     if zero is None:
         return q.clamp_(spec.qmin, spec.qmax)
@@ -91,8 +91,8 @@ def values_to_codes(values: torch.Tensor, zero: torch.Tensor | None, spec: Quant
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    if spec.kquant:
-        return kquant.quantize_codes(w, scale, zero, spec)
+    if spec.gguf_grid:
+        return gguf_grid.quantize_codes(w, scale, zero, spec)
     if spec.plain_int:
         return integer.quantize_codes(w, scale, zero, spec)
     return scaled.quantize_codes(w, scale, spec)
@@ -107,7 +107,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 def fake_quant(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Q(w) dequantized again, in float32: what a quantized weight computes with."""
-    if spec.kquant:
+    if spec.gguf_grid:
         return quantize(w, spec).dequantize()
     if spec.plain_int:
         return integer.fake_quant(w, spec, clip)
@@ -118,7 +118,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None)
     """Round-to-nearest quantization of a 2-D weight (rows = output features) in any format."""
     if w.dim() != 2:
         raise ValueError(f"quantization works on 2-D weights, got shape {tuple(w.shape)}")
-    if spec.kquant:
+    if spec.gguf_grid:
         return quantize_kquant(w, spec)
     t = tensor_scale(w, spec)
     scale, zero = compute_qparams(w, spec, clip, t)
@@ -127,9 +127,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None)
 
 def quantize_kquant(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> Quantized:
     """Round-to-nearest onto a K-quant grid searched with optional (K,) column importance; the Quantized's
-    tensor_scale holds the super-scales (kquant.qparams)."""
-    scale, zero, supers = kquant.qparams(w, spec, importance)
-    return Quantized(kquant.quantize_codes(w, scale, zero, spec), scale, zero, spec, supers)
+    tensor_scale holds the super-scales (gguf_grid.qparams)."""
+    scale, zero, supers = gguf_grid.qparams(w, spec, importance)
+    return Quantized(gguf_grid.quantize_codes(w, scale, zero, spec), scale, zero, spec, supers)
 
 
 def fake_quant_activation(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor:

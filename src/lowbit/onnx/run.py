@@ -85,8 +85,8 @@ def onnx_job(model, output, recipe: Recipe, options: OnnxOptions | None = None, 
     plan = resolve_plan(recipe, decoder.linears())
     validate_plan(plan, recipe.scheme)
     for lp in plan.values():
-        if lp.spec is not None and lp.spec.kquant:
-            raise LowbitError(f"{lp.name}: K-quant grids ({lp.spec.kquant}) are GGUF's, and an ONNX model is "
+        if lp.spec is not None and lp.spec.gguf_grid:
+            raise LowbitError(f"{lp.name}: K-quant grids ({lp.spec.gguf_grid}) are GGUF's, and an ONNX model is "
                               f"written as ONNX; use an integer scheme such as w_uint4_per_group_asym")
         if lp.spec is not None:
             check_format(options.onnx_format, lp.spec, lp.name, lp.shape[1])

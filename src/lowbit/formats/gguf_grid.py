@@ -1,6 +1,9 @@
-"""llama.cpp's K-quant grids as a lowbit weight format (spec.kquant = q2_k .. q6_k): RTN, GPTQ and the
-algorithms built on them put their codes on the grid a GGUF K-quant block stores, so the export moves them
-exactly (FORMATS.md 4.4).
+"""llama.cpp's block grids as a lowbit weight format (spec.gguf_grid: the K-quants q2_k .. q6_k, and the legacy
+q4_0, q4_1, q5_0, q5_1, q8_0 that K-quant files fall back to): RTN, GPTQ and the algorithms built on them put
+their codes on the grid a GGUF block stores, so the export moves them exactly (FORMATS.md 4.4).
+
+A legacy grid is formats/legacy_search's weighted search: per block of 32 a float16 scale d (and min m), so each
+block is a group with scale d and (affine) a float zero point -m / d; a zero d becomes the smallest normal float16.
 
 The grid of a (N, K) weight (K a multiple of 256) is formats/kquant_search's: per super-block of 256 columns
 float16 scales d (and dmin), per sub-block integer scales ls (and mins lm). In lowbit's integer terms each
@@ -18,25 +21,33 @@ import torch
 
 from ..spec import KQUANT_SUPER, QuantSpec
 from .kquant_search import KGrid, is_affine, kquant_grid
+from .legacy_search import BLOCK, LEGACY, legacy_grid
 
 _F16_TINY = 2.0 ** -14
 
 
-def check_width(spec: QuantSpec, cols: int) -> None:
-    if cols % KQUANT_SUPER:
-        raise ValueError(f"the {spec.kquant} grid needs a width that is a multiple of {KQUANT_SUPER}, got {cols}")
+def width_multiple(kind: str) -> int:
+    """The widths a grid holds are multiples of this: 32 (legacy blocks) or 256 (K-quant super-blocks)."""
+    return BLOCK if kind in LEGACY else KQUANT_SUPER
 
 
 def qparams(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> tuple:
-    """(scale (N, K / g), float zero point (N, K / g) or None, super-scales (N, K / 256, 2)) of w's grid;
-    importance: optional (K,) column weights of the search (the input's mean square: llama.cpp's imatrix)."""
+    """(scale (N, K / g), float zero point (N, K / g) or None, K-quant super-scales (N, K / 256, 2) or None) of
+    w's grid; importance: optional (K,) column weights of the search (the input's mean square: llama.cpp's
+    imatrix)."""
     rows, cols = w.shape
-    check_width(spec, cols)
-    grid = expressible(kquant_grid(w.float(), spec.kquant, importance), spec.kquant)
-    return to_qparams(grid, rows, spec.kquant)
+    kind = spec.gguf_grid
+    if cols % width_multiple(kind):
+        raise ValueError(f"the {kind} grid needs a width that is a multiple of {width_multiple(kind)}, got {cols}")
+    if kind in LEGACY:
+        d, m, _ = legacy_grid(w.float(), kind, importance)
+        d = torch.where(d == 0, _F16_TINY, d).reshape(rows, -1)
+        return d, (-m.reshape(rows, -1) / d if LEGACY[kind][0] else None), None
+    grid = expressible(kquant_grid(w.float(), kind, importance))
+    return to_qparams(grid, rows, kind)
 
 
-def expressible(grid: KGrid, kind: str) -> KGrid:
+def expressible(grid: KGrid) -> KGrid:
     """The grid with every sub-block step non-zero (see the module docstring)."""
     d = torch.where(grid.d == 0, _F16_TINY, grid.d)
     ls = torch.where(grid.ls == 0, 1.0, grid.ls.double()).to(grid.ls.dtype)

@@ -84,9 +84,9 @@ class QuantSpec:
         if self.tensor_scale and self.scale_dtype != "fp8_e4m3":
             raise LowbitError("a per-tensor second-level scale goes with fp8_e4m3 block scales (NVFP4-style)")
         if self.gguf_grid:
-            self._check_kquant()
+            self._check_gguf_grid()
 
-    def _check_kquant(self) -> None:
+    def _check_gguf_grid(self) -> None:
         layout = KQUANT_LAYOUTS.get(self.gguf_grid)
         if layout is None:
             raise LowbitError(f"unknown GGUF grid {self.gguf_grid!r}; use one of {', '.join(KQUANT_LAYOUTS)}")

@@ -119,15 +119,15 @@ def quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None)
     if w.dim() != 2:
         raise ValueError(f"quantization works on 2-D weights, got shape {tuple(w.shape)}")
     if spec.gguf_grid:
-        return quantize_kquant(w, spec)
+        return quantize_gguf_grid(w, spec)
     t = tensor_scale(w, spec)
     scale, zero = compute_qparams(w, spec, clip, t)
     return Quantized(quantize_codes(w, scale, zero, spec), scale, zero, spec, t)
 
 
-def quantize_kquant(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> Quantized:
-    """Round-to-nearest onto a K-quant grid searched with optional (K,) column importance; the Quantized's
-    tensor_scale holds the super-scales (gguf_grid.qparams)."""
+def quantize_gguf_grid(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> Quantized:
+    """Round-to-nearest onto a llama.cpp block grid searched with optional (K,) column importance; a K-quant's
+    super-scales are the Quantized's tensor_scale (gguf_grid.qparams)."""
     scale, zero, supers = gguf_grid.qparams(w, spec, importance)
     return Quantized(gguf_grid.quantize_codes(w, scale, zero, spec), scale, zero, spec, supers)
 

@@ -198,8 +198,11 @@ class Bench:
             export_gguf_any(self.model, out, overwrite=True, quant_type=mix, imatrix=imatrix)
             self.add({"tool": tool, "mix": mix, "seconds": round(time.perf_counter() - start, 2),
                       **self.score(out)})
+        from lowbit.spec import GGUF_MIXES
+
         for algo in filter(None, self.args.algos.split(";")):
-            self.calibrated(mix, algo)
+            if mix in GGUF_MIXES:  # iq4_xs has no lowbit grid: re-quantized rows only
+                self.calibrated(mix, algo)
 
     def calibrated(self, mix: str, algo: str) -> None:
         from lowbit.api import quantize

@@ -157,6 +157,15 @@ def _placement(device, calib_dtype, offload_dir, ranks: Ranks) -> Placement:
                      Path(offload_dir).expanduser() if offload_dir is not None else None, ranks)
 
 
+def _with_mix(recipe: Recipe, loaded: LoadedModel) -> Recipe:
+    """gguf_q4_k_m ...: the recipe with each linear on the grid of its tensor in that llama.cpp file."""
+    if not gguf_mix(recipe.scheme.name):
+        return recipe
+    from .gguf_mix import with_gguf_mix
+
+    return with_gguf_mix(recipe, loaded.model.config.to_dict(), linear_modules(loaded.model))
+
+
 def _mix_export_options(recipe: Recipe, export_options: dict | None) -> dict:
     """A gguf_* mix scheme's GGUF export is that mix unless --gguf-type says otherwise."""
     options = {k: dict(v) for k, v in (export_options or {}).items()}
@@ -179,10 +188,7 @@ def _torch_job(model, output, recipe: Recipe, overwrite: bool, keep: bool, progr
     check_carried(loaded.folder)  # the files the output copies lie inside the source folder
     if loaded.quantized:
         raise LowbitError(f"{loaded.folder} is already quantized by lowbit; give the float model")
-    if gguf_mix(recipe.scheme.name):  # gguf_q4_k_m ...: each linear onto the grid of its tensor in that file
-        from .gguf_mix import with_gguf_mix
-
-        recipe = with_gguf_mix(recipe, loaded.model.config.to_dict(), linear_modules(loaded.model))
+    recipe = _with_mix(recipe, loaded)
     plan = plan_for(loaded, recipe)
     planned = planned_model(loaded, plan, chain)
     mixed = _mixed_precision(recipe, plan, planned, export, placement.ranks)
@@ -440,7 +446,7 @@ def inspect(model, recipe: Recipe | None = None) -> dict:
     linears = linear_modules(loaded.model)
     info["linears"] = {n: list(s) for n, s in linears.items()}
     if recipe is not None:
-        plan = plan_for(loaded, recipe)
+        plan = plan_for(loaded, _with_mix(recipe, loaded))
         info["plan"] = {n: (lp.spec.short_name if lp.spec else "float") for n, lp in plan.items()}
         info["plan_table"] = format_plan(plan)
     return info

@@ -45,7 +45,7 @@ def stored_bits(spec: QuantSpec, in_features: int) -> float:
 
 def check_base(spec: QuantSpec | None, input_spec) -> None:
     """--target-bits varies an integer weight-only scheme's bits and group size: refuse anything else."""
-    if spec is None or spec.kind != "int" or not spec.plain_int or input_spec is not None:
+    if spec is None or spec.kind != "int" or not spec.plain_int or input_spec is not None or spec.gguf_grid:
         name = spec.short_name if spec is not None else "no quantized weight"
         raise LowbitError(f"--target-bits chooses bits and group sizes of an integer weight-only scheme, not {name}; "
                           f"use e.g. --scheme w_uint4_per_group_asym")

@@ -93,8 +93,9 @@ class QuantSpec:
         bits, group, symmetric = layout
         if (self.kind, self.bits, self.group_size, self.symmetric, self.signed, self.granularity, self.scale_dtype,
                 self.dynamic) != ("int", bits, group, symmetric, symmetric, "group", "float32", False):
-            raise LowbitError(f"the {self.gguf_grid} grid has {'' if symmetric else 'u'}int{bits} codes in sub-blocks of "
-                              f"{group}; drop the changes to it (group size, bits, symmetry) or use an integer scheme")
+            codes = f"{'' if symmetric else 'u'}int{bits}"
+            raise LowbitError(f"the {self.gguf_grid} grid has {codes} codes in sub-blocks of {group}; drop the changes "
+                              f"to it (group size, bits, symmetry) or use an integer scheme")
 
     # -- integer ranges -------------------------------------------------------------------------
     @property
@@ -262,14 +263,15 @@ KQUANT_LAYOUTS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32,
                   "q6_k": (6, 16, True), "q4_0": (4, 32, True), "q4_1": (4, 32, False), "q5_0": (5, 32, True),
                   "q5_1": (5, 32, False), "q8_0": (8, 32, True)}
 KQUANT_SPECS = {name: QuantSpec(kind="int", bits=bits, signed=sym, symmetric=sym, granularity="group",
-                                group_size=group, gguf_grid=name) for name, (bits, group, sym) in KQUANT_LAYOUTS.items()}
+                                group_size=group, gguf_grid=name)
+                for name, (bits, group, sym) in KQUANT_LAYOUTS.items()}
 KQUANT_SUPER = 256  # columns per super-block
 # What a linear whose width is not a multiple of 256 gets instead of a K-quant: llama.cpp's fallback type's grid
 # (Q5_0, Q5_1, Q8_0; Q4_0 for Q2_K / Q3_K, as llama.cpp's quantizer falls back)
 KQUANT_FALLBACKS = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 _KQUANT_NAMES = {f"w_{k}": k for k in KQUANT_SPECS}
 # llama.cpp's K-quant file mixes (exporters/gguf_mixes.MIXES) as schemes: gguf_q4_k_m quantizes every linear onto
-# the K-quant grid llama-quantize would give its tensor in a Q4_K_M file (api.gguf_mix_overrides), so the export
+# the grid llama-quantize would give its tensor in a Q4_K_M file (gguf_mix.with_gguf_mix), so the export
 # of that mix holds the codes exactly; the scheme's weight spec is the mix's base type
 GGUF_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 _MIX_SCHEMES = {f"gguf_{m}": m for m in GGUF_MIXES}
@@ -278,6 +280,7 @@ _MIX_SCHEMES = {f"gguf_{m}": m for m in GGUF_MIXES}
 def gguf_mix(scheme_name: str) -> str | None:
     """The llama.cpp mix a scheme name stands for (gguf_q4_k_m -> q4_k_m), else None."""
     return _MIX_SCHEMES.get(scheme_name)
+
 
 _INT_RE = re.compile(
     r"^w_(?P<w>u?int)(?P<bits>[2-8])"

@@ -48,7 +48,8 @@ from .declared import check_layers
 from .source import LowbitFolder, PlannedModel
 
 QUANT_TYPES = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "mxfp4": T.MXFP4,
-               "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K, "iq4_nl": T.IQ4_NL, "iq4_xs": T.IQ4_XS}
+               "q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K, "iq4_nl": T.IQ4_NL,
+               "iq4_xs": T.IQ4_XS}
 GGUF_TYPES = sorted({*QUANT_TYPES, *MIXES})  # what --gguf-type takes: one type, or one of llama.cpp's mixes
 _FT = gguf.LlamaFileType
 FILE_TYPES = {T.Q4_0: _FT.MOSTLY_Q4_0, T.Q4_1: _FT.MOSTLY_Q4_1, T.Q5_0: _FT.MOSTLY_Q5_0, T.Q5_1: _FT.MOSTLY_Q5_1,

@@ -98,7 +98,8 @@ def float_export(src, quant_type: str | None) -> bool:
         raise LowbitError(f"{src} is not a lowbit output folder; pass --gguf-type f16 (or bf16, f32) for a float "
                           f"GGUF of it, or a K-quant mix such as q4_k_m, or quantize it first with lowbit quantize")
     raise LowbitError(f"--gguf-type {kind} sets the type of a lowbit folder's quantized linears, and {src} is not a "
-                      f"lowbit folder; run lowbit quantize first, or pass f16 (bf16, f32) or a K-quant mix such as q4_k_m")
+                      f"lowbit folder; run lowbit quantize first, or pass f16 (bf16, f32) or a K-quant mix such as "
+                      f"q4_k_m")
 
 
 def check_float_gguf(model, quant_type: str | None = None) -> list[str]:

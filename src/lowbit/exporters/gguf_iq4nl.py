@@ -7,10 +7,13 @@ magnitude) / 32, the sub-block scales rounded to multiples of d and the codes re
 both but quantizes neither.
 
 The scale search follows llama.cpp's quantize_row_iq4_nl_impl: start from d = max / -kvalues[0] (the largest
-magnitude onto the grid's end), try the largest magnitude onto the grid's positive end (lowbit's addition), and try the inverse scales (kvalues[0] + t) / max for t in -STEPS..STEPS, take each
+magnitude onto the grid's end), try the largest magnitude onto the grid's positive end (lowbit's addition), and
+try the inverse scales (kvalues[0] + t) / max for t in -STEPS..STEPS, take each
 try's nearest grid indices and its weighted least-squares scale sum(w q x) / sum(w q^2), keep the try with the
 largest sum(w q x)^2 / sum(w q^2) (the least weighted error). Weights: importance[col] * sqrt(sigma2 + x^2) with
-an importance matrix (sigma2: the row's mean x^2), x^2 without one.
+an importance matrix (sigma2: twice the mean x^2 of the block, or of the super-block for IQ4_XS), x^2 without one.
+Against llama.cpp's ggml_quantize_chunk on random weights the error ratio is 0.998-1.003 without importance and
+0.978 with it (tests/test_gguf_kmix.py).
 """
 
 from __future__ import annotations

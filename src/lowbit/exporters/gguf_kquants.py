@@ -43,7 +43,8 @@ def pack_k(codes: torch.Tensor, qtype, grid: KGrid, rows: int) -> np.ndarray:
             blocks = [_u8(ls | (lm << 4)), _pack(q, 32, 2), _f16_bytes(d), _f16_bytes(dmin)]
         else:
             head = [_f16_bytes(d), _f16_bytes(dmin), _scales_k4(ls, lm)]
-            blocks = [*head, _pack(q, 32, 4)] if qtype == T.Q4_K else [*head, _pack(q >> 4, 32, 1), _pack(q & 15, 32, 4)]
+            body = [_pack(q, 32, 4)] if qtype == T.Q4_K else [_pack(q >> 4, 32, 1), _pack(q & 15, 32, 4)]
+            blocks = [*head, *body]
     else:
         q, sc = q + nmax, grid.ls.to(torch.int32)
         if qtype == T.Q3_K:

@@ -83,6 +83,10 @@ def test_scheme_names_fallbacks_and_refusals():
     with pytest.raises(LowbitError, match="blocks of 32 columns"):
         kquant_fallback(KQUANT_SPECS["q4_0"], (64, 48), "scheme")
     assert kquant_fallback(KQUANT_SPECS["q6_k"], (64, 1536), "scheme")[0] == KQUANT_SPECS["q6_k"]
+    from lowbit.mixed import check_base
+
+    with pytest.raises(LowbitError, match="--target-bits chooses bits"):
+        check_base(KQUANT_SPECS["q4_k"], None)
     assert kquant_fallback(KQUANT_SPECS["q5_k"], (64, 576), "scheme")[0].symmetric is False
 
 

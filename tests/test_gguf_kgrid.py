@@ -158,16 +158,16 @@ def test_autoround_learns_the_rounding_on_a_k_quant_grid(tiny256, lowbit_out):
     assert "autoround: block output loss" in json.dumps(notes)
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q2_k"])
-def test_mix_scheme_puts_every_linear_on_its_mix_type(mix, tiny256, tmp_path):
-    """gguf_q4_k_m: each linear quantized (here by GPTQ) onto the grid llama.cpp's Q4_K_M gives its tensor; the
+@pytest.mark.parametrize("mix,algo", [("q4_k_m", "gptq"), ("q2_k", "awq,gptq")])
+def test_mix_scheme_puts_every_linear_on_its_mix_type(mix, algo, tiny256, tmp_path):
+    """gguf_q4_k_m: each linear quantized (GPTQ, or AWQ then GPTQ) onto the grid llama.cpp's mix gives its tensor; the
     export of that mix (the default for this scheme) then re-quantizes no linear, and the file's types are the
     mix's."""
     from lowbit.api import quantize as api_quantize
     from lowbit.exporters.gguf_mixes import ModelShape, mix_types
 
     out = tmp_path / "q"
-    result = api_quantize(tiny256, out, scheme=f"gguf_{mix}", algo="gptq", export="gguf", progress=False, quiet=True,
+    result = api_quantize(tiny256, out, scheme=f"gguf_{mix}", algo=algo, export="gguf", progress=False, quiet=True,
                           num_calib_data=4, seq_len=64)
     plan = plan_gguf(LowbitFolder(out), mix)
     assert all(lin.exact for lin in plan.linears) and not plan.warnings
@@ -231,7 +231,8 @@ def test_mix_scheme_on_rows_that_are_not_super_blocks_uses_the_fallback_grids(ti
     plan = plan_gguf(folder, "q3_k_m")
     assert all(lin.exact for lin in plan.linears) and not plan.warnings
     types = {lin.gguf_name: lin.qtype for lin in plan.linears}
-    wanted = mix_types("q3_k_m", {lin.gguf_name: lin.shape[1] for lin in plan.linears}, ModelShape(2, 5, tied_output=False))
+    widths = {lin.gguf_name: lin.shape[1] for lin in plan.linears}
+    wanted = mix_types("q3_k_m", widths, ModelShape(2, 5, tied_output=False))
     assert types == {n: T.Q4_0 if t == T.IQ4_NL else t for n, t in wanted.items()}
     assert types["blk.1.ffn_down.weight"] in (T.Q4_K, T.Q5_K) and types["blk.1.attn_q.weight"] == T.Q4_0
     assert folder.modules["model.layers.1.self_attn.q_proj"][0].gguf_grid == "q4_0"

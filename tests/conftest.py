@@ -173,6 +173,20 @@ def builder_export(hf, out):
 
 
 @pytest.fixture(scope="session")
+def tiny256(tmp_path_factory, tokenizer_dir):
+    """A tiny llama whose rows are whole super-blocks (hidden 256, MLP 512), untied, 4 layers."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    config = tf.LlamaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=256,
+                            intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                            max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                            tie_word_embeddings=False)
+    return save_random_model(config, tmp_path_factory.mktemp("tiny256"), tokenizer_dir, torch.float32,
+                             randomize_1d=True)
+
+
+@pytest.fixture(scope="session")
 def onnx_tiny(tmp_path_factory, tokenizer_dir):
     """kind ("gqa": tied, grouped queries; "mha") -> (HF float folder, the builder's fp32 ONNX folder of it)."""
     import transformers as tf

@@ -17,7 +17,7 @@ from lowbit.exporters.gguf_iq4nl import quantize_iq4_nl, quantize_iq4_xs
 from lowbit.exporters.gguf_mixes import ModelShape, fallback, mix_types, use_more_bits
 from lowbit.exporters.source import LowbitFolder
 
-from .conftest import need_llama_cpp, save_random_model
+from .conftest import need_llama_cpp
 
 ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -112,20 +112,6 @@ def test_iq4_nl_decodes_and_beats_q4_0():
     importance[:8] = 1000.0
     weighted = torch.from_numpy(dequantize(quantize_iq4_nl(w, importance), T.IQ4_NL)).reshape(w.shape)
     assert ((weighted - w)[:, :8] ** 2).sum() < ((got - w)[:, :8] ** 2).sum()
-
-
-@pytest.fixture(scope="module")
-def tiny256(tmp_path_factory, tokenizer_dir):
-    """A tiny llama whose rows are whole super-blocks (hidden 256, MLP 512), untied, 4 layers."""
-    import transformers as tf
-    from transformers import AutoTokenizer
-
-    config = tf.LlamaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=256,
-                            intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-                            max_position_embeddings=256, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-                            tie_word_embeddings=False)
-    return save_random_model(config, tmp_path_factory.mktemp("tiny256"), tokenizer_dir, torch.float32,
-                             randomize_1d=True)
 
 
 @pytest.mark.parametrize("mix", ["q4_k_m", "q2_k", "q6_k", "q3_k_m", "q5_k_m", "iq4_xs"])

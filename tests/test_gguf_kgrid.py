@@ -21,7 +21,8 @@ from lowbit.formats.packed import pack_linear, unpack_linear
 from lowbit.recipe import kquant_fallback
 from lowbit.spec import KQUANT_SPECS, parse_scheme
 
-from .conftest import need_llama_cpp, save_random_model
+from .conftest import save_random_model
+from .test_gguf_export import _llama_logits, _lowbit_logits
 
 KINDS = list(KQUANT_SPECS)  # the K-quants and the legacy grids they fall back to
 
@@ -91,8 +92,6 @@ def test_scheme_names_fallbacks_and_refusals():
 
 
 def test_gptq_q4_k_folder_exports_exactly_and_runs_in_llama_cpp(tiny256, lowbit_out, tmp_path):
-    from lowbit.api import load
-
     src = lowbit_out(tiny256, "w_q4_k", algo="gptq")
     folder = LowbitFolder(src)
     plan = plan_gguf(folder)
@@ -103,17 +102,8 @@ def test_gptq_q4_k_folder_exports_exactly_and_runs_in_llama_cpp(tiny256, lowbit_
     wd = folder.weight("model.layers.1.mlp.down_proj").double()
     assert down.tensor_type == T.Q4_K
     assert torch.allclose(_gguf_values(down.data, "q4_k", wd.shape), wd, rtol=1e-5, atol=1e-7)
-    llama_cpp = need_llama_cpp()
     ids = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        theirs = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
-    model = load(str(src))[0].eval()  # the lowbit folder itself, in torch
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0].float().numpy()
+    theirs, ours = _llama_logits(path, ids), _lowbit_logits(str(src), ids)  # ours: the lowbit folder, in torch
     assert np.abs(ours - theirs).max() < 0.08 * np.abs(ours).max()  # llama.cpp's Q8_K activations (test_gguf_kmix)
 
 

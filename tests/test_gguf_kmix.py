@@ -11,13 +11,12 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-from lowbit.api import load
 from lowbit.exporters.gguf import check_gguf, export_gguf
 from lowbit.exporters.gguf_iq4nl import quantize_iq4_nl, quantize_iq4_xs
 from lowbit.exporters.gguf_mixes import ModelShape, fallback, mix_types, use_more_bits
 from lowbit.exporters.source import LowbitFolder
 
-from .conftest import need_llama_cpp
+from .test_gguf_export import _llama_logits, _lowbit_logits
 
 ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -125,17 +124,9 @@ def test_mix_file_runs_in_llama_cpp(mix, tiny256, lowbit_out, tmp_path):
     names = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) == 2}
     assert {n: types[n] for n in names} == mix_types(mix, names, ModelShape(4, 4, tied_output=False))
     assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"])
-    llama_cpp = need_llama_cpp()
     ids = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        ours = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
-    model = load(str(path))[0].eval()  # lowbit reads the same file back (gguf-py's dequantization) and runs it
-    with torch.no_grad():
-        theirs = model(torch.tensor([ids])).logits[0].float().numpy()
+    # theirs: lowbit reads the same file back (gguf-py's dequantization) and runs it
+    ours, theirs = _llama_logits(path, ids), _lowbit_logits(str(path), ids)
     # llama.cpp rounds the activations to 8-bit blocks (Q8_K for the K-types) and keeps the KV cache in float16:
     # measured max differences 0.17 (the exact Q8_0 file of this model) to 0.31 (Q4_K), logits up to 5.8; a
     # wrong layout or scale would move them by whole units

@@ -219,26 +219,34 @@ def linear_mix_types(config: dict, mix: str, linears: dict[str, int]) -> dict[st
 
 
 def _importance(table: dict[str, torch.Tensor], plan: GGUFPlan, path) -> dict:
-    """The imatrix entries of the tensors this file re-quantizes with a weighted search, every entry of this
-    model's tensors checked against their widths; a re-quantized tensor the file has no entry for is quantized
-    without (a warning says how many). An imatrix with no entry for any linear is another model's."""
+    """The imatrix entries of the tensors this file re-quantizes with a weighted search (imatrix_entries); a
+    re-quantized tensor the file has no entry for is quantized without (a warning says how many)."""
     widths = {lin.gguf_name: lin.shape[1] for lin in plan.linears}
     widths.update({n: plan.config["hidden_size"] for n in plan.float_types})
+    needed = [lin.gguf_name for lin in plan.linears if not lin.exact] + list(plan.float_types)
+    used, missing = imatrix_entries(table, widths, needed, path)
+    if missing:
+        plan.warnings.append(f"{missing} re-quantized tensors have no entry in the imatrix {path}; they are "
+                             f"quantized without importance weights")
+    return used
+
+
+def imatrix_entries(table: dict[str, torch.Tensor], widths: dict[str, int], needed: list[str],
+                    path) -> tuple[dict[str, torch.Tensor], int]:
+    """The entries of the `needed` tensors, with every entry for this model's tensors (GGUF name -> width)
+    checked against its width, and how many needed tensors have none (the embedding, a lookup table llama-imatrix
+    never records, not counted). An imatrix with no entry for any of the model's tensors is another model's."""
     for name, cols in widths.items():
         found = table.get(name)
         if found is not None and found.numel() != cols:
             raise LowbitError(f"the imatrix {path} has {found.numel()} columns for {name}, which has {cols}: it "
                               f"was computed for another model")
-    if not any(lin.gguf_name in table for lin in plan.linears) and not any(n in table for n in plan.float_types):
+    if not any(name in table for name in widths):
         raise LowbitError(f"the imatrix {path} has no entry for any tensor of this model (names like "
                           f"{next(iter(widths), 'blk.0.attn_q.weight')}); it was computed for another model")
-    needed = [lin.gguf_name for lin in plan.linears if not lin.exact] + list(plan.float_types)
     used = {name: table[name] for name in needed if name in table}
-    missing = [name for name in needed if name not in table and name != "token_embd.weight"]
-    if missing:  # llama-imatrix collects no entry for the embedding, a lookup table
-        plan.warnings.append(f"{len(missing)} re-quantized tensors have no entry in the imatrix {path}; they are "
-                             f"quantized without importance weights")
-    return used
+    missing = sum(name not in table and name != "token_embd.weight" for name in needed)
+    return used, missing
 
 
 def _gguf_name(names: gguf.TensorNameMap, name: str, arch: Arch) -> str:

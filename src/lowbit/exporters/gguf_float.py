@@ -32,7 +32,8 @@ from ..errors import LowbitError
 from ..model_files import read_json
 from ..staging import staged
 from .gguf import (ARCHS, NOT_EXPORTED, GGUFPlan, Tensor, _check_target, _float_tensor, _gguf_name, _heads,
-                   _model_shape, _order, _permute_rows, _write, check_gguf, export_gguf)
+                   _model_shape, _order, _permute_rows, _write, check_gguf, export_gguf,
+                   imatrix_entries)
 from .gguf_blocks import requantize, row_bytes
 from .gguf_meta import config_warnings, llama3_rope_factors, n_vocab, rope
 from .gguf_mixes import MIXES, mix_types
@@ -197,12 +198,16 @@ def _check_model(config: dict, online_rotations, model_type: str) -> None:
 @dataclass
 class FloatPlan:
     """gguf.py's plan (architecture, config, warnings, the mix and its types in float_types, the file type), the
-    GGUF name of each source tensor, the float type of the 2-D ones and the row width of each quantized one."""
+    GGUF name of each source tensor, the float type of the 2-D ones and (for a mix) the shape of each 2-D one."""
 
     plan: GGUFPlan
     gguf_names: dict[str, str]
     float_type: T
-    widths: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {name: shape[1] for name, shape in self.shapes.items()}
 
 
 def _plan(source: FloatSource, quant_type: str | None, imatrix: bool = False) -> FloatPlan:
@@ -221,15 +226,11 @@ def _plan(source: FloatSource, quant_type: str | None, imatrix: bool = False) ->
         plan.file_type = FLOAT_FILE_TYPES[FLOAT_TYPES[kind]]
         return FloatPlan(plan, gguf_names, FLOAT_TYPES[kind])
     plan.mix = kind
-    shapes = {g: _shape(source, n) for n, g in gguf_names.items()}
-    widths = {g: s[1] for g, s in shapes.items() if len(s) == 2}
-    shape = dataclasses.replace(_model_shape(config, arch), tied_output="output.weight" not in widths)
-    plan.float_types = mix_types(kind, widths, shape, imatrix)
-    return FloatPlan(plan, gguf_names, T.F32, widths)  # 1-D tensors stay float32
-
-
-def _shape(source: FloatSource, name: str) -> tuple[int, ...]:
-    return tuple(source.read(name).shape)
+    shapes = {g: tuple(source.read(n).shape) for n, g in gguf_names.items()}  # read once here, once to write
+    fplan = FloatPlan(plan, gguf_names, T.F32, {g: s for g, s in shapes.items() if len(s) == 2})
+    shape = dataclasses.replace(_model_shape(config, arch), tied_output="output.weight" not in fplan.shapes)
+    plan.float_types = mix_types(kind, fplan.widths, shape, imatrix)
+    return fplan  # 1-D tensors stay float32
 
 
 def _tensors(source: FloatSource, fplan: FloatPlan, importance: dict) -> list[Tensor]:
@@ -241,7 +242,7 @@ def _tensors(source: FloatSource, fplan: FloatPlan, importance: dict) -> list[Te
     for name, gguf_name in fplan.gguf_names.items():
         qtype = plan.float_types.get(gguf_name)
         out.append(_float_tensor(view, plan, name, gguf_name) if qtype is None else
-                   _quantized(source, plan, name, gguf_name, qtype, importance.get(gguf_name)))
+                   _quantized(source, fplan, name, gguf_name, qtype, importance.get(gguf_name)))
     theta, scaling = rope(plan.config)
     if scaling.get("rope_type") == "llama3":
         factors = llama3_rope_factors(plan.config, theta, scaling)
@@ -257,10 +258,11 @@ def _cast(read: Callable[[str], torch.Tensor], dtype: torch.dtype) -> Callable[[
     return get
 
 
-def _quantized(source: FloatSource, plan: GGUFPlan, name: str, gguf_name: str, qtype: T,
+def _quantized(source: FloatSource, fplan: FloatPlan, name: str, gguf_name: str, qtype: T,
                importance: torch.Tensor | None) -> Tensor:
     """A 2-D weight quantized to the mix's type from its float values, q/k rows permuted after."""
-    rows, cols = _shape(source, name)
+    plan = fplan.plan
+    rows, cols = fplan.shapes[gguf_name]
     heads = _heads(name.rsplit(".", 1)[0], plan.config) if plan.arch.permute_qk else None
 
     def make() -> np.ndarray:
@@ -271,19 +273,7 @@ def _quantized(source: FloatSource, plan: GGUFPlan, name: str, gguf_name: str, q
 
 
 def _importance(path, fplan: FloatPlan) -> dict[str, torch.Tensor]:
-    """The imatrix entries of the quantized tensors, checked against their widths."""
+    """The imatrix entries of the quantized tensors, checked against their widths (gguf.imatrix_entries)."""
     from .gguf_imatrix import read_imatrix
 
-    table = read_imatrix(path)
-    used = {}
-    for name in fplan.plan.float_types:
-        found = table.get(name)
-        if found is not None and found.numel() != fplan.widths[name]:
-            raise LowbitError(f"the imatrix {path} has {found.numel()} columns for {name}, which has "
-                              f"{fplan.widths[name]}: it was computed for another model")
-        if found is not None:
-            used[name] = found
-    if not used:
-        raise LowbitError(f"the imatrix {path} has no entry for any tensor of this model (names like "
-                          f"blk.0.attn_q.weight); it was computed for another model")
-    return used
+    return imatrix_entries(read_imatrix(path), fplan.widths, list(fplan.plan.float_types), path)[0]

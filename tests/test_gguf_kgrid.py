@@ -19,12 +19,12 @@ from lowbit.exporters.source import LowbitFolder
 from lowbit.formats import quantize
 from lowbit.formats.packed import pack_linear, unpack_linear
 from lowbit.recipe import kquant_fallback
-from lowbit.spec import KQUANT_SPECS, parse_scheme
+from lowbit.spec import GGUF_GRID_SPECS, parse_scheme
 
 from .conftest import save_random_model
 from .test_gguf_export import _llama_logits, _lowbit_logits
 
-KINDS = list(KQUANT_SPECS)  # the K-quants and the legacy grids they fall back to
+KINDS = list(GGUF_GRID_SPECS)  # the K-quants and the legacy grids they fall back to
 
 
 def _weight(rows=48, cols=512, seed=0):
@@ -44,7 +44,7 @@ def test_rtn_codes_pack_exactly_and_match_llama_cpp_style_search(kind):
     """What lowbit computes with is what the GGUF block decodes to, and RTN onto the grid is as good as the
     exporter's own K-quant search (never worse: a zero sub-block scale is only ever raised to 1)."""
     w = _weight()
-    spec = KQUANT_SPECS[kind]
+    spec = GGUF_GRID_SPECS[kind]
     qt = quantize(w, spec)
     blocks = pack_exact(qt, T[kind.upper()])
     ours = qt.dequantize().double()
@@ -63,7 +63,7 @@ def test_gptq_lands_on_the_grid_and_lowers_the_output_error(kind):
     w = _weight(32, 512, seed=2)
     x = torch.randn(1024, 512, generator=g) * torch.linspace(0.2, 3.0, 512)
     H = 2 * x.T @ x / len(x)
-    spec = KQUANT_SPECS[kind]
+    spec = GGUF_GRID_SPECS[kind]
     rtn = quantize(w, spec)
     gq, _ = gptq_quantize(w, H, spec)
     out_err = [float(((x @ (q.dequantize() - w).T) ** 2).mean()) for q in (rtn, gq)]
@@ -73,22 +73,22 @@ def test_gptq_lands_on_the_grid_and_lowers_the_output_error(kind):
 
 
 def test_scheme_names_fallbacks_and_refusals():
-    assert parse_scheme("w_q4_k").weight == KQUANT_SPECS["q4_k"]
+    assert parse_scheme("w_q4_k").weight == GGUF_GRID_SPECS["q4_k"]
     with pytest.raises(LowbitError, match="sub-blocks are fixed"):
         parse_scheme("w_q4_k", group_size=64)
     with pytest.raises(LowbitError, match="drop the changes"):
-        KQUANT_SPECS["q4_k"].with_changes(group_size=64)
-    spec, why = kquant_fallback(KQUANT_SPECS["q4_k"], (64, 576), "scheme")
-    assert spec == KQUANT_SPECS["q5_0"] and (spec.bits, spec.symmetric, spec.group_size) == (5, True, 32)
+        GGUF_GRID_SPECS["q4_k"].with_changes(group_size=64)
+    spec, why = kquant_fallback(GGUF_GRID_SPECS["q4_k"], (64, 576), "scheme")
+    assert spec == GGUF_GRID_SPECS["q5_0"] and (spec.bits, spec.symmetric, spec.group_size) == (5, True, 32)
     assert "Q5_0" in why
     with pytest.raises(LowbitError, match="blocks of 32 columns"):
-        kquant_fallback(KQUANT_SPECS["q4_0"], (64, 48), "scheme")
-    assert kquant_fallback(KQUANT_SPECS["q6_k"], (64, 1536), "scheme")[0] == KQUANT_SPECS["q6_k"]
+        kquant_fallback(GGUF_GRID_SPECS["q4_0"], (64, 48), "scheme")
+    assert kquant_fallback(GGUF_GRID_SPECS["q6_k"], (64, 1536), "scheme")[0] == GGUF_GRID_SPECS["q6_k"]
     from lowbit.mixed import check_base
 
     with pytest.raises(LowbitError, match="--target-bits chooses bits"):
-        check_base(KQUANT_SPECS["q4_k"], None)
-    assert kquant_fallback(KQUANT_SPECS["q5_k"], (64, 576), "scheme")[0].symmetric is False
+        check_base(GGUF_GRID_SPECS["q4_k"], None)
+    assert kquant_fallback(GGUF_GRID_SPECS["q5_k"], (64, 576), "scheme")[0].symmetric is False
 
 
 def test_gptq_q4_k_folder_exports_exactly_and_runs_in_llama_cpp(tiny256, lowbit_out, tmp_path):

@@ -22,7 +22,7 @@ import yaml
 from .data import check_count
 from .errors import LowbitError
 from .arch.moe import EXPERT_PATTERN, is_router
-from .spec import KQUANT_FALLBACKS, KQUANT_SPECS, KQUANT_SUPER, QuantSpec, Scheme, parse_scheme
+from .spec import KQUANT_FALLBACKS, GGUF_GRID_SPECS, KQUANT_SUPER, QuantSpec, Scheme, parse_scheme
 
 DEFAULT_EXCLUDE = ("lm_head",)
 KV_PROJECTIONS = ("k_proj", "v_proj")  # linears whose outputs are the KV cache
@@ -262,7 +262,7 @@ def kquant_fallback(spec: QuantSpec, shape: tuple[int, int], reason: str) -> tup
     asked = spec.gguf_grid
     if spec.gguf_grid.endswith("_k") and shape[1] % KQUANT_SUPER:
         grid = KQUANT_FALLBACKS[spec.gguf_grid]
-        spec, reason = KQUANT_SPECS[grid], f"{reason}; {shape[1]} columns are not whole {spec.gguf_grid.upper()} " \
+        spec, reason = GGUF_GRID_SPECS[grid], f"{reason}; {shape[1]} columns are not whole {spec.gguf_grid.upper()} " \
                                           f"super-blocks: {grid.upper()}"
     if shape[1] % 32:
         held = asked if asked == spec.gguf_grid else f"{asked} blocks nor its {spec.gguf_grid} fallback"

@@ -46,7 +46,7 @@ class QuantSpec:
     # and floor + 1); every rule gives valid MX data, decoders do not care
     scale_rule: str = "even"
     subblock_size: int = 0  # block floating point with shared microexponents (MX6/MX9): 1-bit shift per sub-block
-    # one of llama.cpp's block grids (KQUANT_SPECS): K-quants q2_k .. q6_k (group scales and mins are themselves
+    # one of llama.cpp's block grids (GGUF_GRID_SPECS): K-quants q2_k .. q6_k (group scales and mins are themselves
     # integers under float16 scales per 256 columns) or legacy q4_0 .. q8_0 (float16 scale and min per 32), so
     # the GGUF export holds the codes exactly
     gguf_grid: str = ""
@@ -87,9 +87,9 @@ class QuantSpec:
             self._check_gguf_grid()
 
     def _check_gguf_grid(self) -> None:
-        layout = KQUANT_LAYOUTS.get(self.gguf_grid)
+        layout = GGUF_GRID_LAYOUTS.get(self.gguf_grid)
         if layout is None:
-            raise LowbitError(f"unknown GGUF grid {self.gguf_grid!r}; use one of {', '.join(KQUANT_LAYOUTS)}")
+            raise LowbitError(f"unknown GGUF grid {self.gguf_grid!r}; use one of {', '.join(GGUF_GRID_LAYOUTS)}")
         bits, group, symmetric = layout
         if (self.kind, self.bits, self.group_size, self.symmetric, self.signed, self.granularity, self.scale_dtype,
                 self.dynamic) != ("int", bits, group, symmetric, symmetric, "group", "float32", False):
@@ -259,17 +259,17 @@ _FLOAT_NAMES = {
 
 # llama.cpp's block grids (formats/gguf_grid): code bits, block (sub-block) size and symmetry as in ggml's
 # block_qN_K (K-quants, 256-column super-blocks) and block_qN_0 / block_qN_1 (legacy blocks of 32)
-KQUANT_LAYOUTS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q5_k": (5, 32, False),
+GGUF_GRID_LAYOUTS = {"q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q5_k": (5, 32, False),
                   "q6_k": (6, 16, True), "q4_0": (4, 32, True), "q4_1": (4, 32, False), "q5_0": (5, 32, True),
                   "q5_1": (5, 32, False), "q8_0": (8, 32, True)}
-KQUANT_SPECS = {name: QuantSpec(kind="int", bits=bits, signed=sym, symmetric=sym, granularity="group",
+GGUF_GRID_SPECS = {name: QuantSpec(kind="int", bits=bits, signed=sym, symmetric=sym, granularity="group",
                                 group_size=group, gguf_grid=name)
-                for name, (bits, group, sym) in KQUANT_LAYOUTS.items()}
+                for name, (bits, group, sym) in GGUF_GRID_LAYOUTS.items()}
 KQUANT_SUPER = 256  # columns per super-block
 # What a linear whose width is not a multiple of 256 gets instead of a K-quant: llama.cpp's fallback type's grid
 # (Q5_0, Q5_1, Q8_0; Q4_0 for Q2_K / Q3_K, as llama.cpp's quantizer falls back)
 KQUANT_FALLBACKS = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-_KQUANT_NAMES = {f"w_{k}": k for k in KQUANT_SPECS}
+_KQUANT_NAMES = {f"w_{k}": k for k in GGUF_GRID_SPECS}
 # llama.cpp's K-quant file mixes (exporters/gguf_mixes.MIXES) as schemes: gguf_q4_k_m quantizes every linear onto
 # the grid llama-quantize would give its tensor in a Q4_K_M file (gguf_mix.with_gguf_mix), so the export
 # of that mix holds the codes exactly; the scheme's weight spec is the mix's base type
@@ -351,7 +351,7 @@ def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
         if group_size is not None:
             raise LowbitError(f"--group-size {group_size} given with {name!r}, whose sub-blocks are fixed; "
                               f"drop --group-size")
-        return Scheme(key, KQUANT_SPECS[_KQUANT_NAMES[key] if key in _KQUANT_NAMES else _MIX_SCHEMES[key][:4]])
+        return Scheme(key, GGUF_GRID_SPECS[_KQUANT_NAMES[key] if key in _KQUANT_NAMES else _MIX_SCHEMES[key][:4]])
     m = _INT_RE.match(key)
     if not m:
         close = difflib.get_close_matches(key, scheme_names(), n=3)

@@ -202,3 +202,17 @@ def onnx_tiny(tmp_path_factory, tokenizer_dir):
         out[kind] = (hf, builder_export(hf, base / "onnx"))
     return out
 
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory, tokenizer_dir):
+    """family name (tests/families.py) -> the folder of its tiny float32 model, made on first use."""
+    from .families import make_family
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = make_family(name, tmp_path_factory.mktemp(f"family-{name.replace('.', '_')}"), tokenizer_dir)
+        return made[name]
+    return get

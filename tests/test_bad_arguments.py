@@ -32,7 +32,8 @@ def _count_options():
 def _argv(command, model, out):
     return {"quantize": ["quantize", model, "-o", out, *RTN], "eval": ["eval", model],
             "bench": ["bench", model], "compare": ["compare", model, "-o", out],
-            "export": ["export", model, "-f", "awq", "-o", out], "inspect": ["inspect", model]}[command]
+            "export": ["export", model, "-f", "awq", "-o", out], "inspect": ["inspect", model],
+            "generate": ["generate", model, "x"], "chat": ["chat", model]}[command]
 
 
 def test_every_count_option_is_checked():

@@ -35,7 +35,7 @@ from .recipe import (DEFAULT_CALIBRATION, DEFAULT_EXCLUDE, AlgoStep, Override, R
 from .arch.moe import EXPERT_PATTERN
 from .spec import gguf_mix, parse_kv_cache_dtype, parse_scheme
 
-RUNTIMES = ("torch", "llama.cpp", "onnxruntime-genai")  # torch: ONNX models run in onnxruntime
+RUNTIMES = ("torch", "llama.cpp", "onnxruntime-genai", "auto")  # torch: ONNX models run in onnxruntime
 
 
 def make_recipe(scheme: str = "w_uint4_per_group_asym", group_size: int | None = None, algo: str = "rtn",
@@ -321,6 +321,11 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         check_count("--max-chunks", max_chunks)
     if runtime not in RUNTIMES:
         raise LowbitError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        runtime = auto_runtime(model, torch_only=stream or offload_dir is not None or dtype not in (EVAL_DTYPE,
+                                                                                                     "float32"))
+    if runtime == "llama.cpp" and str(model) == DEMO:
+        model = demo_gguf()
     if runtime == "onnxruntime-genai" and not is_onnx_model(model):
         raise LowbitError(f"--runtime onnxruntime-genai runs an ONNX folder with genai_config.json; {model} is not one")
     _check_stream_options(model, runtime, stream, offload_dir)
@@ -348,7 +353,27 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         "scheme": (loaded.quantization_config or {}).get("scheme"), "load_seconds": round(load_s, 3),
         "dtype": str(loaded.dtype).replace("torch.", ""), "streamed": streamed, "peak_rss_bytes": peak_rss_bytes(),
     })
+    if hasattr(loaded.ckpt, "stored_types"):  # a GGUF file: what it stores, dequantized here
+        result["gguf_types"] = loaded.ckpt.stored_types()
     return result
+
+
+def auto_runtime(model, torch_only: bool = False) -> str:
+    """Where `lowbit eval` runs a model by default: a GGUF file (and `demo`) in llama.cpp, the runtime it is made
+    for, when llama-cpp-python is installed and no torch-only option (`torch_only`: --dtype, --stream,
+    --offload-dir) is given; otherwise, and for every other model, "torch" (ONNX models: onnxruntime). A GGUF
+    measured in torch is said so, once, on stderr."""
+    import importlib.util
+
+    path = str(model)
+    if path != DEMO and not path.lower().endswith(".gguf"):
+        return "torch"
+    if not torch_only and importlib.util.find_spec("llama_cpp") is not None:
+        return "llama.cpp"
+    why = "a torch-only option is given" if torch_only else "llama-cpp-python is not installed"
+    log(f"note: {path} is measured with its weights dequantized in torch, not in llama.cpp ({why}); llama.cpp's "
+        f"own figure differs slightly (pip install llama-cpp-python, or --runtime llama.cpp)")
+    return "torch"
 
 
 def _check_stream_options(model, runtime: str, stream: bool | None, offload_dir) -> None:

@@ -3,6 +3,7 @@ cli_parser.py) and calls lowbit.api."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -13,7 +14,7 @@ import sys
 import threading
 
 from .cli_parser import build_parser
-from . import parallel
+from . import parallel, peer_flags
 from .errors import LowbitError
 from .onnx.options import ONNX_ONLY, normalize_modelopt_args, onnx_options
 from .recipe import DEFAULT_CALIBRATION
@@ -43,6 +44,8 @@ def _export_options(args) -> dict:
         out["onnx"]["accuracy_level"] = args.accuracy_level
     if args.quantize_embedding is not None:
         out["onnx"]["quantize_embedding"] = args.quantize_embedding
+    if getattr(args, "onnx_dtype", None):
+        out["onnx"]["dtype"] = args.onnx_dtype
     return out
 
 
@@ -94,6 +97,9 @@ def cmd_quantize(args) -> int:
     if launched is not None:
         return launched
     parallel.join(args.device)  # under torchrun: joined first, so that every refusal below is agreed on
+    reload = peer_flags.apply(args)
+    if reload is not None:
+        return _reload(args, reload)
     modelopt_form = normalize_modelopt_args(args)
     if args.model is None:
         raise LowbitError("quantize needs a MODEL (a Hugging Face folder, .gguf file, `demo` or an ONNX model)")
@@ -105,6 +111,10 @@ def cmd_quantize(args) -> int:
         raise LowbitError("quantize needs --scheme NAME (e.g. --scheme w_uint4_per_group_asym) or --recipe FILE")
     if args.output is None:
         raise LowbitError("quantize needs an output folder: -o OUT")
+    if args.tasks:
+        from .eval.tasks import check_tasks
+
+        check_tasks(args.tasks, args.task_dir)  # before any work
     onnx = None
     if api.is_onnx_model(args.model):
         if args.export:
@@ -135,6 +145,34 @@ def cmd_quantize(args) -> int:
         print(f"perplexity: {s['perplexity']['perplexity']:.4f} over {s['perplexity']['windows']} windows")
     for name, path in s.get("exports", {}).items():
         print(f"exported {name}: {path}")
+    if args.tasks:
+        _tasks_of(args, result.output)
+    return 0
+
+
+def _tasks_of(args, model) -> None:
+    """lm-eval --tasks of a quantized output (Neural Compressor's --accuracy --tasks), printed."""
+    from .eval.tasks import evaluate_tasks
+
+    result = evaluate_tasks(model, args.tasks, runtime="torch", task_dir=args.task_dir,
+                            num_fewshot=args.num_fewshot, limit=args.limit, dtype="float32")
+    print(to_json(result) if args.json else format_tasks(model, result))
+
+
+def _reload(args, reload) -> int:
+    """Quark's --model_reload --import_model_dir DIR: export and evaluate that folder instead of quantizing."""
+    from . import api
+
+    if not os.path.isdir(reload.folder):
+        raise LowbitError(f"--import_model_dir {reload.folder} is not a folder; give a lowbit output folder")
+    if reload.exports and args.output is None:
+        raise LowbitError("--model_export with --model_reload writes beside an output: give -o OUT")
+    for fmt in reload.exports:
+        out = f"{args.output}.gguf" if fmt == "gguf" else f"{args.output}-{fmt}"
+        print(f"wrote {api.export(reload.folder, out, fmt, overwrite=args.overwrite, quiet=args.json)} ({fmt})")
+    if reload.evaluate:
+        args.model, args.batch_size = reload.folder, 4  # the evaluation batch, as --skip-quantization
+        return cmd_eval(args)
     return 0
 
 
@@ -156,7 +194,8 @@ def cmd_eval(args) -> int:
     if tasks:
         from .eval.tasks import evaluate_tasks
 
-        task_result = evaluate_tasks(args.model, tasks, runtime=getattr(args, "runtime", "torch"),
+        runtime = getattr(args, "runtime", "torch")
+        task_result = evaluate_tasks(args.model, tasks, runtime="torch" if runtime == "auto" else runtime,
                                      task_dir=args.task_dir, num_fewshot=args.num_fewshot, limit=args.limit,
                                      dtype=getattr(args, "dtype", "float32"))
         result = {**task_result, **result, "tasks": task_result["tasks"]}
@@ -177,6 +216,8 @@ def _print_perplexity(model, dataset: str, result: dict) -> None:
               f"size {_fmt_size(result['size_bytes'])}")
     else:
         kind = f"quantized, {result['scheme']}" if result["quantized"] else "float"
+        if result.get("gguf_types"):
+            kind = f"GGUF {result['gguf_types']}, dequantized in torch"
         print(f"{model} ({kind}): perplexity {result['perplexity']:.4f} on {dataset} in {result['dtype']} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['tokens']} predicted tokens); "
               f"size {_fmt_size(result['size_bytes'])}, {result['parameters'] / 1e6:.1f} M parameters"
@@ -220,12 +261,14 @@ def cmd_compare(args) -> int:
     speed_args = {**_speed_args(args), "runtime": args.runtime}
     rows = compare(args.models, dataset=dataset, seq_len=args.seq_len, max_chunks=args.max_chunks, tasks=args.tasks,
                    task_dir=args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot, speed=not args.no_speed,
-                   speed_args=speed_args, onnx_runtime=args.onnx_runtime, progress=not args.no_progress)
+                   speed_args=speed_args, onnx_runtime=args.onnx_runtime, progress=not args.no_progress,
+                   prompts=args.prompts, max_new_tokens=args.max_new_tokens)
     meta = {"command": "lowbit " + shlex.join(args.argv),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
             "lowbit_version": __version__, "python": platform.python_version(), "dataset": dataset,
             "seq_len": args.seq_len, "max_chunks": args.max_chunks, "tasks": args.tasks, "limit": args.limit,
-            "num_fewshot": args.num_fewshot, "speed": None if args.no_speed else speed_args}
+            "num_fewshot": args.num_fewshot, "speed": None if args.no_speed else speed_args,
+            "prompts": args.prompts, "max_new_tokens": args.max_new_tokens if args.prompts else None}
     paths = write_report(rows, args.output, meta=meta, overwrite=args.overwrite)
     if args.json:
         print(to_json({"rows": rows, "files": {k: str(v) for k, v in paths.items()}}))
@@ -332,7 +375,11 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # a peer tool's flag gets lowbit's equivalent, a misspelling the nearest flag
+            command = _command_parser(parser, args.command)
+            command.error(peer_flags.answer(unknown, [s for s in command._option_string_actions if s[:2] == "--"])
+                          or f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version, or a usage error already printed on one line
         return exc.code if isinstance(exc.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -372,6 +419,13 @@ def _main(argv=None) -> int:
     finally:
         for sig, old in handlers.items():
             signal.signal(sig, old)
+
+
+def _command_parser(parser, command: str | None):
+    """The parser of a command (the top parser without one)."""
+    if command is None:
+        return parser
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 
 
 def _fail(message: str, code: int, agree: bool = True) -> int:
@@ -431,8 +485,25 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}; nothing was written (an unfinished output is removed)"
 
 
+def cmd_generate(args) -> int:
+    from .eval.generate import Sampling, run_generate
+
+    return run_generate(args.model, args.prompt, prompts_file=args.prompts, runtime=args.runtime,
+                        sampling=Sampling.from_args(args), chat_template=not args.no_chat_template,
+                        system=args.system, as_json=args.json, threads=args.threads)
+
+
+def cmd_chat(args) -> int:
+    from .eval.chat import run_chat
+    from .eval.generate import Sampling
+
+    return run_chat(args.model, runtime=args.runtime, sampling=Sampling.from_args(args), system=args.system,
+                    threads=args.threads)
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export,
-            "bench": cmd_bench, "compare": cmd_compare, "imatrix": cmd_imatrix}
+            "bench": cmd_bench, "compare": cmd_compare, "imatrix": cmd_imatrix, "generate": cmd_generate,
+            "chat": cmd_chat}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import argparse
 from .argtypes import MAX_SEED, count, positive_number
 from .exporters.formats import NAMES as EXPORT_NAMES, help_text as get_format_help
 from .onnx.options import add_onnx_args
+from .peer_flags import add_peer_args
 from .recipe import DEFAULT_CALIBRATION
 
 EPILOG_SCHEMES = ("schemes: w_{int|uint}{2..8}_per_{tensor|channel|group}_{sym|asym} (e.g. w_uint4_per_group_asym, "
@@ -66,12 +67,15 @@ def _add_export_options(p) -> None:
                         "1 fp32, 2 fp16, 3 bf16, 4 int8) [default: 0, unset]")
     p.add_argument("--quantize-embedding", type=int, default=None, choices=[4, 8], metavar="BITS",
                    help="onnx: store the embedding table with BITS-bit blocks (GatherBlockQuantized) [default: float]")
+    p.add_argument("--onnx-dtype", "--onnx_dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="onnx: the float type of activations, logits, KV cache, norms, tables and MatMulNBits scales "
+                        "(bfloat16 is refused: onnxruntime's CPU kernels lack it) [default: float32]")
 
 
-def _add_task_args(p) -> None:
+def _add_task_args(p, after: str = "also (or, without --dataset, only) measure") -> None:
     p.add_argument("--tasks", default=None, metavar="TASKS",
-                   help="also (or, without --dataset, only) measure lm-eval-harness task accuracy: comma-separated "
-                        "task names (lambada_openai,hellaswag) or task YAML files; needs pip install lm_eval")
+                   help=f"{after} lm-eval-harness task accuracy: comma-separated task names "
+                        f"(lambada_openai,hellaswag) or task YAML files; needs pip install lm_eval")
     p.add_argument("--task-dir", "--task_dir", "--include-path", "--include_path", default=None, metavar="DIR",
                    help="a folder of extra lm-eval task YAML files (local datasets for offline use; see README)")
     p.add_argument("--num-fewshot", "--num_fewshot", type=count(0), default=None, help="lm-eval few-shot examples")
@@ -112,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_imatrix_parser(sub)
     _add_inspect_parser(sub)
+    _add_generate_parser(sub)
+    _add_chat_parser(sub)
     return parser
 
 
@@ -163,10 +169,12 @@ def _add_quantize_parser(sub) -> None:
     _add_export_options(q)
     _add_scale_args(q)
     add_onnx_args(q)
+    add_peer_args(q)
     q.add_argument("--eval", action="store_true", help="after quantizing, measure perplexity of the result")
     q.add_argument("--skip-quantization", "--skip_quantization", action="store_true",
                    help="do not quantize: evaluate the float model on --dataset and exit")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_task_args(q, after="after quantizing, measure")
     q.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -206,10 +214,11 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--batch-size", "--batch_size", type=count(1), default=4, help="windows per forward [default: 4]")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype; auto = as stored [default: float32, so copies of one model agree]")
-    e.add_argument("--runtime", default="torch", choices=["torch", "llama.cpp", "onnxruntime-genai"],
+    e.add_argument("--runtime", default="auto", choices=["auto", "torch", "llama.cpp", "onnxruntime-genai"],
                    help="torch (any source, dequantized; ONNX models run in onnxruntime), llama.cpp (a .gguf file "
-                        "run by llama-cpp-python) or onnxruntime-genai (an ONNX folder with genai_config.json) "
-                        "[default: torch]")
+                        "run by llama-cpp-python) or onnxruntime-genai (an ONNX folder with genai_config.json); "
+                        "auto: llama.cpp for .gguf files and demo when llama-cpp-python is installed (and no "
+                        "--dtype/--stream/--offload-dir is given), else torch, saying so [default: auto]")
     stream = e.add_mutually_exclusive_group()
     stream.add_argument("--stream", dest="stream", action="store_true", default=None,
                         help="torch perplexity one decoder block in memory at a time (the same figure) [default: "
@@ -250,6 +259,10 @@ def _add_compare_parser(sub) -> None:
                    help="where ONNX models are evaluated (speed always uses onnxruntime-genai for ONNX folders) "
                         "[default: onnxruntime]")
     c.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    c.add_argument("--prompts", default=None, metavar="FILE",
+                   help="also show each model's greedy answers to these prompts side by side (one per line, or a "
+                        ".jsonl of {\"prompt\": ...}), through its chat template when it has one")
+    c.add_argument("--max-new-tokens", type=count(1), default=64, help="tokens per answer to --prompts [default: 64]")
     _add_speed_args(c)
     c.add_argument("--overwrite", action="store_true", help="replace an existing report in the folder")
     c.add_argument("--json", action="store_true", help="print the rows as one JSON object")
@@ -299,3 +312,52 @@ def _add_inspect_parser(sub) -> None:
     i.add_argument("model", help="Hugging Face folder, .gguf file, `demo`, or a lowbit output folder")
     _add_recipe_args(i, required=False)
     i.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+GENERATE_MODEL_HELP = ("Hugging Face folder, lowbit output folder, compressed-tensors folder (torch), an ONNX folder with "
+                       "genai_config.json (onnxruntime-genai), a .gguf file or `demo` (llama.cpp)")
+
+
+def _add_sampling_args(p) -> None:
+    """Runtime, sampling and prompt-format options shared by generate and chat."""
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "llama.cpp", "onnxruntime-genai"],
+                   help="auto = onnxruntime-genai for ONNX folders, llama.cpp for .gguf files and demo (torch when "
+                        "llama-cpp-python is missing), torch otherwise; torch runs a .gguf file dequantized "
+                        "[default: auto]")
+    p.add_argument("--max-new-tokens", type=count(1), default=128, help="tokens per answer at most [default: 128]")
+    p.add_argument("--do-sample", action="store_true", help="sample (the runtime's own sampler) instead of greedy")
+    p.add_argument("--temperature", type=positive_number, default=1.0, help="with --do-sample [default: 1.0]")
+    p.add_argument("--top-p", type=positive_number, default=1.0, help="with --do-sample: nucleus mass [default: 1.0]")
+    p.add_argument("--top-k", type=count(1), default=50, help="with --do-sample: the k likeliest tokens [default: 50]")
+    p.add_argument("--seed", type=count(0, MAX_SEED), default=None, help="sampling seed [default: random]")
+    p.add_argument("--repetition-penalty", type=positive_number, default=1.0,
+                   help="divide repeated tokens' logits by this (1 = none) [default: 1.0]")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system turn before the conversation")
+    p.add_argument("--threads", type=count(1), default=None, help="CPU threads [default: the runtime's]")
+
+
+def _add_generate_parser(sub) -> None:
+    """The `generate` command: answers to prompts, streamed, in the model's own runtime."""
+    g = sub.add_parser("generate", help="generate text from prompts in the model's runtime",
+                       description="Answer each PROMPT (none: --prompts FILE, else stdin, one prompt per line) with "
+                                   "MODEL in the runtime it belongs to, streaming the text as it is produced; a "
+                                   "prompt is one user turn of the model's chat template when it has one. Greedy "
+                                   "unless --do-sample.")
+    g.add_argument("model", help=GENERATE_MODEL_HELP)
+    g.add_argument("prompt", nargs="*", help="prompts, one per argument")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="read the prompts from FILE: one per line, or a .jsonl of {\"prompt\": ...} objects")
+    g.add_argument("--no-chat-template", action="store_true", help="feed each prompt's text as it is")
+    _add_sampling_args(g)
+    g.add_argument("--json", action="store_true",
+                   help="one JSON object per prompt (prompt, output, tokens, runtime, seconds), no streaming")
+
+
+def _add_chat_parser(sub) -> None:
+    """The `chat` command: a conversation over stdin."""
+    c = sub.add_parser("chat", help="chat with a model (multi-turn, through its chat template)",
+                       description="Read user turns from stdin, one per line, and stream each answer; the "
+                                   "conversation goes through the model's chat template. /reset clears the "
+                                   "history, /exit or end of input ends.")
+    c.add_argument("model", help=GENERATE_MODEL_HELP)
+    _add_sampling_args(c)

@@ -30,6 +30,9 @@ HF_DATASETS = {
             "eval": {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}}}),
     "cnn_dailymail": ("abisee/cnn_dailymail", "3.0.0", {"calib": "train", "eval": "test"}, "article", {}),
 }
+# the peers' names for the same texts (Quark's llm_ptq example: pileval_for_awq_benchmark, ...)
+ALIASES = {"pileval_for_awq_benchmark": "pileval", "wikitext_for_gptq_benchmark": "wikitext2",
+           "wikitext": "wikitext2", "wikitext-2-raw-v1": "wikitext2", "pile-val": "pileval"}
 _MAX_DATASET_CHARS = 4_000_000  # enough text for any calibration/evaluation run; avoids joining all of C4
 
 
@@ -50,6 +53,8 @@ def load_text(source: str, purpose: str = "eval") -> str:
         raise ValueError(f"purpose must be calib or eval, got {purpose!r}")
     if source == BUILTIN:
         return _pydoc_text(purpose)
+    if source in ALIASES and not Path(source).exists():
+        source = ALIASES[source]
     if source in HF_DATASETS:
         return _hf_text(source, purpose)
     path = Path(source)

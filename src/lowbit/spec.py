@@ -354,7 +354,7 @@ def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
         return Scheme(key, GGUF_GRID_SPECS[_KQUANT_NAMES[key] if key in _KQUANT_NAMES else _MIX_SCHEMES[key][:4]])
     m = _INT_RE.match(key)
     if not m:
-        close = difflib.get_close_matches(key, scheme_names(), n=3)
+        close = [s] if (s := lowbit_spelling(key)) else difflib.get_close_matches(key, scheme_names(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise LowbitError(f"unknown scheme {name!r}{hint}; valid schemes: {scheme_grammar()}")
     gran = m["gran"]
@@ -373,3 +373,45 @@ def parse_scheme(name: str, group_size: int | None = None) -> Scheme:
         act = QuantSpec(kind="int", bits=int(m["abits"]), signed=m["a"] == "int", symmetric=sym,
                         granularity="tensor", group_size=None)
     return Scheme(key, weight, act)
+
+
+_ALGO_WORDS = ("awq", "gptq", "rtn", "autoround")
+
+
+def lowbit_spelling(key: str) -> str | None:
+    """lowbit's spelling of an integer scheme named as other tools name it (w_int4_g128, int4_awq, w4a16_g128,
+    uint4_asym_gs64, w8a8): the scheme, and --group-size / --algo when the name carries them; None when the
+    name does not read as one."""
+    bits = abits = group = signed = sym = gran = None
+    algo = []
+    for t in (t for t in re.split(r"[_\-]", key.lower()) if t and t not in ("w", "per", "weight", "only")):
+        if m := re.fullmatch(r"(u?)int(\d)", t):
+            signed, bits = not m[1], int(m[2])
+        elif m := re.fullmatch(r"w(\d)(?:a(\d+))?", t):
+            bits, abits = int(m[1]), int(m[2]) if m[2] else abits
+        elif m := re.fullmatch(r"a(\d+)", t):
+            abits = int(m[1])
+        elif m := re.fullmatch(r"(?:g|gs|group|groupsize|group(?:_)?size)(\d+)", t):
+            group = int(m[1])
+        elif t in ("sym", "asym"):
+            sym = t == "sym"
+        elif t in ("channel", "perchannel", "pc", "tensor", "group"):
+            gran = "tensor" if t == "tensor" else "group" if t == "group" else "channel"
+        elif t in _ALGO_WORDS:
+            algo.append(t)
+        else:
+            return None
+    if bits is None or not 2 <= bits <= 8:
+        return None
+    sym = (signed is not False) if sym is None else sym
+    signed = sym if signed is None else signed
+    gran = gran or ("group" if group or bits < 8 else "channel")
+    name = f"w_{'int' if signed else 'uint'}{bits}_per_{gran}_{'sym' if sym else 'asym'}"
+    if abits == 8:
+        name = f"w_int8_a_int8_per_{'channel' if gran == 'channel' else 'tensor'}_sym" if bits == 8 else ""
+    elif abits not in (None, 16, 32):
+        return None
+    if name not in scheme_names():
+        return None
+    extra = f" --group-size {group}" if group and gran == "group" else ""
+    return name + extra + (f" --algo {','.join(algo)}" if algo else "")

@@ -49,8 +49,8 @@ def _check_models(models: list[tuple[str, str]]) -> None:
 
 def measure_model(name: str, path: str, *, dataset: str | None, seq_len: int, max_chunks: int | None, tasks,
                   task_dir, limit, num_fewshot, speed: bool, speed_args: dict, onnx_runtime: str,
-                  progress: bool) -> dict:
-    """One report row: perplexity, tasks, speed, size and per-layer errors of one model."""
+                  progress: bool, prompts: list[str] | None = None, max_new_tokens: int = 64) -> dict:
+    """One report row: perplexity, tasks, speed, size, per-layer errors and greedy answers of one model."""
     from ..api import evaluate
     from ..runtimes import is_onnx_model
 
@@ -74,6 +74,10 @@ def measure_model(name: str, path: str, *, dataset: str | None, seq_len: int, ma
         row.update(prefill_tokens_per_s=result["prefill_tokens_per_s"]["median"],
                    decode_tokens_per_s=result["decode_tokens_per_s"]["median"], speed=result,
                    peak_rss_bytes=result["peak_rss_bytes"], speed_runtime=result["runtime"])
+    if prompts:
+        from .generate import generate_answers
+
+        row["answers"] = generate_answers(path, prompts, max_new_tokens)  # in the model's own runtime
     if row.get("size_bytes") is None:
         from .speed import size_on_disk
 
@@ -95,13 +99,21 @@ def _fill_bits_per_weight(rows: list[dict]) -> None:
 
 def compare(models, *, dataset: str | None = "pydoc", seq_len: int = 512, max_chunks: int | None = None,
             tasks=None, task_dir=None, limit=None, num_fewshot=None, speed: bool = True, speed_args=None,
-            onnx_runtime: str = "onnxruntime", progress: bool = True) -> list[dict]:
-    """Rows of measurements of models (paths or NAME=PATH strings), the first one the reference."""
+            onnx_runtime: str = "onnxruntime", progress: bool = True, prompts=None,
+            max_new_tokens: int = 64) -> list[dict]:
+    """Rows of measurements of models (paths or NAME=PATH strings), the first one the reference. prompts (a file
+    path or a list): each model's greedy answers (at most max_new_tokens tokens) go into its row's "answers"."""
     pairs = [parse_model_arg(m) if isinstance(m, str) else tuple(m) for m in models]
     if len(pairs) < 1:
         raise LowbitError("compare needs at least one model")
-    if dataset is None and not tasks and not speed:
-        raise LowbitError("nothing to measure: give --dataset, --tasks, or leave speed on")
+    if isinstance(prompts, (str, Path)):
+        from .generate import read_prompts
+
+        prompts = read_prompts(prompts)
+        if not prompts:
+            raise LowbitError("the --prompts file holds no prompt; write one prompt per line")
+    if dataset is None and not tasks and not speed and not prompts:
+        raise LowbitError("nothing to measure: give --dataset, --tasks, --prompts, or leave speed on")
     if onnx_runtime not in ("onnxruntime", "onnxruntime-genai"):
         raise LowbitError(f"ONNX models run in onnxruntime or onnxruntime-genai, not {onnx_runtime!r}")
     _check_models(pairs)
@@ -114,6 +126,7 @@ def compare(models, *, dataset: str | None = "pydoc", seq_len: int = 512, max_ch
         print(f"[compare] {name}: {path}", file=sys.stderr, flush=True)
         rows.append(measure_model(name, path, dataset=dataset, seq_len=seq_len, max_chunks=max_chunks, tasks=tasks,
                                   task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, speed=speed,
-                                  speed_args=speed_args or {}, onnx_runtime=onnx_runtime, progress=progress))
+                                  speed_args=speed_args or {}, onnx_runtime=onnx_runtime, progress=progress,
+                                  prompts=prompts, max_new_tokens=max_new_tokens))
     _fill_bits_per_weight(rows)
     return rows

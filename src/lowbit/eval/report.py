@@ -2,7 +2,8 @@
 compare.json, compare.png and compare.html written side by side.
 
 Each model is one row dict (name, model, runtime, scheme, size_bytes, parameters, bits_per_weight, perplexity,
-dataset, tasks, prefill_tokens_per_s, decode_tokens_per_s, peak_rss_bytes, layer_errors). Any value may be None
+dataset, tasks, prefill_tokens_per_s, decode_tokens_per_s, peak_rss_bytes, layer_errors, answers: greedy answers
+to --prompts, shown side by side). Any value may be None
 or missing: the report shows "-" for it and plots only what was measured. The first row is the reference that
 the changes (perplexity in %, task metrics in points) are taken against.
 """
@@ -179,7 +180,32 @@ def format_table(rows: list[dict]) -> str:
 
     lines = [line([c.header for c in columns]), "  ".join("-" * w for w in widths)]
     lines += [line([c.cells[i] for c in columns]) for i in range(len(rows))]
-    return "\n".join(lines + [CHANGES_NOTE])
+    return "\n".join(lines + [CHANGES_NOTE] + _answer_lines(rows))
+
+
+def answer_prompts(rows: list[dict]) -> list[str]:
+    """The prompts the rows' greedy answers ("answers": [{"prompt", "output", ...}]) reply to, [] without any."""
+    return next(([a["prompt"] for a in r["answers"]] for r in rows if r.get("answers")), [])
+
+
+def _answer(row: dict, index: int) -> str:
+    answers = row.get("answers") or []
+    return answers[index]["output"] if index < len(answers) else MISSING
+
+
+def _answer_lines(rows: list[dict], width: int = 72) -> list[str]:
+    """The first prompt's answers, one line per model, cut to `width` characters."""
+    prompts = answer_prompts(rows)
+    if not prompts:
+        return []
+
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 3] + "..."
+    names = [_label(r, i) for i, r in enumerate(rows)]
+    more = f" (all {len(prompts)} prompts in the report)" if len(prompts) > 1 else ""
+    return [f"answers to {cut(repr(prompts[0]))}{more}:"] + [
+        f"  {n:<{max(map(len, names))}}  {cut(_answer(r, 0))}" for n, r in zip(names, rows)]
 
 
 # -- the figure ----------------------------------------------------------------------------------------------
@@ -366,6 +392,7 @@ th { background: #f0f0f0; text-align: center; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr:first-child td { background: #fafafa; }
 img { max-width: 100%; height: auto; border: 1px solid #ddd; margin-top: 0.5em; }
+table.answers td { white-space: pre-wrap; vertical-align: top; max-width: 30em; }
 p.note { font-size: 0.85em; color: #666; }
 """.strip()
 
@@ -391,6 +418,16 @@ def _details_table(rows: list[dict]) -> str:
                      + [_fmt(params, 0), str(row.get("dataset") or MISSING),
                         _fmt(None if rss is None else rss / MIB, 1)])
     return _html_table(headers, cells, [False, False, False, False, True, False, True])
+
+
+def _answers_section(rows: list[dict]) -> str:
+    """Each prompt with every model's greedy answer beside it (escaped), or nothing when none was asked for."""
+    prompts = answer_prompts(rows)
+    if not prompts:
+        return ""
+    cells = [[p] + [_answer(r, i) for r in rows] for i, p in enumerate(prompts)]
+    table = _html_table(["prompt"] + [_label(r, i) for i, r in enumerate(rows)], cells, [False] * (len(rows) + 1))
+    return "<h2>Answers (greedy)</h2>\n" + table.replace("<table>", '<table class="answers">', 1)
 
 
 def _meta_list(meta: dict) -> str:
@@ -427,6 +464,7 @@ def render_html(rows: list[dict], png: bytes, title: str = "lowbit compare", met
 {table}
 <p class="note">{html.escape(CHANGES_NOTE)}</p>
 <img src="data:image/png;base64,{image}" alt="{html.escape(title)}: quality vs size and per-layer error">
+{_answers_section(rows)}
 <h2>Models</h2>
 {_details_table(rows)}
 </body>

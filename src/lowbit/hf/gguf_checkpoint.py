@@ -212,3 +212,14 @@ class GGUFCheckpoint:
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size
+
+    def stored_types(self) -> str:
+        """The GGML types of the file's matrices, most weights first (e.g. "Q4_K, Q6_K")."""
+        from gguf import GGMLQuantizationType
+
+        counts: dict[str, int] = {}
+        for _, kind, _, _, _, shape in self._tensors.values():
+            if len(shape) >= 2:
+                name = GGMLQuantizationType(kind).name
+                counts[name] = counts.get(name, 0) + int(np.prod(shape))
+        return ", ".join(sorted(counts, key=counts.get, reverse=True))

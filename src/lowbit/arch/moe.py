@@ -21,6 +21,11 @@ _ALIASES = [(re.compile(r"\.mlp\.experts\.(\d+)\.gate_proj\."), r".block_sparse_
             (re.compile(r"\.mlp\.experts\.(\d+)\.up_proj\."), r".block_sparse_moe.experts.\1.w3."),
             (re.compile(r"\.mlp\.experts\.(\d+)\.down_proj\."), r".block_sparse_moe.experts.\1.w2."),
             (re.compile(r"\.mlp\.gate\.weight$"), r".block_sparse_moe.gate.weight")]
+# lowbit's names of Mixtral's experts and router -> the checkpoint names that transformers, vLLM and AutoAWQ read
+_MIXTRAL_NAMES = [(re.compile(r"\.mlp\.experts\.(\d+)\.gate_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w1"),
+                  (re.compile(r"\.mlp\.experts\.(\d+)\.up_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w3"),
+                  (re.compile(r"\.mlp\.experts\.(\d+)\.down_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w2"),
+                  (re.compile(r"\.mlp\.gate(?=\.|$)"), r".block_sparse_moe.gate")]
 _EXPERT_WEIGHT = re.compile(r"^(?P<base>.*\.experts)\.(?P<j>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
@@ -100,3 +105,14 @@ def read_aliased(name: str, ckpt) -> torch.Tensor | None:
         half = both.shape[0] // 2
         return both[:half] if m["proj"] == "gate" else both[half:]
     return None
+
+
+def checkpoint_name(name: str, model_type: str | None) -> str:
+    """The name an exported checkpoint gives a tensor or module lowbit names `name`: Mixtral's experts and router
+    in Mixtral's own layout (block_sparse_moe.experts.J.w1 / w3 / w2, block_sparse_moe.gate), as its readers
+    expect; every other name as it is."""
+    if model_type != "mixtral":
+        return name
+    for pattern, repl in _MIXTRAL_NAMES:
+        name = pattern.sub(repl, name)
+    return name

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from ..arch.moe import checkpoint_name
 from ..formats import pack_rows
 from ..hf.checkpoint import LazyCheckpoint
 from ..model_files import copy_carried
@@ -94,9 +95,10 @@ def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> 
     kv_scales = _plan_kv_cache(folder.outputs)
     with staged(out, overwrite, [src]) as tmp:
         writer = ShardWriter(tmp)
-        _write_tensors(writer, folder.ckpt, linears, kv_scales)
+        _write_tensors(writer, folder.ckpt, linears, kv_scales, folder.config.get("model_type"))
         writer.close()
-        config["quantization_config"] = _quantization_config(linears, folder.qconfig, bool(kv_scales))
+        config["quantization_config"] = _quantization_config(linears, folder.qconfig, bool(kv_scales),
+                                                             folder.config.get("model_type"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_carried(src, tmp, TOKENIZER_FILES)
     return out
@@ -160,22 +162,26 @@ def _float_args(spec: QuantSpec, bits: int) -> dict:
 # -- writing ------------------------------------------------------------------------------------------
 
 def _write_tensors(writer: ShardWriter, ckpt: LazyCheckpoint, linears: list[LinearExport],
-                   kv_scales: dict[str, tuple[str, str]]) -> None:
-    """Every float tensor as stored, each quantized linear converted, and the KV-cache scales."""
+                   kv_scales: dict[str, tuple[str, str]], model_type: str | None = None) -> None:
+    """Every float tensor as stored, each quantized linear converted, and the KV-cache scales (Mixtral's experts
+    and router under Mixtral's checkpoint names, arch.moe.checkpoint_name)."""
+    def add(name: str, tensor: torch.Tensor) -> None:
+        writer.add(checkpoint_name(name, model_type), tensor)
+
     replaced = {f"{lin.name}.{n}" for lin in linears for n in [*stored_names(lin.spec), "input_scale"]}
     replaced |= {f"{p}.output_scale" for pair in kv_scales.values() for p in pair}
     for name in ckpt.keys():
         if name not in replaced:
-            writer.add(name, ckpt.get(name))
+            add(name, ckpt.get(name))
     for lin in linears:
         stored = {n: ckpt.get(f"{lin.name}.{n}") for n in stored_names(lin.spec)}
         for suffix, tensor in convert_linear(lin, stored).items():
-            writer.add(f"{lin.name}.{suffix}", tensor)
+            add(f"{lin.name}.{suffix}", tensor)
         if lin.inputs is not None:
-            writer.add(f"{lin.name}.input_scale", ckpt.get(f"{lin.name}.input_scale").float().reshape(1))
+            add(f"{lin.name}.input_scale", ckpt.get(f"{lin.name}.input_scale").float().reshape(1))
     for attention, (k_proj, v_proj) in kv_scales.items():
-        writer.add(f"{attention}.k_scale", ckpt.get(f"{k_proj}.output_scale").float().reshape(1))
-        writer.add(f"{attention}.v_scale", ckpt.get(f"{v_proj}.output_scale").float().reshape(1))
+        add(f"{attention}.k_scale", ckpt.get(f"{k_proj}.output_scale").float().reshape(1))
+        add(f"{attention}.v_scale", ckpt.get(f"{v_proj}.output_scale").float().reshape(1))
 
 
 def convert_linear(lin: LinearExport, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,7 +234,8 @@ def pack_int32_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(unsigned >= 1 << 31, unsigned - (1 << 32), unsigned).to(torch.int32)
 
 
-def _quantization_config(linears: list[LinearExport], qconfig: dict, kv_cache: bool) -> dict:
+def _quantization_config(linears: list[LinearExport], qconfig: dict, kv_cache: bool,
+                         model_type: str | None = None) -> dict:
     """config.json's quantization_config: one config group per distinct scheme, targeting modules by name."""
     groups: dict[str, dict] = {}
     for lin in linears:
@@ -236,7 +243,7 @@ def _quantization_config(linears: list[LinearExport], qconfig: dict, kv_cache: b
         if key not in groups:
             groups[key] = {"targets": [], "weights": lin.weights, "input_activations": lin.inputs,
                            "output_activations": None, "format": lin.format}
-        groups[key]["targets"].append(lin.name)
+        groups[key]["targets"].append(checkpoint_name(lin.name, model_type))
     formats = {g["format"] for g in groups.values()}
     return {
         "quant_method": "compressed-tensors",

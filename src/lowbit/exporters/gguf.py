@@ -12,17 +12,18 @@ per-tensor types as llama-quantize chooses them, the float embedding / output qu
 K-quant grids (schemes w_q2_k .. w_q6_k and the mixes gguf_q4_k_m ..., formats/gguf_grid) move exactly; where a mix
 says IQ4_NL and lowbit holds exact Q4_0 codes (the same size), the codes are kept.
 
-Architectures: llama and mistral (llama.cpp's "llama": q/k rows permuted from HF's rotate-half RoPE to
-llama.cpp's adjacent pairs, an exact row move), qwen2 (no permutation; q/k/v biases) and gemma (norm weights
-stored as 1 + w, which is what HF Gemma multiplies by; llama.cpp scales the embeddings by sqrt(hidden)
-itself, as HF does; the output always reuses the embedding). Float tensors keep their stored dtype (norms
-float32), so llama.cpp computes with lowbit's weights. Refused before anything is written: other
-architectures, online rotations (r4), quantized activations or KV cache, in_features not a multiple of 32,
-unsupported RoPE scaling (gguf_meta), and tokenizers llama.cpp cannot take (gguf_vocab).
+Architectures (gguf_archs): llama, mistral, mixtral and granite (q/k rows permuted from HF's rotate-half RoPE to
+llama.cpp's adjacent pairs, an exact row move), qwen2, qwen3, qwen3moe, phi3 and olmo2 (nothing moves), gemma,
+gemma2 and gemma3 (norms stored as 1 + w); experts stacked into one 3-D tensor per layer and projection, of one
+type. Float tensors keep their stored dtype (norms float32), so llama.cpp computes with lowbit's weights. Refused
+before anything is written: other architectures and what llama.cpp would compute otherwise (gguf_archs), online
+rotations (r4), quantized activations or KV cache, in_features not a multiple of 32, unsupported RoPE scaling
+(gguf_meta), and tokenizers llama.cpp cannot take (gguf_vocab).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -41,6 +42,7 @@ from ..spec import QuantSpec
 from .gguf_blocks import exact_type, fallback_type, pack_exact, requantize, row_bytes
 from .gguf_imatrix import read_imatrix
 from .gguf_mixes import MIXES, ModelShape, fallback, mix_types
+from .gguf_archs import ARCHS, Arch, expert_member, get_arch  # noqa: F401 (ARCHS, Arch: gguf_float's)
 from .gguf_meta import add_hparams, config_warnings, llama3_rope_factors, n_vocab, rope
 from .gguf_vocab import GGUFVocab, read_vocab
 from ..staging import check_output, staged
@@ -57,21 +59,6 @@ FILE_TYPES = {T.Q4_0: _FT.MOSTLY_Q4_0, T.Q4_1: _FT.MOSTLY_Q4_1, T.Q5_0: _FT.MOST
               T.Q3_K: _FT.MOSTLY_Q3_K_S, T.Q4_K: _FT.MOSTLY_Q4_K_S, T.Q5_K: _FT.MOSTLY_Q5_K_S,
               T.Q6_K: _FT.MOSTLY_Q6_K, T.IQ4_NL: _FT.MOSTLY_IQ4_NL, T.IQ4_XS: _FT.MOSTLY_IQ4_XS, T.F16: _FT.MOSTLY_F16}
 NOT_EXPORTED = re.compile(r"rotary_emb\.inv_freq$")  # buffers some checkpoints carry; llama.cpp computes them
-
-
-@dataclass(frozen=True)
-class Arch:
-    """How one HF model type becomes a llama.cpp architecture."""
-
-    gguf_arch: gguf.MODEL_ARCH
-    permute_qk: bool = False  # HF rotate-half RoPE -> llama.cpp's adjacent-pair RoPE (LLAMA rope type)
-    norm_plus_one: bool = False  # HF computes x * (1 + w) (Gemma); llama.cpp computes x * w
-    separate_output: bool = True  # False: llama.cpp always reuses token_embd as the output (Gemma)
-
-
-ARCHS = {"llama": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True), "mistral": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-         "qwen2": Arch(gguf.MODEL_ARCH.QWEN2), "gemma": Arch(gguf.MODEL_ARCH.GEMMA, norm_plus_one=True,
-                                                             separate_output=False)}
 
 
 @dataclass
@@ -135,11 +122,7 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None,
     """Every quantized linear's GGUF type, refusing the first thing llama.cpp cannot run (imatrix: an importance
     matrix will be used, which changes an iq4_xs mix)."""
     config = model.config
-    model_type = config.get("model_type")
-    arch = ARCHS.get(model_type)
-    if arch is None:
-        raise LowbitError(f"GGUF export supports llama, mistral, qwen2 and gemma models, not {model_type!r}; "
-                          f"export to compressed-tensors instead")
+    arch = get_arch(config)
     check_layers("gguf", model)  # r4, activations, KV cache, widths (declared.CAPABILITIES["gguf"])
     mix = str(quant_type).lower() if quant_type is not None and str(quant_type).lower() in MIXES else None
     forced = None if mix else _forced_type(quant_type)
@@ -148,7 +131,6 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None,
     plan = GGUFPlan(arch, config, names, [], config_warnings(config), mix)
     gguf_names = {name: _gguf_name(names, f"{name}.weight", arch) for name in model.modules}
     mixed = _mix_plan(plan, model, gguf_names, imatrix) if mix else {}
-    requantized: Counter = Counter()
     for name, (spec, (rows, cols)) in model.modules.items():
         gguf_name = gguf_names[name]
         exact = exact_type(spec, cols)
@@ -156,10 +138,14 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None,
             exact if exact is not None else fallback_type(spec)
         if qtype == T.IQ4_NL and exact == T.Q4_0:  # the same 4.5 bits: calibrated codes beat re-quantizing
             qtype = exact
-        if qtype != exact:
-            requantized[(spec.short_name, qtype.name, exact.name if exact else None)] += 1
         plan.linears.append(LinearGGUF(name, gguf_name, spec, (rows, cols), qtype, qtype == exact,
                                        _heads(name, config) if arch.permute_qk else None))
+    _one_type_per_stack(plan.linears)
+    requantized: Counter = Counter()
+    for lin in plan.linears:
+        exact = exact_type(lin.spec, lin.shape[1])
+        if lin.qtype != exact:
+            requantized[(lin.spec.short_name, lin.qtype.name, exact.name if exact else None)] += 1
     for (short, qtype, exact), n in requantized.items():
         why = f"forced by quant_type (their exact type is {exact})" if exact else "they have no exact GGUF type"
         plan.warnings.append(f"{n} linear{'s' if n > 1 else ''} ({short}) re-quantized from lowbit's dequantized "
@@ -167,12 +153,24 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None,
     return plan
 
 
+def _one_type_per_stack(linears: list[LinearGGUF]) -> None:
+    """The experts of one stacked tensor (ffn_*_exps) share its one type: the most common of theirs; an expert
+    whose exact type differs is re-quantized."""
+    stacks: dict[str, list[LinearGGUF]] = {}
+    for lin in linears:
+        stacks.setdefault(lin.gguf_name, []).append(lin)
+    for members in stacks.values():
+        qtype = Counter(lin.qtype for lin in members).most_common(1)[0][0]
+        for lin in members:
+            lin.qtype = qtype
+            lin.exact = exact_type(lin.spec, lin.shape[1]) == qtype
+
+
 def gguf_tensor_names(config: dict, names: list[str]) -> dict[str, str]:
-    """HF linear name -> GGUF tensor name (model.layers.3.mlp.down_proj -> blk.3.ffn_down.weight), refusing
-    architectures and tensors llama.cpp has no place for."""
-    arch = ARCHS.get(config.get("model_type"))
-    if arch is None:
-        raise LowbitError(f"GGUF supports llama, mistral, qwen2 and gemma models, not {config.get('model_type')!r}")
+    """HF linear name -> GGUF tensor name (model.layers.3.mlp.down_proj -> blk.3.ffn_down.weight; every expert's
+    down_proj of layer 3 -> blk.3.ffn_down_exps.weight), refusing architectures and tensors llama.cpp has no
+    place for."""
+    arch = get_arch(config)
     table = gguf.get_tensor_name_map(arch.gguf_arch, config["num_hidden_layers"])
     return {name: _gguf_name(table, f"{name}.weight", arch) for name in names}
 
@@ -212,7 +210,7 @@ def _model_shape(config: dict, arch: Arch) -> ModelShape:
 def linear_mix_types(config: dict, mix: str, linears: dict[str, int]) -> dict[str, T]:
     """The type llama.cpp's quantizer gives each linear (HF name -> width) in a file of `mix`, as the export of
     that mix chooses it; refuses architectures GGUF has no place for."""
-    arch = ARCHS.get(config.get("model_type"))
+    arch = get_arch(config)
     names = gguf_tensor_names(config, list(linears))
     types = mix_types(mix, {names[n]: cols for n, cols in linears.items()}, _model_shape(config, arch))
     return {n: types[names[n]] for n in linears}
@@ -250,7 +248,11 @@ def imatrix_entries(table: dict[str, torch.Tensor], widths: dict[str, int], need
 
 
 def _gguf_name(names: gguf.TensorNameMap, name: str, arch: Arch) -> str:
-    """The GGUF name of an HF tensor, refusing tensors llama.cpp's architecture has no place for."""
+    """The GGUF name of an HF tensor (an expert's: its layer's stacked tensor), refusing tensors llama.cpp's
+    architecture has no place for."""
+    expert = expert_member(name, arch)
+    if expert is not None:
+        return expert[0]
     gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
     arch_name = gguf.MODEL_ARCH_NAMES[arch.gguf_arch]
     if name.startswith("lm_head.") and not arch.separate_output:
@@ -292,6 +294,7 @@ class Tensor:
     dtype: type
     raw: T | None
     make: Callable[[], np.ndarray]
+    expert: int = -1  # an expert's index in its stacked tensor (ffn_*_exps), else -1
 
     @property
     def nbytes(self) -> int:
@@ -299,7 +302,8 @@ class Tensor:
 
 
 def _tensors(folder: LowbitFolder, plan: GGUFPlan) -> list[Tensor]:
-    """Every tensor of the file, named and sized, in llama.cpp's usual order; refuses unknown tensors."""
+    """Every tensor of the file, named and sized, in llama.cpp's usual order (experts stacked); refuses unknown
+    tensors."""
     out = []
     for name in folder.float_tensor_names():
         if NOT_EXPORTED.search(name):
@@ -311,12 +315,49 @@ def _tensors(folder: LowbitFolder, plan: GGUFPlan) -> list[Tensor]:
     for lin in plan.linears:
         shape = (lin.shape[0], row_bytes(lin.qtype, lin.shape[1]))
         out.append(Tensor(lin.gguf_name, shape, np.uint8, lin.qtype,
-                          lambda lin=lin: _linear_bytes(folder, lin, plan.importance.get(lin.gguf_name))))
+                          lambda lin=lin: _linear_bytes(folder, lin, plan.importance.get(lin.gguf_name)),
+                          _expert_index(lin.name, plan.arch)))
+    return finish_tensors(out, plan)
+
+
+def finish_tensors(tensors: list[Tensor], plan: GGUFPlan) -> list[Tensor]:
+    """The file's tensors in llama.cpp's usual order: experts stacked, Llama 3.1's rope_freqs added, and a copy of
+    the embedding as the output where the architecture needs one and the model ties them."""
+    out = _stacked(tensors)
     theta, scaling = rope(plan.config)
     if scaling.get("rope_type") == "llama3":
         factors = llama3_rope_factors(plan.config, theta, scaling)
         out.append(Tensor("rope_freqs.weight", factors.shape, np.float32, None, lambda: factors))
+    names = {t.name: t for t in out}
+    if plan.arch.output_required and "output.weight" not in names:
+        out.append(dataclasses.replace(names["token_embd.weight"], name="output.weight"))
     return sorted(out, key=_order)
+
+
+def _expert_index(name: str, arch: Arch) -> int:
+    member = expert_member(name, arch)
+    return -1 if member is None else member[1]
+
+
+def _stacked(tensors: list[Tensor]) -> list[Tensor]:
+    """One 3-D tensor (experts, rows, row) per layer's expert projection, expert 0 first, of one type."""
+    groups: dict[str, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.name, []).append(t)
+    out = []
+    for name, group in groups.items():
+        if len(group) == 1 and group[0].expert < 0:
+            out.append(group[0])
+            continue
+        group.sort(key=lambda t: t.expert)
+        first = group[0]
+        if [t.expert for t in group] != list(range(len(group))) or \
+                any((t.shape, t.dtype, t.raw) != (first.shape, first.dtype, first.raw) for t in group):
+            raise LowbitError(f"the tensors that go to {name} are not one expert each of one shape and type "
+                              f"(experts {[t.expert for t in group]}); export to compressed-tensors instead")
+        out.append(Tensor(name, (len(group), *first.shape), first.dtype, first.raw,
+                          lambda group=group: np.stack([t.make() for t in group])))
+    return out
 
 
 def _float_tensor(folder: LowbitFolder, plan: GGUFPlan, name: str, gguf_name: str) -> Tensor:
@@ -336,15 +377,17 @@ def _float_tensor(folder: LowbitFolder, plan: GGUFPlan, name: str, gguf_name: st
         return _permute_rows(data, heads) if heads else data
 
     if dtype == torch.bfloat16:  # numpy has no bfloat16: written as raw bytes, 2 per element
-        return Tensor(gguf_name, (*shape[:-1], shape[-1] * 2), np.uint8, T.BF16, make)
-    return Tensor(gguf_name, shape, np.float16 if dtype == torch.float16 else np.float32, None, make)
+        return Tensor(gguf_name, (*shape[:-1], shape[-1] * 2), np.uint8, T.BF16, make, _expert_index(name, plan.arch))
+    return Tensor(gguf_name, shape, np.float16 if dtype == torch.float16 else np.float32, None, make,
+                  _expert_index(name, plan.arch))
 
 
 def _requantized_float(folder: LowbitFolder, plan: GGUFPlan, name: str, gguf_name: str, qtype: T) -> Tensor:
     """A float embedding or output quantized to the mix's type, as llama.cpp's quantizer does."""
     rows, cols = folder.ckpt.get(name).shape
     return Tensor(gguf_name, (rows, row_bytes(qtype, cols)), np.uint8, qtype,
-                  lambda: requantize(folder.ckpt.get(name).float(), qtype, plan.importance.get(gguf_name)))
+                  lambda: requantize(folder.ckpt.get(name).float(), qtype, plan.importance.get(gguf_name)),
+                  _expert_index(name, plan.arch))
 
 
 def _linear_bytes(folder: LowbitFolder, lin: LinearGGUF, importance: torch.Tensor | None) -> np.ndarray:
@@ -371,7 +414,7 @@ def _write(path: Path, folder: LowbitFolder, plan: GGUFPlan, vocab: GGUFVocab, t
     and written in turn, so only one tensor is in memory at a time."""
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[plan.arch.gguf_arch])
     try:
-        _add_general(writer, plan, folder.folder.name)
+        _add_general(writer, plan, _model_name(folder.folder.name, vocab))
         add_hparams(writer, plan.config)
         vocab.add_to(writer)
         for t in tensors:
@@ -386,6 +429,16 @@ def _write(path: Path, folder: LowbitFolder, plan: GGUFPlan, vocab: GGUFVocab, t
             writer.write_tensor_data(data)
     finally:
         writer.close()
+
+
+def _model_name(name: str, vocab: GGUFVocab) -> str:
+    """general.name. llama.cpp takes a name containing "phi3" / "phi-3" for Phi-3's vocabulary and looks up its
+    special tokens by text, failing to load a file whose vocabulary lacks one: such a name is written without the
+    dash or digit run that matches."""
+    phi3 = re.compile(r"phi-?3", re.IGNORECASE)
+    if phi3.search(name) and not {"</s>", "<unk>", "<s>", "<|endoftext|>"} <= set(vocab.tokens):
+        return phi3.sub(lambda m: m.group(0)[:3] + "_" + m.group(0)[-1], name)
+    return name
 
 
 def _add_general(writer: gguf.GGUFWriter, plan: GGUFPlan, name: str) -> None:

@@ -31,11 +31,11 @@ from gguf import GGMLQuantizationType as T
 from ..errors import LowbitError
 from ..model_files import read_json
 from ..staging import staged
-from .gguf import (ARCHS, NOT_EXPORTED, GGUFPlan, Tensor, _check_target, _float_tensor, _gguf_name, _heads,
-                   _model_shape, _order, _permute_rows, _write, check_gguf, export_gguf,
-                   imatrix_entries)
+from .gguf import (ARCHS, NOT_EXPORTED, GGUFPlan, Tensor, _check_target, _expert_index, _float_tensor, _gguf_name,
+                   _heads, _model_shape, _permute_rows, _write, check_gguf, export_gguf, finish_tensors,
+                   get_arch, imatrix_entries)
 from .gguf_blocks import requantize, row_bytes
-from .gguf_meta import config_warnings, llama3_rope_factors, n_vocab, rope
+from .gguf_meta import config_warnings, n_vocab, rope
 from .gguf_mixes import MIXES, mix_types
 from .gguf_vocab import read_vocab
 
@@ -184,9 +184,7 @@ def _dropped(model) -> list[str]:
 # -- plan and tensors ------------------------------------------------------------------------------------
 
 def _check_model(config: dict, online_rotations, model_type: str) -> None:
-    if ARCHS.get(config.get("model_type")) is None:
-        raise LowbitError(f"GGUF export supports llama, mistral, qwen2 and gemma models, not {model_type!r}; "
-                          f"export to compressed-tensors instead")
+    get_arch(config)  # refuses architectures (and models) llama.cpp would compute otherwise
     if online_rotations:
         layer = next(iter(online_rotations))
         raise LowbitError(f"cannot write a float GGUF of this model: {layer} multiplies its input by a Hadamard "
@@ -243,11 +241,7 @@ def _tensors(source: FloatSource, fplan: FloatPlan, importance: dict) -> list[Te
         qtype = plan.float_types.get(gguf_name)
         out.append(_float_tensor(view, plan, name, gguf_name) if qtype is None else
                    _quantized(source, fplan, name, gguf_name, qtype, importance.get(gguf_name)))
-    theta, scaling = rope(plan.config)
-    if scaling.get("rope_type") == "llama3":
-        factors = llama3_rope_factors(plan.config, theta, scaling)
-        out.append(Tensor("rope_freqs.weight", factors.shape, np.float32, None, lambda: factors))
-    return sorted(out, key=_order)
+    return finish_tensors(out, plan)  # experts stacked, rope_freqs, a tied output the architecture needs
 
 
 def _cast(read: Callable[[str], torch.Tensor], dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
@@ -269,7 +263,7 @@ def _quantized(source: FloatSource, fplan: FloatPlan, name: str, gguf_name: str,
         data = requantize(source.read(name).float(), qtype, importance)
         return _permute_rows(data, heads) if heads else data
 
-    return Tensor(gguf_name, (rows, row_bytes(qtype, cols)), np.uint8, qtype, make)
+    return Tensor(gguf_name, (rows, row_bytes(qtype, cols)), np.uint8, qtype, make, _expert_index(name, plan.arch))
 
 
 def _importance(path, fplan: FloatPlan) -> dict[str, torch.Tensor]:

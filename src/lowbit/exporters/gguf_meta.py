@@ -10,10 +10,11 @@ import gguf
 import numpy as np
 
 from ..errors import LowbitError
+from .gguf_archs import add_arch_hparams
 
 
 def add_hparams(writer: gguf.GGUFWriter, c: dict) -> None:
-    """The {arch}.* keys llama.cpp reads for llama, qwen2 and gemma."""
+    """The {arch}.* keys llama.cpp reads (gguf_archs.add_arch_hparams: those of one model type)."""
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     writer.add_context_length(c["max_position_embeddings"])
@@ -24,7 +25,7 @@ def add_hparams(writer: gguf.GGUFWriter, c: dict) -> None:
     writer.add_head_count_kv(c.get("num_key_value_heads") or heads)
     writer.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
     writer.add_vocab_size(n_vocab(c))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * partial_rotary(c)))
     if head_dim != c["hidden_size"] // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -37,11 +38,19 @@ def add_hparams(writer: gguf.GGUFWriter, c: dict) -> None:
         if yarn:
             writer.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings")
                                                      or c["max_position_embeddings"] / scaling["factor"]))
+    add_arch_hparams(writer, c)
+
+
+def partial_rotary(config: dict) -> float:
+    """The fraction of each head RoPE rotates (Phi-4-mini: 0.75); llama.cpp's rope dimension count."""
+    params = config.get("rope_parameters") or {}
+    return float(config.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0)
 
 
 def rope(config: dict) -> tuple[float, dict]:
     """(rope theta, rope scaling parameters or {}), refusing scalings llama.cpp's GGUF cannot express."""
     params = config.get("rope_parameters") or {}
+    params = params.get("full_attention", params)  # Gemma-3: the global layers' (local ones: rope.freq_base_swa)
     theta = config.get("rope_theta") or params.get("rope_theta") or 10000.0
     scaling = config.get("rope_scaling") or params
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
@@ -69,8 +78,10 @@ def llama3_rope_factors(config: dict, theta: float, scaling: dict) -> np.ndarray
 def config_warnings(config: dict) -> list[str]:
     """What llama.cpp computes differently from transformers for this config."""
     window = config.get("sliding_window")
-    use = config.get("use_sliding_window", config.get("model_type") == "mistral")
-    if use and window and window < config.get("max_position_embeddings", 0):
+    model_type = config.get("model_type")
+    use = model_type == "phi3" or config.get("use_sliding_window", model_type in ("mistral", "mixtral"))
+    if model_type not in ("gemma2", "gemma3_text") and use and window and \
+            window < config.get("max_position_embeddings", 0):
         return [f"the model attends over a sliding window of {window} tokens, which llama.cpp's "
                 f"{config['model_type']} architecture ignores: outputs differ past {window} tokens of context"]
     return []

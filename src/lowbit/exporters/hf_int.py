@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..arch.moe import checkpoint_name
 from ..formats import Quantized
 from ..spec import QuantSpec
 from ..staging import check_output, staged
@@ -131,6 +132,7 @@ def _gptq_config(folder: LowbitFolder) -> dict:
     for name, (spec, _) in folder.modules.items():
         b, g, _ = key(spec)
         if (b, g) != (bits, group):
+            name = checkpoint_name(name, folder.config.get("model_type"))
             dynamic[f"+:{re.escape(name)}(\\.|$)"] = {"bits": b, "group_size": g}
     return {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": False,
             "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
@@ -159,11 +161,12 @@ def export_hf_int(src: Path, out: Path, fmt: str, overwrite: bool = False) -> Pa
     check(folder)
     with staged(out, overwrite, [src]) as tmp:
         writer = ShardWriter(tmp)
+        model_type = folder.config.get("model_type")
         for name in folder.float_tensor_names():
-            writer.add(name, folder.ckpt.get(name))
+            writer.add(checkpoint_name(name, model_type), folder.ckpt.get(name))
         for name in folder.modules:
             for suffix, tensor in convert(folder.quantized(name)).items():
-                writer.add(f"{name}.{suffix}", tensor)
+                writer.add(f"{checkpoint_name(name, model_type)}.{suffix}", tensor)
         writer.close()
         config = {k: v for k, v in folder.config.items() if k != "quantization_config"}
         config["quantization_config"] = make_config(folder)

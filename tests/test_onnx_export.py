@@ -362,10 +362,11 @@ def test_existing_output_untouched(quantized, tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(model_type="opt"), "Llama, Mistral, Qwen2 and Qwen3"),
+    (dict(model_type="opt"), "Llama, Mistral, Qwen2, Qwen3, Phi-3"),
     (dict(head_dim=20), "multiple of 8"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "depend on the sequence length"),
-    (dict(hidden_act="gelu"), "SiLU"),
+    (dict(hidden_act="relu2"), "SiLU and GELU"),
+    (dict(model_type="mixtral", num_local_experts=4), "mixture-of-experts"),
 ])
 def test_refused_architectures(change, match):
     config = {**dict(model_type="llama", hidden_size=64, num_attention_heads=4, head_dim=16), **change}

@@ -3,19 +3,23 @@
 Why: onnxruntime-genai's builder re-quantizes a float model with its own RTN; this writes lowbit's own codes
 (AWQ, GPTQ, rotation, any calibrated result) as MatMulNBits, exactly, with no builder in between.
 
-The output folder (FORMATS.md 2.1): model.onnx (graph, onnx_graph.py) and model.onnx.data (every
-initializer of 1 KiB or more, streamed as written: the protobuf never nears its 2 GB limit and the model is
-never held whole in memory; onnxruntime maps the file), genai_config.json, the tokenizer files, and
-lowbit_export.json (source, options, warnings). Quantized linears become MatMulNBits (onnx_tensors.py gives
-the exact mapping), float linears MatMul; quantize_embedding=4 or 8 rounds the float embedding table to
-nearest (asymmetric, blocks along the hidden axis) for GatherBlockQuantized, keeping a tied lm_head float.
-Checked against onnxruntime 1.32 and onnxruntime-genai 0.18 (tests/test_onnx_export.py).
+The output folder (FORMATS.md 2.1): model.onnx (graph: onnx_graph.py the linears, onnx_decoder.py the
+decoder, onnx_family.py what each family needs) and model.onnx.data (every initializer of 1 KiB or more,
+streamed as written: the protobuf never nears its 2 GB limit and the model is never held whole in memory;
+onnxruntime maps the file), genai_config.json, the tokenizer files, and lowbit_export.json (source, options,
+warnings). Quantized linears become MatMulNBits (onnx_tensors.py gives the exact mapping), float linears
+MatMul; quantize_embedding=4 or 8 rounds the float embedding table to nearest (asymmetric, blocks along the
+hidden axis) for GatherBlockQuantized, keeping a tied lm_head float. dtype float16 stores every float tensor
+and runs every activation, the logits and the KV cache in float16 (MatMulNBits' scales included).
+Checked against onnxruntime 1.32 and onnxruntime-genai 0.18 (tests/test_onnx_export.py,
+tests/test_onnx_families.py).
 
 Refused with a LowbitError before anything is written (the layers' quantization as declared.CAPABILITIES["onnx"]
-says, the architecture here): architectures other than Llama, Mistral, Qwen2 and
-Qwen3; position-dependent RoPE (dynamic, longrope); widths MatMulNBits' CPU kernel lacks (2, 4 and 8 bits
-only); float, MX, NVFP4 and block-floating-point elements; group sizes without a power-of-two factor >= 16;
-quantized input activations or KV cache.
+says, the architecture as onnx_family.check_architecture): families other than those onnx_family.py lists,
+mixture-of-experts models; position-dependent RoPE (dynamic, longrope); bfloat16 (onnxruntime 1.32's CPU
+kernels have none for MatMulNBits, GroupQueryAttention, RotaryEmbedding, MatMul, Add, Mul, Sigmoid, Tanh);
+widths MatMulNBits' CPU kernel lacks (2, 4 and 8 bits only); float, MX, NVFP4 and block-floating-point
+elements; group sizes without a power-of-two factor >= 16; quantized input activations or KV cache.
 """
 
 from __future__ import annotations
@@ -28,24 +32,24 @@ import onnx
 from .. import __version__
 from ..errors import LowbitError
 from ..model_files import read_json
-from .onnx_graph import DecoderBuilder, DecoderShape, GraphOptions
+from .onnx_decoder import DecoderBuilder
+from .onnx_family import DecoderShape, check_architecture, decoder_shape, genai_type
+from .onnx_graph import FLOAT_TYPES, GraphOptions
 from .onnx_tensors import ExternalData, matmul_block_size, quantize_table, rope_caches
 from ..staging import check_output, staged
 from .declared import check_layers
 from .source import LowbitFolder
 
-QK_NORM_ARCHS = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}  # model_type -> q/k norm
-POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
 EMBEDDING_BITS = (4, 8)
 MODEL_FILE = "model.onnx"
 
 
-def check_onnx(model) -> list[str]:
-    """Refuse (LowbitError) what this ONNX export cannot hold (the architecture here, the layers'
-    quantization by declared.CAPABILITIES["onnx"]); return warnings for what it holds at a cost.
+def check_onnx(model, dtype: str = "float32") -> list[str]:
+    """Refuse (LowbitError) what this ONNX export cannot hold (the architecture by onnx_family, the float type,
+    the layers' quantization by declared.CAPABILITIES["onnx"]); return warnings for what it holds at a cost.
     `model` is a LowbitFolder or a PlannedModel (checked before calibration)."""
-    config = model.config
-    _check_architecture(config)
+    _check_dtype(dtype)
+    check_architecture(model.config)
     check_layers("onnx", model)
     warnings = []
     for name, (spec, (_, k)) in model.modules.items():
@@ -65,71 +69,29 @@ def check_onnx(model) -> list[str]:
     return warnings
 
 
-def _check_architecture(config: dict) -> None:
-    model_type = config.get("model_type")
-    if model_type not in QK_NORM_ARCHS:
-        raise LowbitError(f"cannot export model_type {model_type!r} to ONNX: lowbit writes Llama, Mistral, Qwen2 and "
-                          f"Qwen3 decoders; export to compressed-tensors instead")
-    if config.get("hidden_act", "silu") != "silu":
-        raise LowbitError(f"cannot export a {model_type} with hidden_act {config['hidden_act']!r} to ONNX: the graph "
-                          f"has SiLU MLPs only; export to compressed-tensors instead")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type in POSITION_DEPENDENT_ROPE:
-        raise LowbitError(f"cannot export RoPE type {rope_type!r} to ONNX: its frequencies depend on the sequence "
-                          f"length and the graph holds fixed cos/sin caches; export to compressed-tensors instead")
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    if head_dim % 8:
-        raise LowbitError(f"cannot export head_dim {head_dim} to ONNX: onnxruntime's GroupQueryAttention needs a "
-                          f"multiple of 8; export to compressed-tensors instead")
-    if config.get("partial_rotary_factor", 1.0) != 1.0:
-        raise LowbitError("cannot export partial rotary embeddings to ONNX (GroupQueryAttention rotates whole "
-                          "heads); export to compressed-tensors instead")
-
-
-def decoder_shape(config: dict) -> DecoderShape:
-    """The decoder's sizes from config.json, with GroupQueryAttention's window per layer."""
-    heads = config["num_attention_heads"]
-    layers = config["num_hidden_layers"]
-    window = config.get("sliding_window")
-    types = config.get("layer_types") or []
-    if config["model_type"] == "mistral":
-        windows = [window or -1] * layers
-    else:  # Qwen2/3: a window only where layer_types says sliding_attention
-        windows = [window if window and t == "sliding_attention" else -1 for t in types] or [-1] * layers
-    return DecoderShape(layers=layers, hidden=config["hidden_size"], heads=heads,
-                        kv_heads=config.get("num_key_value_heads") or heads,
-                        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                        vocab=config["vocab_size"], eps=float(config.get("rms_norm_eps", 1e-6)),
-                        context=config.get("max_position_embeddings", 4096),
-                        qk_norm=QK_NORM_ARCHS[config["model_type"]], windows=windows)
-
-
 def export_onnx(src, out, overwrite: bool = False, accuracy_level: int = 0, quantize_embedding: int | None = None,
-                embedding_block_size: int = 32) -> Path:
+                embedding_block_size: int = 32, dtype: str = "float32") -> Path:
     """Write the lowbit folder `src` as an onnxruntime-genai folder `out` (staged: complete or absent).
     accuracy_level: MatMulNBits' lowest internal precision of the activations (0 unset, 1 fp32, 2 fp16,
-    3 bf16, 4 int8: fastest on CPU). quantize_embedding: 4 or 8 for a GatherBlockQuantized embedding."""
+    3 bf16, 4 int8: fastest on CPU). quantize_embedding: 4 or 8 for a GatherBlockQuantized embedding.
+    dtype: float32 or float16, of the activations, logits, KV cache and every float tensor (norms, tables,
+    MatMulNBits scales)."""
     folder = src if isinstance(src, LowbitFolder) else LowbitFolder(Path(src))
     out = Path(out)
     check_output(out, overwrite, [folder.folder])
     if accuracy_level not in range(5):
         raise LowbitError(f"accuracy_level must be 0 to 4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), got "
                           f"{accuracy_level}")
-    warnings = check_onnx(folder)
+    warnings = check_onnx(folder, dtype)
     shape = decoder_shape(folder.config)
     _check_embedding(quantize_embedding, embedding_block_size, shape.hidden)
-    hf_config = folder.hf_config()
-    rope = rope_caches(hf_config, shape.context)
-    if rope[0].shape[1] * 2 != shape.head_dim:
-        raise LowbitError(f"cannot export to ONNX: RoPE covers {rope[0].shape[1] * 2} of {shape.head_dim} head "
-                          f"dimensions (partial rotary); export to compressed-tensors instead")
+    rope = rope_caches(folder.hf_config(), shape.context)
     embedding = None
     if quantize_embedding:
         tensors, _ = quantize_table(folder.ckpt.get("model.embed_tokens.weight"), quantize_embedding,
                                     embedding_block_size)
         embedding = {"tensors": tensors, "bits": quantize_embedding, "block_size": embedding_block_size}
-    options = GraphOptions(accuracy_level=accuracy_level, embedding=embedding)
+    options = GraphOptions(accuracy_level=accuracy_level, embedding=embedding, dtype=dtype)
     with staged(out, overwrite, [folder.folder]) as tmp:
         data = ExternalData(tmp / f"{MODEL_FILE}.data")
         try:
@@ -140,12 +102,20 @@ def export_onnx(src, out, overwrite: bool = False, accuracy_level: int = 0, quan
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(folder, shape), indent=2))
         folder.copy_tokenizer(tmp)
         record = {"lowbit_version": __version__, "source": str(folder.folder), "onnx_version": onnx.__version__,
-                  "scheme": folder.qconfig.get("scheme"), "accuracy_level": accuracy_level,
+                  "scheme": folder.qconfig.get("scheme"), "dtype": dtype, "accuracy_level": accuracy_level,
                   "quantize_embedding": quantize_embedding,
                   "embedding_block_size": embedding_block_size if quantize_embedding else None,
                   "warnings": warnings}
         (tmp / "lowbit_export.json").write_text(json.dumps(record, indent=2))
     return out
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype == "bfloat16":
+        raise LowbitError("cannot export bfloat16 to ONNX: onnxruntime's CPU kernels have no bfloat16 MatMulNBits, "
+                          "GroupQueryAttention, MatMul, Add or Mul (1.32); export float16 or float32")
+    if dtype not in FLOAT_TYPES:
+        raise LowbitError(f"ONNX dtype must be float32 or float16, got {dtype!r}")
 
 
 def _check_embedding(bits: int | None, block: int, hidden: int) -> None:
@@ -175,8 +145,7 @@ def _token_ids(folder: LowbitFolder) -> dict:
 def genai_config(folder: LowbitFolder, shape: DecoderShape) -> dict:
     """genai_config.json for the decoder (FORMATS.md 2.2). The KV buffers are shared between past and present
     (GroupQueryAttention writes in place), as the builder does on CPU."""
-    arch = (folder.config.get("architectures") or [folder.config["model_type"]])[0]
-    model_type = arch[:arch.find("For")].lower() if "For" in arch else arch.lower()
+    model_type = genai_type(folder.config)
     decoder = {
         "filename": MODEL_FILE,
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},

@@ -1,4 +1,5 @@
-"""The decoder graph of lowbit's ONNX export, built node by node with onnx.helper.
+"""The decoder graph of lowbit's ONNX export, built node by node with onnx.helper: the graph, its float type,
+and the linears (the decoder's structure is onnx_decoder.py).
 
 One graph per model, with the I/O names of onnxruntime-genai's builder (FORMATS.md 2.3) so genai and
 lowbit's ONNX perplexity both run it. It uses the contrib ops onnxruntime's CPU kernels fuse: MatMulNBits for
@@ -11,8 +12,7 @@ on its Kronecker factors (a dense MatMul where the matrix has none).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -25,20 +25,7 @@ IR_VERSION = 10  # onnxruntime refuses the newer default IR version of onnx 1.23
 MS = "com.microsoft"
 
 
-@dataclass
-class DecoderShape:
-    """The sizes and options of a Llama-like decoder, read from its config."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    eps: float
-    context: int
-    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
-    windows: list[int] = field(default_factory=list)  # GroupQueryAttention local_window_size per layer (-1: none)
+FLOAT_TYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
 
 @dataclass
@@ -47,20 +34,26 @@ class GraphOptions:
 
     accuracy_level: int = 0
     embedding: dict | None = None  # GatherBlockQuantized tensors and attributes, or None for a float table
+    dtype: str = "float32"  # of every float tensor: activations, logits, KV cache, norms, tables, scales
 
 
 class Graph:
     """Nodes and initializers being built; initializers go straight to the external-data file."""
 
-    def __init__(self, data: ExternalData):
+    def __init__(self, data: ExternalData, dtype: str = "float32"):
         self.data = data
+        self.np_float, self.float_type = FLOAT_TYPES[dtype]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._init_names: set[str] = set()
         self._count: dict[str, int] = {}
 
     def const(self, name: str, array: np.ndarray) -> str:
+        """An initializer (once per name); float arrays are stored in the graph's float type."""
         if name not in self._init_names:
+            array = np.asarray(array)
+            if np.issubdtype(array.dtype, np.floating):
+                array = array.astype(self.np_float)
             self.initializers.append(self.data.tensor(name, array))
             self._init_names.add(name)
         return name
@@ -77,18 +70,15 @@ class Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
-class DecoderBuilder:
-    """Builds the decoder from a LowbitFolder's tensors (read one linear at a time)."""
+class LinearBuilder:
+    """The linears of the decoder from a LowbitFolder's tensors (read one linear at a time)."""
 
-    def __init__(self, folder, shape: DecoderShape, options: GraphOptions, rope: tuple[np.ndarray, np.ndarray],
-                 data: ExternalData):
-        self.folder, self.shape, self.options = folder, shape, options
-        self.g = Graph(data)
+    def __init__(self, folder, options: GraphOptions, data: ExternalData):
+        self.folder, self.options = folder, options
+        self.g = Graph(data, options.dtype)
         self.keys = set(folder.ckpt.keys())
         self.rotations = {name: int(r["size"]) for name, r in folder.online_rotations.items()}
         self._rotation_inits: dict[int, list[str]] = {}
-        self.cos = self.g.const("cos_cache", rope[0])
-        self.sin = self.g.const("sin_cache", rope[1])
 
     # -- tensors ------------------------------------------------------------------------------------------
     def _float(self, name: str) -> np.ndarray:
@@ -140,8 +130,8 @@ class DecoderBuilder:
                 left, right = split
                 self._rotation_inits[size] = [
                     self.g.const(f"{name}.shape", np.array([0, 0, left.shape[0], right.shape[0]])),
-                    self.g.const(f"{name}.left_t", np.ascontiguousarray(left.T, dtype=np.float32)),
-                    self.g.const(f"{name}.right", right.astype(np.float32))]
+                    self.g.const(f"{name}.left_t", np.ascontiguousarray(left.T)),
+                    self.g.const(f"{name}.right", right)]
         return self._rotation_inits[size]
 
     def linear(self, x: str, names: list[str], out: str | None = None) -> str:
@@ -186,99 +176,6 @@ class DecoderBuilder:
     def _can_share(self, names: list[str]) -> bool:
         keys = {self._quant_key(n) for n in names}
         return len(keys) == 1 and len({self.rotations.get(n) for n in names}) == 1
-
-    # -- blocks -------------------------------------------------------------------------------------------
-    def embedding(self, ids: str) -> str:
-        emb = self.options.embedding
-        if emb is None:
-            table = self.g.const("model.embed_tokens.weight", self._float("model.embed_tokens.weight"))
-            return self.g.op("Gather", [table, ids], "/model/embed_tokens/Gather")
-        data, scales, zeros = (self.g.const(f"model.embed_tokens.{k}", emb["tensors"][k])
-                               for k in ("data", "scales", "zero_points"))
-        return self.g.op("GatherBlockQuantized", [data, ids, scales, zeros], "/model/embed_tokens/GatherBlockQuantized",
-                         1, MS, gather_axis=0, quantize_axis=1, block_size=emb["block_size"], bits=emb["bits"])
-
-    def _head_norm(self, x: str, weight: str, path: str) -> str:
-        """Per-head RMSNorm of (batch, seq, heads * head_dim) over head_dim (Qwen3's q_norm / k_norm)."""
-        heads = self.g.op("Reshape", [x, self.g.const("shape_heads", np.array([0, 0, -1, self.shape.head_dim]))],
-                          f"{path}/Reshape")
-        normed = self.g.op("SimplifiedLayerNormalization", [heads, self.g.const(weight, self._float(weight))],
-                           f"{path}/SimplifiedLayerNormalization", axis=-1, epsilon=self.shape.eps)
-        return self.g.op("Reshape", [normed, self.g.const("shape_flat", np.array([0, 0, -1]))], f"{path}/Reshape")
-
-    def attention(self, i: int, x: str, mask: tuple[str, str]) -> str:
-        s = self.shape
-        prefix = f"model.layers.{i}.self_attn"
-        qkv = [f"{prefix}.{p}_proj" for p in ("q", "k", "v")]
-        if s.qk_norm or not self._can_share(qkv):
-            q, k, v = (self.linear(x, [n]) for n in qkv)
-            if s.qk_norm:
-                q = self._head_norm(q, f"{prefix}.q_norm.weight", f"/model/layers.{i}/attn/q_norm")
-                k = self._head_norm(k, f"{prefix}.k_norm.weight", f"/model/layers.{i}/attn/k_norm")
-        else:
-            q, k, v = self.linear(x, qkv), "", ""
-        inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", mask[0], mask[1], self.cos,
-                  self.sin, "position_ids"]
-        attn = self.g.op("GroupQueryAttention", inputs, f"/model/layers.{i}/attn/GroupQueryAttention",
-                         [f"/model/layers.{i}/attn/output_0", f"present.{i}.key", f"present.{i}.value"], MS,
-                         num_heads=s.heads, kv_num_heads=s.kv_heads, scale=1.0 / math.sqrt(s.head_dim),
-                         do_rotary=1, rotary_interleaved=0, local_window_size=s.windows[i] if s.windows else -1)
-        return self.linear(attn[0], [f"{prefix}.o_proj"])
-
-    def mlp(self, i: int, x: str) -> str:
-        prefix = f"model.layers.{i}.mlp"
-        gate = self.linear(x, [f"{prefix}.gate_proj"])
-        up = self.linear(x, [f"{prefix}.up_proj"])
-        path = f"/model/layers.{i}/mlp/act"
-        act = self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate], f"{path}/Sigmoid")], f"{path}/Mul")
-        return self.linear(self.g.op("Mul", [act, up], f"{path}/Mul"), [f"{prefix}.down_proj"])
-
-    def _norm(self, weight: str) -> str:
-        return self.g.const(weight, self._float(weight))
-
-    def build(self) -> onnx.ModelProto:
-        s, g = self.shape, self.g
-        total = g.op("Shape", ["attention_mask"], "/model/attn_mask/Shape")
-        total = g.op("Gather", [total, g.const("one", np.array(1, dtype=np.int64))], "/model/attn_mask/Gather", axis=0)
-        lengths = g.op("ReduceSum", ["attention_mask", g.const("axis_1", np.array([1], dtype=np.int64))],
-                       "/model/attn_mask/ReduceSum", keepdims=0)
-        lengths = g.op("Sub", [lengths, "one"], "/model/attn_mask/Sub")
-        mask = (g.op("Cast", [lengths], "/model/attn_mask/seqlens_k", to=TensorProto.INT32),
-                g.op("Cast", [total], "/model/attn_mask/total_seq_len", to=TensorProto.INT32))
-        residual = self.embedding("input_ids")
-        hidden = g.op("SimplifiedLayerNormalization", [residual, self._norm("model.layers.0.input_layernorm.weight")],
-                      "/model/layers.0/input_layernorm", axis=-1, epsilon=s.eps)
-        for i in range(s.layers):
-            attn = self.attention(i, hidden, mask)
-            hidden, _, _, residual = g.op(
-                "SkipSimplifiedLayerNormalization",
-                [attn, residual, self._norm(f"model.layers.{i}.post_attention_layernorm.weight")],
-                f"/model/layers.{i}/post_attention_layernorm", 4, MS, epsilon=s.eps)
-            out = self.mlp(i, hidden)
-            last = i == s.layers - 1
-            weight = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
-            hidden, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [out, residual, self._norm(weight)],
-                                          "/model/norm" if last else f"/model/layers.{i + 1}/input_layernorm", 4,
-                                          MS, epsilon=s.eps)
-        self.linear(hidden, ["lm_head"], out="logits")
-        return self._model()
-
-    def _model(self) -> onnx.ModelProto:
-        s = self.shape
-        kv = ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]
-        present = ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                                ["batch_size", "total_sequence_length"]),
-                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                 ["batch_size", "sequence_length", s.vocab])]
-        for i in range(s.layers):
-            for kind in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
-                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
-        graph = helper.make_graph(self.g.nodes, "lowbit_decoder", inputs, outputs, self.g.initializers)
-        return helper.make_model(graph, opset_imports=OPSETS, ir_version=IR_VERSION, producer_name="lowbit")
 
 
 def _stem(names: list[str]) -> str:

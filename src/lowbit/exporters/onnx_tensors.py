@@ -91,18 +91,29 @@ def quantize_table(table: torch.Tensor, bits: int, block: int) -> tuple[dict[str
     return tensors, dequant
 
 
-def rope_caches(hf_config, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (length, rotary_dim / 2) float32 for positions 0..length-1, computed as the model's own
-    rotary embedding does (inv_freq from transformers, so llama3 / linear / yarn scaling come out right; the
-    attention scaling of yarn multiplies both)."""
+def rope_caches(hf_config, length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """cache name ("default", or Gemma-3's layer types) -> cos and sin (length, rotary_dim / 2) float32 for
+    positions 0..length-1, computed as the model's own rotary embedding does (inv_freq from transformers, so
+    llama3 / linear / yarn scaling and partial rotary come out right; the attention scaling of yarn multiplies
+    both)."""
     import importlib
 
-    module = importlib.import_module(f"transformers.models.{hf_config.model_type}.modeling_{hf_config.model_type}")
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    module = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[hf_config.model_type]).__module__
+    module = importlib.import_module(module)
     cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
     rotary = cls(hf_config)
-    freqs = torch.arange(length, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None, :]
-    return ((freqs.cos() * rotary.attention_scaling).numpy().astype(np.float32),
-            (freqs.sin() * rotary.attention_scaling).numpy().astype(np.float32))
+    kinds = {"default": ("inv_freq", "attention_scaling")} if hasattr(rotary, "inv_freq") else \
+        {t: (f"{t}_inv_freq", f"{t}_attention_scaling") for t in rotary.layer_types}
+    caches = {}
+    for kind, (freq, scaling) in kinds.items():
+        freqs = torch.arange(length, dtype=torch.float32)[:, None] * getattr(rotary, freq).float()[None, :]
+        scale = getattr(rotary, scaling)
+        caches[kind] = ((freqs.cos() * scale).numpy().astype(np.float32),
+                        (freqs.sin() * scale).numpy().astype(np.float32))
+    return caches
 
 
 def kronecker_split(rotation, n: int) -> tuple[np.ndarray, np.ndarray] | None:

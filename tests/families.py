@@ -1,5 +1,6 @@
 """Tiny random models of the common families for the family x path matrix (issue #25): hidden 96 (four heads
-of 24, a multiple of 8 as onnxruntime's GroupQueryAttention needs; rows a multiple of 32 as GGUF blocks need),
+of 24: onnxruntime's fused rotary in GroupQueryAttention needs a multiple of 16, so lowbit's ONNX export rotates
+them with a RotaryEmbedding node first; rows a multiple of 32 as GGUF blocks need),
 MLP 160, two layers, each family's own quirks switched on (tied embeddings and llama3 RoPE scaling, fused
 projections and partial rotary, `1 + w` norms, sandwich norms, sliding windows, query-key norms, soft-capping,
 Granite's multipliers, experts)."""

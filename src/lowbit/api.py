@@ -286,7 +286,10 @@ def _check_exports(export, output, overwrite: bool, planned, quiet: bool, source
     for form in formats:
         gguf_options = options.get("gguf", {}) if form.name == "gguf" else {}
         quant_type = gguf_options.get("quant_type")
-        for warning in (form.check(planned, quant_type) if quant_type else form.check(planned)):
+        onnx_dtype = options.get("onnx", {}).get("dtype") if form.name == "onnx" else None
+        checked = form.check(planned, quant_type) if quant_type else form.check(planned, onnx_dtype) \
+            if onnx_dtype else form.check(planned)
+        for warning in checked:
             log(f"warning ({form.name}): {warning}", quiet)
         if gguf_options.get("imatrix") is not None:  # a wrong imatrix is refused now, not after quantizing
             from .exporters.gguf import check_imatrix

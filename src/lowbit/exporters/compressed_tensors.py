@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,11 @@ def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False) -> 
 
 def check_compressed_tensors(model) -> list[str]:
     """Refuse (LowbitError) what compressed-tensors cannot hold (declared.CAPABILITIES["compressed-tensors"]),
-    from a LowbitFolder or a PlannedModel; no warnings."""
+    from a LowbitFolder or a PlannedModel; warns that transformers cannot load mixture-of-experts ones."""
     check_layers("compressed-tensors", model)
+    if any(re.search(r"\.experts\.\d+\.", name) for name in model.modules):
+        return ["transformers (5.25) cannot load compressed-tensors mixture-of-experts checkpoints (it fuses the "
+                "experts and cannot convert packed ones); vLLM and SGLang load this per-expert layout"]
     return []
 
 

@@ -220,6 +220,14 @@ def load_with_transformers(folder, dtype: torch.dtype | None = None):
     except (OSError, ValueError, RuntimeError) as exc:
         if is_custom_code(exc):
             raise custom_code_error(folder, "model") from None
+        text = config.get_text_config()
+        if getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None):
+            import transformers
+
+            raise LowbitError(f"transformers {transformers.__version__} cannot load {folder}: it fuses a mixture of "
+                              f"experts into 3-D tensors and cannot convert packed compressed-tensors experts "
+                              f"(vLLM and SGLang load this layout); measure the lowbit folder it was exported "
+                              f"from instead") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LowbitError(f"transformers cannot load {folder} ({first}); the folder does not match its "
                           f"config.json") from None

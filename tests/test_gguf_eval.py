@@ -49,10 +49,10 @@ def test_gguf_without_llama_cpp_says_torch_and_its_types(gguf_file, text_file, c
 def test_torch_only_options_run_gguf_in_torch(gguf_file, text_file, capsys):
     out, err = _eval(capsys, gguf_file, text_file, "--dtype", "bfloat16", "--json")
     result = json.loads(out)
-    assert "runtime" not in result and "Q4_1" in result["gguf_types"] and result["dtype"] == "bfloat16"
+    assert "runtime" not in result and result["stored_as"].startswith("GGUF ") and "Q4_1" in result["stored_as"] and result["dtype"] == "bfloat16"
     assert "a torch-only option is given" in err
     out, err = _eval(capsys, gguf_file, text_file, "--runtime", "torch", "--json")
-    assert "gguf_types" in json.loads(out) and "note:" not in err  # asked for: nothing to say
+    assert "stored_as" in json.loads(out) and "note:" not in err  # asked for: nothing to say
 
 
 def test_other_models_stay_in_torch(tiny_models, text_file, capsys):

@@ -356,8 +356,8 @@ def evaluate(model, dataset: str = "pydoc", seq_len: int = 512, max_chunks: int 
         "scheme": (loaded.quantization_config or {}).get("scheme"), "load_seconds": round(load_s, 3),
         "dtype": str(loaded.dtype).replace("torch.", ""), "streamed": streamed, "peak_rss_bytes": peak_rss_bytes(),
     })
-    if hasattr(loaded.ckpt, "stored_types"):  # a GGUF file: what it stores, dequantized here
-        result["gguf_types"] = loaded.ckpt.stored_types()
+    if hasattr(loaded.ckpt, "stored_as"):  # a GGUF file, an AutoAWQ / GPTQ folder: what it stores, dequantized here
+        result["stored_as"] = loaded.ckpt.stored_as()
     return result
 
 

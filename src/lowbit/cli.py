@@ -216,8 +216,8 @@ def _print_perplexity(model, dataset: str, result: dict) -> None:
               f"size {_fmt_size(result['size_bytes'])}")
     else:
         kind = f"quantized, {result['scheme']}" if result["quantized"] else "float"
-        if result.get("gguf_types"):
-            kind = f"GGUF {result['gguf_types']}, dequantized in torch"
+        if result.get("stored_as"):
+            kind = f"{result['stored_as']}, dequantized in torch"
         print(f"{model} ({kind}): perplexity {result['perplexity']:.4f} on {dataset} in {result['dtype']} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['tokens']} predicted tokens); "
               f"size {_fmt_size(result['size_bytes'])}, {result['parameters'] / 1e6:.1f} M parameters"

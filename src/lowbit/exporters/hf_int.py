@@ -25,13 +25,13 @@ import torch
 
 from ..arch.moe import checkpoint_name
 from ..formats import Quantized
+from ..formats.packing import AWQ_ORDER, pack_int32, unpack_int32  # noqa: F401 - re-exported
 from ..spec import QuantSpec
 from ..staging import check_output, staged
 from .declared import check_layers
 from .output import ShardWriter
 from .source import LowbitFolder
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # slot i of a packed AWQ word holds column 8c + AWQ_ORDER[i]
 
 
 def unsigned_codes(qt: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,32 +43,6 @@ def unsigned_codes(qt: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
     else:  # symmetric: 2^(b-1) either way (signed codes shifted by it, unsigned ones centred on it)
         zero = torch.full((qt.codes.shape[0], qt.scale.shape[1]), 1 << (spec.bits - 1), dtype=torch.int32)
     return qt.codes.to(torch.int32) + offset, zero.expand(qt.codes.shape[0], -1)
-
-
-def pack_int32(values: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Pack unsigned values (rows, cols) along cols, 32/bits per int32 word, LSB-first; `order[i]` names the
-    column (within a word's run) that slot i holds (AWQ's interleave), sequential when None."""
-    per = 32 // bits
-    rows, cols = values.shape
-    if cols % per:
-        raise ValueError(f"{cols} columns do not fill whole {per}-value words")
-    runs = values.to(torch.int64).reshape(rows, cols // per, per)
-    order = order or tuple(range(per))
-    word = torch.zeros(rows, cols // per, dtype=torch.int64)
-    for slot, col in enumerate(order):
-        word |= runs[..., col] << (bits * slot)
-    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
-
-
-def unpack_int32(words: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Inverse of pack_int32: int32 (rows, words) to int32 values (rows, words * 32/bits)."""
-    per = 32 // bits
-    order = order or tuple(range(per))
-    unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    out = torch.empty(*words.shape, per, dtype=torch.int32)
-    for slot, col in enumerate(order):
-        out[..., col] = ((unsigned >> (bits * slot)) & ((1 << bits) - 1)).to(torch.int32)
-    return out.reshape(words.shape[0], -1)
 
 
 # -- what each layout can hold ------------------------------------------------------------------------

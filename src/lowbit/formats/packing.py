@@ -67,3 +67,34 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     shifts = np.arange(per, dtype=np.uint64) * np.uint64(bits)
     codes = (words >> shifts) & np.uint64((1 << bits) - 1)  # (rows, n_runs, per)
     return torch.from_numpy(codes.reshape(rows, -1)[:, :cols].astype(np.int32))
+
+
+# -- int32 words, as the AutoAWQ and GPTQ layouts pack codes (FORMATS.md 3.1 / 3.2) ----------------------
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # slot i of a packed AWQ word holds column 8c + AWQ_ORDER[i]
+
+
+def pack_int32(values: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Pack unsigned values (rows, cols) along cols, 32/bits per int32 word, LSB-first; `order[i]` names the
+    column (within a word's run) that slot i holds (AWQ's interleave), sequential when None."""
+    per = 32 // bits
+    rows, cols = values.shape
+    if cols % per:
+        raise ValueError(f"{cols} columns do not fill whole {per}-value words")
+    runs = values.to(torch.int64).reshape(rows, cols // per, per)
+    order = order or tuple(range(per))
+    word = torch.zeros(rows, cols // per, dtype=torch.int64)
+    for slot, col in enumerate(order):
+        word |= runs[..., col] << (bits * slot)
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverse of pack_int32: int32 (rows, words) to int32 values (rows, words * 32/bits)."""
+    per = 32 // bits
+    order = order or tuple(range(per))
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(*words.shape, per, dtype=torch.int32)
+    for slot, col in enumerate(order):
+        out[..., col] = ((unsigned >> (bits * slot)) & ((1 << bits) - 1)).to(torch.int32)
+    return out.reshape(words.shape[0], -1)

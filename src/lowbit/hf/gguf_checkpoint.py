@@ -213,8 +213,8 @@ class GGUFCheckpoint:
     def size_bytes(self) -> int:
         return self.path.stat().st_size
 
-    def stored_types(self) -> str:
-        """The GGML types of the file's matrices, most weights first (e.g. "Q4_K, Q6_K")."""
+    def stored_as(self) -> str:
+        """The GGML types of the file's matrices, most weights first (e.g. "GGUF Q4_K, Q6_K")."""
         from gguf import GGMLQuantizationType
 
         counts: dict[str, int] = {}
@@ -222,4 +222,4 @@ class GGUFCheckpoint:
             if len(shape) >= 2:
                 name = GGMLQuantizationType(kind).name
                 counts[name] = counts.get(name, 0) + int(np.prod(shape))
-        return ", ".join(sorted(counts, key=counts.get, reverse=True))
+        return "GGUF " + ", ".join(sorted(counts, key=counts.get, reverse=True))

@@ -23,6 +23,7 @@ from ..arch.moe import read_aliased, unfuse_experts
 from ..errors import LowbitError
 from ..model_files import check_finite, custom_code_error, is_custom_code, load_config, load_tokenizer, read_json
 from ..spec import QuantSpec
+from .int_checkpoint import PACKED_METHODS, PackedIntCheckpoint
 from .checkpoint import LazyCheckpoint, open_checkpoint
 from .source import resolve_source
 
@@ -167,11 +168,14 @@ def open_model(source, dtype: torch.dtype | None = None) -> LoadedModel:
         if not isinstance(qconfig, dict) or not isinstance(qconfig.get("modules", {}), dict):
             raise LowbitError(f"{folder / 'config.json'} has a malformed quantization_config (not an object of "
                               f"quant_method, modules, ...); restore the file")
-        if qconfig.get("quant_method") != QUANT_METHOD:
+        if qconfig.get("quant_method") in PACKED_METHODS:  # AutoAWQ / GPTQ: read as dequantized float weights
+            ckpt, qconfig = PackedIntCheckpoint(ckpt, qconfig, folder), None
+        elif qconfig.get("quant_method") != QUANT_METHOD:
             raise LowbitError(f"{folder} is quantized with {qconfig.get('quant_method')!r}, which lowbit cannot "
                               f"read yet; give the float model")
-        quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig.get("modules", {}).items()}
-        source_dtype = getattr(torch, qconfig.get("dtype", "float32"))
+        else:
+            quantized = {name: QuantSpec.from_dict(d) for name, d in qconfig.get("modules", {}).items()}
+            source_dtype = getattr(torch, qconfig.get("dtype", "float32"))
     dtype = dtype or source_dtype
     model = build_skeleton(folder, dtype)
     return LoadedModel(folder, model, find_layout(model), ckpt, dtype, source_dtype, quantized, qconfig)

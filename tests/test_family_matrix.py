@@ -2,9 +2,11 @@
 GPTQ, W8A8 static int8 and its SmoothQuant chain) and every export of its RTN folder, each checked by its consumer:
 compressed-tensors loaded by transformers (+ the compressed-tensors package), the AutoAWQ and GPTQ layouts decoded
 (FORMATS.md 3.1 / 3.2) into transformers' model of the family, GGUF run by llama.cpp (llama-cpp-python; a float
-F32 GGUF of the Hugging Face model as well), ONNX run by onnxruntime. Each cell is its own test id and is either
+F32 GGUF of the Hugging Face model as well), ONNX run by onnxruntime; and (c) the AutoAWQ / GPTQ exports made
+int4 ONNX by onnxruntime-genai's model builder, run by onnxruntime. Each cell is its own test id and is either
 green (the consumer loads it and its logits match within the tolerance of the scheme) or refused with one
-LowbitError line before anything is written (REFUSED; the test asserts the reason and that nothing exists).
+LowbitError line before anything is written (REFUSED; the test asserts the reason and that nothing exists), or
+an xfail naming the consumer's own limit.
 
 Tolerances. Quantized vs float (transformers) logits: the relative RMS error must be above 1e-4 (the weights did
 change) and below PATH_TOL. An export vs lowbit's own fake-quant logits: compressed-tensors moves the codes and
@@ -262,3 +264,100 @@ def test_gguf_qwen3_moe_renormalised(tokenizer_dir, tmp_path):
     for check, out in ((_check_gguf_float, tmp_path / "f32.gguf"), (_check_gguf, tmp_path / "q.gguf")):
         error, tol = check(src, out, hf)
         assert error < tol, (check.__name__, error)
+
+
+# -- (c) the AutoAWQ / GPTQ exports through onnxruntime-genai's model builder (-p int4 -e cpu) ------------------
+# The builder reads the packed qweight / qzeros / scales itself and writes MatMulNBits. Its CPU attention is
+# onnxruntime's GroupQueryAttention with fused rotary, which needs head_dim % 16 == 0: these cells build each family
+# at hidden 128, four heads of 32. Phi-3: the tiny config's original_max_position_embeddings (transformers'
+# default 4096) differs from max_position_embeddings, which sends the builder to its LongRoPE class (KeyError
+# 'multi_cache' without long / short factors); equal, as Phi-3-mini-4k has them, it takes the plain RoPE class.
+# Phi-4-mini rotates 3/4 of each head and GroupQueryAttention needs the rotary half-width a multiple of 8: heads
+# of 64 (rotary 48; the real model's heads of 128 rotate 96).
+BUILDER_SHAPE = dict(hidden_size=128, head_dim=32)
+BUILDER_SHAPE_EXTRA = {"phi3": dict(original_max_position_embeddings=256),
+                       "phi4_mini": dict(original_max_position_embeddings=256, hidden_size=256, head_dim=64)}
+_NOT_SUPPORTED = ("model is not currently supported", "builder: NotImplementedError: {} is not currently supported")
+# family -> (a regex of the builder's stderr, the reason): the builder itself cannot take the family
+BUILDER_FAILS = {
+    "olmo2": (_NOT_SUPPORTED[0], _NOT_SUPPORTED[1].format("Olmo2ForCausalLM")),
+    "mixtral": (_NOT_SUPPORTED[0], _NOT_SUPPORTED[1].format("MixtralForCausalLM")),
+    "qwen3_moe": (_NOT_SUPPORTED[0], _NOT_SUPPORTED[1].format("Qwen3MoeForCausalLM")),
+    "gemma3": ("KeyError: 'rope_type'", "builder: KeyError 'rope_type' (transformers 5 writes Gemma-3's "
+                                        "rope_parameters per layer type; the builder reads one flat dict)")}
+BUILDER_FAST = {("llama3.2", "awq"), ("qwen3", "gptq")}  # the rest are slow (about 8 s a cell)
+BUILDER_TOL = 2e-3  # the float16 scales (as EXPORT_TOL); measured 5.6e-5 (Granite) to 7.6e-4, AWQ = GPTQ
+
+
+@pytest.fixture(scope="module")
+def builder_family(tmp_path_factory, tokenizer_dir):
+    """family name -> the folder of its tiny float32 model at head_dim 32 (BUILDER_SHAPE), made on first use."""
+    from transformers import AutoTokenizer
+
+    from .conftest import save_random_model
+    from .families import family_configs
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            config = family_configs(len(AutoTokenizer.from_pretrained(tokenizer_dir)))[name]
+            for key, value in {**BUILDER_SHAPE, **BUILDER_SHAPE_EXTRA.get(name, {})}.items():
+                setattr(config, key, value)
+            folder = tmp_path_factory.mktemp(f"builder-{name.replace('.', '_')}")
+            made[name] = save_random_model(config, folder, tokenizer_dir, randomize_1d=True)
+        return made[name]
+    return get
+
+
+def _builder_int4(hf, out):
+    """The builder's int4 CPU model of a pre-quantized folder: its codes as they are, float activations
+    (accuracy_level 1), lm_head and embeddings kept float as lowbit left them (else it quantizes them by RTN)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                           "-p", "int4", "-e", "cpu", "-c", str(out) + "-cache", "--extra_options",
+                           "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather", "accuracy_level=1"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _builder_logits(folder) -> np.ndarray:
+    """The builder's model run as onnxruntime-genai runs it: one prompt into an empty KV cache of the model's
+    full length (past and present share that buffer; a sliding-window layer needs at least the window)."""
+    import onnxruntime as ort
+
+    genai = json.loads((folder / "genai_config.json").read_text())["model"]
+    decoder, ids = genai["decoder"], IDS.numpy()
+    capacity = genai["context_length"] if "sliding_window" in decoder else 0
+    past = np.zeros((1, decoder["num_key_value_heads"], capacity, decoder["head_size"]), np.float32)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+    names = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names} | {n: past for n in names if n.startswith("past")}
+    return session.run(["logits"], feeds)[0][0]
+
+
+def _builder_cells():
+    return [pytest.param(f, n, id=f"{f}-{n}", marks=[] if (f, n) in BUILDER_FAST else [pytest.mark.slow])
+            for f in FAMILIES for n in ("awq", "gptq")]
+
+
+@pytest.mark.parametrize("family,fmt", _builder_cells())
+def test_builder_int4(family, fmt, builder_family, lowbit_out, tmp_path):
+    """AutoAWQ / GPTQ export -> the builder -> onnxruntime computes lowbit's own dequantized logits; or the
+    builder refuses the family (BUILDER_FAILS: xfail with its message, asserted)."""
+    import re
+
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    src = lowbit_out(builder_family(family), **RTN)
+    run = _builder_int4(export(src, tmp_path / fmt, fmt, quiet=True), tmp_path / "onnx")
+    if family in BUILDER_FAILS:
+        pattern, reason = BUILDER_FAILS[family]
+        assert run.returncode != 0 and re.search(pattern, run.stderr), run.stderr[-2000:]
+        pytest.xfail(reason)
+    assert run.returncode == 0, run.stderr[-2000:]
+    error = _rel(_builder_logits(tmp_path / "onnx"), _lowbit(src))
+    assert error < BUILDER_TOL, error

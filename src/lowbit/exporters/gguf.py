@@ -43,7 +43,7 @@ from .gguf_blocks import exact_type, fallback_type, pack_exact, requantize, row_
 from .gguf_imatrix import read_imatrix
 from .gguf_mixes import MIXES, ModelShape, fallback, mix_types
 from .gguf_archs import ARCHS, Arch, expert_member, get_arch  # noqa: F401 (ARCHS, Arch: gguf_float's)
-from .gguf_meta import add_hparams, config_warnings, llama3_rope_factors, n_vocab, rope
+from .gguf_meta import add_hparams, config_warnings, n_vocab, rope_tensors
 from .gguf_vocab import GGUFVocab, read_vocab
 from ..staging import check_output, staged
 from .declared import check_layers
@@ -126,7 +126,7 @@ def plan_gguf(model: LowbitFolder | PlannedModel, quant_type: str | None = None,
     check_layers("gguf", model)  # r4, activations, KV cache, widths (declared.CAPABILITIES["gguf"])
     mix = str(quant_type).lower() if quant_type is not None and str(quant_type).lower() in MIXES else None
     forced = None if mix else _forced_type(quant_type)
-    rope(config)  # refuses unsupported RoPE scaling now
+    rope_tensors(config)  # refuses unsupported RoPE scaling (and LongRoPE factors that do not fit) now
     names = gguf.get_tensor_name_map(arch.gguf_arch, config["num_hidden_layers"])
     plan = GGUFPlan(arch, config, names, [], config_warnings(config), mix)
     gguf_names = {name: _gguf_name(names, f"{name}.weight", arch) for name in model.modules}
@@ -321,13 +321,11 @@ def _tensors(folder: LowbitFolder, plan: GGUFPlan) -> list[Tensor]:
 
 
 def finish_tensors(tensors: list[Tensor], plan: GGUFPlan) -> list[Tensor]:
-    """The file's tensors in llama.cpp's usual order: experts stacked, Llama 3.1's rope_freqs added, and a copy of
+    """The file's tensors in llama.cpp's usual order: experts stacked, RoPE factors added, and a copy of
     the embedding as the output where the architecture needs one and the model ties them."""
     out = _stacked(tensors)
-    theta, scaling = rope(plan.config)
-    if scaling.get("rope_type") == "llama3":
-        factors = llama3_rope_factors(plan.config, theta, scaling)
-        out.append(Tensor("rope_freqs.weight", factors.shape, np.float32, None, lambda: factors))
+    for name, factors in rope_tensors(plan.config).items():  # Llama 3.1's rope_freqs, Phi-3's LongRoPE factors
+        out.append(Tensor(name, factors.shape, np.float32, None, lambda factors=factors: factors))
     names = {t.name: t for t in out}
     if plan.arch.output_required and "output.weight" not in names:
         out.append(dataclasses.replace(names["token_embd.weight"], name="output.weight"))

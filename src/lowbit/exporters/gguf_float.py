@@ -6,7 +6,7 @@ config, its tokenizer, each tensor dequantized exactly in float32 and put in Hug
 transformers' tensor processor), and a lowbit output folder (every quantized linear dequantized). Every 2-D
 weight (linears, embedding, output) is written in the requested float type, 1-D norms and biases as float32,
 as llama.cpp's converter does; the architecture handling is gguf.py's (llama's q/k row permutation, Gemma's
-1 + w norms, tied output, Llama 3.1's rope factors, the tokenizer of the source's folder).
+1 + w norms, tied output, Llama 3.1's and LongRoPE's rope factors, the tokenizer of the source's folder).
 
 A K-quant mix (`--gguf-type q4_k_m`, ...) on a float source quantizes every 2-D weight to the mix's type for it
 (gguf_mixes: llama-quantize's choices), from the float weights. Refused in one line before anything is written:
@@ -35,7 +35,7 @@ from .gguf import (ARCHS, NOT_EXPORTED, GGUFPlan, Tensor, _check_target, _expert
                    _heads, _model_shape, _permute_rows, _write, check_gguf, export_gguf, finish_tensors,
                    get_arch, imatrix_entries)
 from .gguf_blocks import requantize, row_bytes
-from .gguf_meta import config_warnings, n_vocab, rope
+from .gguf_meta import config_warnings, n_vocab, rope_tensors
 from .gguf_mixes import MIXES, mix_types
 from .gguf_vocab import read_vocab
 
@@ -190,7 +190,7 @@ def _check_model(config: dict, online_rotations, model_type: str) -> None:
         raise LowbitError(f"cannot write a float GGUF of this model: {layer} multiplies its input by a Hadamard "
                           f"matrix at run time (rotation r4), which GGUF cannot express; quantize with --algo-arg "
                           f"rotation:r4=false")
-    rope(config)  # refuses unsupported RoPE scaling
+    rope_tensors(config)  # refuses unsupported RoPE scaling (and LongRoPE factors that do not fit)
 
 
 @dataclass

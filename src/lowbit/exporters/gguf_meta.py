@@ -1,6 +1,14 @@
 """llama.cpp's hyperparameter metadata (FORMATS.md 4.2) from a Hugging Face config: sizes, heads, norm epsilon,
-RoPE base and scaling (linear and YaRN as keys; Llama 3.1's as a rope_freqs tensor of per-frequency divisors).
-RoPE scalings GGUF has no form for are refused."""
+RoPE base and scaling (linear and YaRN as keys; Llama 3.1's as a rope_freqs tensor of per-frequency divisors;
+Phi-3's LongRoPE as rope_factors_long / rope_factors_short tensors with its attention factor and original context
+as keys). RoPE scalings GGUF has no form for are refused.
+
+LongRoPE: transformers divides each frequency by the short factors while the sequence (the largest position + 1)
+is at most original_max_position_embeddings, by the long ones beyond, and multiplies cos / sin by
+sqrt(1 + ln(max / original) / ln(original)) either way. llama.cpp chooses by the context it is opened with
+(n_ctx per sequence > rope.scaling.original_context_length: long factors for every token), not by the sequence:
+a context of at most the original length computes what transformers does, a longer one does so only for sequences
+longer than the original length."""
 
 from __future__ import annotations
 
@@ -38,6 +46,9 @@ def add_hparams(writer: gguf.GGUFWriter, c: dict) -> None:
         if yarn:
             writer.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings")
                                                      or c["max_position_embeddings"] / scaling["factor"]))
+    if scaling.get("rope_type") == "longrope":  # no scaling type: llama.cpp's default, no frequency scale
+        writer.add_rope_scaling_attn_factors(longrope_attn_factor(c, scaling))
+        writer.add_rope_scaling_orig_ctx_len(longrope_original(c, scaling))
     add_arch_hparams(writer, c)
 
 
@@ -54,12 +65,57 @@ def rope(config: dict) -> tuple[float, dict]:
     theta = config.get("rope_theta") or params.get("rope_theta") or 10000.0
     scaling = config.get("rope_scaling") or params
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind not in ("default", "linear", "yarn", "llama3"):
+    if config.get("model_type") == "phi3" and kind in ("su", "yarn"):  # Phi3Config reads both as longrope
+        kind = "longrope"
+    if kind not in ("default", "linear", "yarn", "llama3", "longrope"):
         raise LowbitError(f"RoPE scaling {kind!r} has no GGUF form this export writes (default, linear, yarn, "
-                          f"llama3); export to compressed-tensors instead")
+                          f"llama3, longrope); export to compressed-tensors instead")
     if kind == "llama3" and config.get("model_type") not in ("llama", "mistral"):
         raise LowbitError("llama3 RoPE scaling is written for llama models only; export to compressed-tensors")
+    if kind == "longrope" and config.get("model_type") != "phi3":
+        raise LowbitError("longrope RoPE scaling is written for phi3 models only (llama.cpp's rope_factors_long / "
+                          "rope_factors_short); export to compressed-tensors")
     return float(theta), ({} if kind == "default" else {**scaling, "rope_type": kind})
+
+
+def rope_tensors(config: dict) -> dict[str, np.ndarray]:
+    """The RoPE factor tensors of the file (float32): Llama 3.1's rope_freqs, Phi-3's LongRoPE rope_factors_long
+    and rope_factors_short (one of each for all layers, rotary_dim / 2 each); {} for other scalings."""
+    theta, scaling = rope(config)
+    if scaling.get("rope_type") == "llama3":
+        return {"rope_freqs.weight": llama3_rope_factors(config, theta, scaling)}
+    if scaling.get("rope_type") != "longrope":
+        return {}
+    longrope_original(config, scaling)  # refused now if missing
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    half = int(head_dim * partial_rotary(config)) // 2
+    out = {}
+    for kind in ("long", "short"):
+        factors = np.asarray(scaling.get(f"{kind}_factor") or [], dtype=np.float32)
+        if factors.shape != (half,):
+            raise LowbitError(f"longrope {kind}_factor has {factors.size} entries, not rotary_dim / 2 = {half}; the "
+                              f"config is not one transformers runs")
+        out[f"rope_factors_{kind}.weight"] = factors
+    return out
+
+
+def longrope_original(config: dict, scaling: dict) -> int:
+    """The context LongRoPE's short factors serve (original_max_position_embeddings)."""
+    original = scaling.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    if not original:
+        raise LowbitError("longrope RoPE scaling without original_max_position_embeddings; the config is not one "
+                          "transformers runs")
+    return int(original)
+
+
+def longrope_attn_factor(config: dict, scaling: dict) -> float:
+    """LongRoPE's cos / sin multiplier as transformers computes it (_compute_longrope_parameters): attention_factor
+    if given, else sqrt(1 + ln(factor) / ln(original)) with factor = max / original context unless given."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = longrope_original(config, scaling)
+    factor = scaling.get("factor") or config["max_position_embeddings"] / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def llama3_rope_factors(config: dict, theta: float, scaling: dict) -> np.ndarray:

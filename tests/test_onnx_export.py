@@ -366,7 +366,8 @@ def test_existing_output_untouched(quantized, tmp_path):
     (dict(head_dim=20), "multiple of 8"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "depend on the sequence length"),
     (dict(hidden_act="relu2"), "SiLU and GELU"),
-    (dict(model_type="mixtral", num_local_experts=4), "mixture-of-experts"),
+    (dict(model_type="qwen2_moe", num_experts=4), "Mixtral's and Qwen3-MoE's SiLU experts only"),
+    (dict(model_type="mixtral", num_local_experts=4, hidden_act="gelu"), "mixture-of-experts"),
 ])
 def test_refused_architectures(change, match):
     config = {**dict(model_type="llama", hidden_size=64, num_attention_heads=4, head_dim=16), **change}

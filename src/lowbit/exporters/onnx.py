@@ -15,9 +15,10 @@ Checked against onnxruntime 1.32 and onnxruntime-genai 0.18 (tests/test_onnx_exp
 tests/test_onnx_families.py).
 
 Refused with a LowbitError before anything is written (the layers' quantization as declared.CAPABILITIES["onnx"]
-says, the architecture as onnx_family.check_architecture): families other than those onnx_family.py lists,
-mixture-of-experts models; position-dependent RoPE (dynamic, longrope); bfloat16 (onnxruntime 1.32's CPU
-kernels have none for MatMulNBits, GroupQueryAttention, RotaryEmbedding, MatMul, Add, Mul, Sigmoid, Tanh);
+says, the architecture as onnx_family.check_architecture): families other than those onnx_family.py lists
+(mixture-of-experts: Mixtral and Qwen3-MoE, as QMoE / MoE nodes, onnx_moe.py); dynamic RoPE (LongRoPE is held:
+two cos/sin caches and an If); bfloat16 (onnxruntime 1.32's CPU kernels have none for MatMulNBits, GroupQueryAttention, RotaryEmbedding,
+MatMul, Add, Mul, Sigmoid, Tanh);
 widths MatMulNBits' CPU kernel lacks (2, 4 and 8 bits only); float, MX, NVFP4 and block-floating-point
 elements; group sizes without a power-of-two factor >= 16; quantized input activations or KV cache.
 """
@@ -35,6 +36,7 @@ from ..model_files import read_json
 from .onnx_decoder import DecoderBuilder
 from .onnx_family import DecoderShape, check_architecture, decoder_shape, genai_type
 from .onnx_graph import FLOAT_TYPES, GraphOptions
+from .onnx_moe import moe_warnings
 from .onnx_tensors import ExternalData, matmul_block_size, quantize_table, rope_caches
 from ..staging import check_output, staged
 from .declared import check_layers
@@ -51,7 +53,7 @@ def check_onnx(model, dtype: str = "float32") -> list[str]:
     _check_dtype(dtype)
     check_architecture(model.config)
     check_layers("onnx", model)
-    warnings = []
+    warnings = moe_warnings(model)
     for name, (spec, (_, k)) in model.modules.items():
         if spec.granularity != "group" and k % 16:
             warnings.append(f"{name}: per-{spec.granularity} scale on K={k} (no power-of-two factor >= 16) is one "

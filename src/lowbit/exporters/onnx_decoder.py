@@ -1,6 +1,6 @@
 """The decoder's structure in lowbit's ONNX export: embedding, the residual stream with each family's norms
-(before and / or after attention and MLP, onnx_family.DecoderShape.norms), GroupQueryAttention, the MLP and
-the logits. Linears and the graph itself are onnx_graph.py.
+(before and / or after attention and MLP, onnx_family.DecoderShape.norms), GroupQueryAttention, the MLP (or a
+mixture of experts, onnx_moe.py) and the logits. Linears and the graph itself are onnx_graph.py.
 
 The residual stream is carried as (pending block output, residual): the add that joins them and the norm
 before the next block are one SkipSimplifiedLayerNormalization (an Add where no norm follows, as in OLMo-2).
@@ -15,21 +15,24 @@ import onnx
 from onnx import TensorProto, helper
 
 from .onnx_family import DecoderShape
-from .onnx_graph import IR_VERSION, MS, OPSETS, GraphOptions, LinearBuilder
-from .onnx_tensors import ExternalData
+from .onnx_graph import IR_VERSION, MS, OPSETS, GraphOptions
+from .onnx_moe import ExpertsBuilder, moe_routing
+from .onnx_tensors import ExternalData, select_rope_cache
 
 
-class DecoderBuilder(LinearBuilder):
+class DecoderBuilder(ExpertsBuilder):
     """Builds the decoder of one family (DecoderShape) from a LowbitFolder."""
 
     def __init__(self, folder, shape: DecoderShape, options: GraphOptions,
                  rope: dict[str, tuple[np.ndarray, np.ndarray]], data: ExternalData):
         super().__init__(folder, options, data)
         self.shape = shape
+        self.routing = moe_routing(folder.config)  # Mixtral, Qwen3-MoE: experts in place of the MLP
         self.rope = {kind: (self.g.const(f"cos_cache.{kind}" if len(rope) > 1 else "cos_cache", cos),
                             self.g.const(f"sin_cache.{kind}" if len(rope) > 1 else "sin_cache", sin))
                      for kind, (cos, sin) in rope.items()}
         self.rotary_dim = 2 * next(iter(rope.values()))[0].shape[1]
+        self._chosen_rope: dict[str, tuple[str, str]] = {}  # LongRoPE: the If's outputs per cache
         # GroupQueryAttention rotates inside only for head_dim % 16 == 0 and a rotary width % 16 == 0
         # (onnxruntime 1.32 CPU); else a RotaryEmbedding node per q and k before it
         self.fused_rotary = shape.head_dim % 16 == 0 and self.rotary_dim % 16 == 0
@@ -97,10 +100,20 @@ class DecoderBuilder(LinearBuilder):
                 for x, name, heads in ((q, "q", s.heads), (k, "k", s.kv_heads)))
         return q, k, v
 
+    def _rope_cache(self, kind: str, total: str) -> tuple[str, str]:
+        """A layer's (cos, sin) caches; with LongRoPE's long ones too, an If (made once) choosing them by the total
+        sequence length."""
+        if f"{kind}.long" not in self.rope:
+            return self.rope[kind]
+        if kind not in self._chosen_rope:
+            self._chosen_rope[kind] = select_rope_cache(self.g, total, self.shape.rope_original, self.rope[kind],
+                                                        self.rope[f"{kind}.long"])
+        return self._chosen_rope[kind]
+
     def attention(self, i: int, x: str, mask: tuple[str, str]) -> str:
         s = self.shape
         q, k, v = self._qkv(i, x)
-        cos, sin = self.rope[s.rope_layers[i] if s.rope_layers else "default"]
+        cos, sin = self._rope_cache(s.rope_layers[i] if s.rope_layers else "default", mask[1])
         rotary = [cos, sin, "position_ids"]
         if not self.fused_rotary:
             q, k, v = self._rotary(i, q, k, v, cos, sin)
@@ -121,6 +134,8 @@ class DecoderBuilder(LinearBuilder):
         return self.g.op("Gelu", [x], f"{path}/Gelu", approximate=approximate)
 
     def mlp(self, i: int, x: str) -> str:
+        if self.routing and self.routing.sparse[i]:
+            return self.experts(i, x, self.routing)
         prefix = f"model.layers.{i}.mlp"
         if f"{prefix}.gate_up_proj" in self.folder.modules or f"{prefix}.gate_up_proj.weight" in self.keys:
             fused = self.linear(x, [f"{prefix}.gate_up_proj"])  # Phi-3: gate | up

@@ -6,7 +6,9 @@ Families and how the graph holds them (onnx_decoder.py):
   (per-head q/k RMSNorm), Granite (embedding, residual and attention multipliers, logits divided);
 - Phi-3 / Phi-4-mini: fused qkv_proj (one linear whose output is GroupQueryAttention's packed q|k|v) and
   gate_up_proj (split in two); partial rotary as cos/sin caches narrower than the head (GroupQueryAttention
-  rotates the first 2 * cache width dimensions and passes the rest through);
+  rotates the first 2 * cache width dimensions and passes the rest through); LongRoPE (Phi-3.5-mini,
+  Phi-4-mini, Phi-3-*-128k) as two cache sets, the long one chosen by an If when past + current tokens exceed
+  original_max_position_embeddings, as onnxruntime-genai's builder does (onnx_tensors.select_rope_cache);
 - Gemma, Gemma-2, Gemma-3 (text): `1 + w` RMSNorm gains folded into the stored gains, the embedding times
   sqrt(hidden), tanh-GELU MLPs; Gemma-2/3 sandwich norms, sliding-window layers (GroupQueryAttention's
   local_window_size), attention logit soft-capping (its softcap attribute), final logit soft-capping, the
@@ -14,7 +16,8 @@ Families and how the graph holds them (onnx_decoder.py):
   layers (rope_local_base_freq);
 - OLMo-2: no norm before attention / MLP, RMSNorm after each (before the residual add), q/k RMSNorm over the
   whole projection width.
-Mixture-of-experts models are refused (the graph has dense MLPs only).
+- Mixtral, Qwen3-MoE: each sparse layer's router and experts as one QMoE (4-bit experts) or MoE node
+  (onnx_moe.py); Qwen3-MoE's mlp_only_layers keep dense MLPs. Other mixture-of-experts models are refused.
 """
 
 from __future__ import annotations
@@ -26,16 +29,20 @@ from ..errors import LowbitError
 # model_type -> (q/k norm: "" none, "head" per head, "full" over the projection; RMSNorm gain offset)
 FAMILIES = {"llama": ("", 0.0), "mistral": ("", 0.0), "qwen2": ("", 0.0), "qwen3": ("head", 0.0),
             "phi3": ("", 0.0), "granite": ("", 0.0), "olmo2": ("full", 0.0), "gemma": ("", 1.0),
-            "gemma2": ("", 1.0), "gemma3_text": ("head", 1.0)}
-FAMILY_NAMES = "Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo-2, Gemma, Gemma-2 and Gemma-3 (text)"
+            "gemma2": ("", 1.0), "gemma3_text": ("head", 1.0), "mixtral": ("", 0.0), "qwen3_moe": ("head", 0.0)}
+FAMILY_NAMES = ("Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo-2, Gemma, Gemma-2, Gemma-3 (text), Mixtral and "
+                "Qwen3-MoE")
+MOE_FAMILIES = ("mixtral", "qwen3_moe")  # experts as QMoE / MoE nodes (onnx_moe.py)
 # the norms of a layer: (before attention, after attention, before the MLP, after the MLP); "" none
 PRE_NORMS = ("input_layernorm", "", "post_attention_layernorm", "")
 SANDWICH_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                   "post_feedforward_layernorm")
 POST_NORMS = ("", "post_attention_layernorm", "", "post_feedforward_layernorm")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
-POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
-GENAI_TYPES = {"gemma3_text": "gemma3_text", "olmo2": "olmo"}  # else the architecture's lower-cased prefix
+POSITION_DEPENDENT_ROPE = ("dynamic",)  # LongRoPE's two factor sets: two caches and an If (rope_original)
+# onnxruntime-genai's model types; else the architecture's lower-cased prefix. 0.18 knows neither "mixtral" nor
+# "qwen3moe": their decoders run as the dense family's (the experts are ops inside the graph)
+GENAI_TYPES = {"gemma3_text": "gemma3_text", "olmo2": "olmo", "mixtral": "mistral", "qwen3_moe": "qwen3"}
 
 
 @dataclass
@@ -62,14 +69,17 @@ class DecoderShape:
     final_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma-2)
     logits_divisor: float | None = None  # logits divided by it (Granite)
     rope_layers: list[str] = field(default_factory=list)  # each layer's cos/sin cache (onnx_tensors.rope_caches)
+    rope_original: int = 0  # LongRoPE: the long caches serve total sequence lengths above this (0: one cache set)
 
 
 def check_architecture(config: dict) -> None:
     """Refuse (LowbitError) a model whose architecture the ONNX graph cannot hold."""
     model_type = config.get("model_type")
-    if config.get("num_local_experts") or config.get("num_experts"):
-        raise LowbitError(f"cannot export the mixture-of-experts {model_type!r} to ONNX: lowbit's graph has dense "
-                          f"MLPs only; export to compressed-tensors or gguf instead")
+    if (config.get("num_local_experts") or config.get("num_experts")) and (
+            model_type not in MOE_FAMILIES or _activation(config) != "silu"):
+        raise LowbitError(f"cannot export the mixture-of-experts {model_type!r} to ONNX: lowbit's graph holds "
+                          f"Mixtral's and Qwen3-MoE's SiLU experts only; export to compressed-tensors or gguf "
+                          f"instead")
     if model_type not in FAMILIES:
         raise LowbitError(f"cannot export model_type {model_type!r} to ONNX: lowbit writes {FAMILY_NAMES} "
                           f"decoders; export to compressed-tensors instead")
@@ -108,7 +118,7 @@ def _rope_parameters(config: dict) -> list[dict]:
 
 def _windows(config: dict, layers: int, types: list[str]) -> list[int]:
     window = config.get("sliding_window")
-    if config["model_type"] in ("mistral", "phi3"):
+    if config["model_type"] in ("mistral", "mixtral", "phi3"):
         return [window or -1] * layers
     # Qwen2/3, Gemma-2/3: a window only where layer_types says sliding_attention
     return [window if window and t == "sliding_attention" else -1 for t in types] or [-1] * layers
@@ -138,6 +148,11 @@ def decoder_shape(config: dict) -> DecoderShape:
         final_softcap=config.get("final_logit_softcapping"), logits_divisor=config.get("logits_scaling"))
     nested = any(isinstance(v, dict) for v in (config.get("rope_parameters") or {}).values())
     shape.rope_layers = types if nested else ["default"] * layers  # Gemma-3: a cache per layer type
+    rope = _rope_parameters(config)[0]
+    kind = rope.get("rope_type", rope.get("type"))
+    if not nested and (kind == "longrope" or model_type == "phi3" and kind in ("su", "yarn")):  # as Phi3Config
+        shape.rope_original = int(rope.get("original_max_position_embeddings")
+                                  or config.get("original_max_position_embeddings") or shape.context)
     return shape
 
 

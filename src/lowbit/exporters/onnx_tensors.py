@@ -1,6 +1,6 @@
 """The tensors of lowbit's ONNX export: MatMulNBits weights from lowbit's integer codes, a block-quantized
-embedding table for GatherBlockQuantized, the RoPE caches, and the external-data file the initializers are
-streamed into (layouts in FORMATS.md 1.1 and 1.3).
+embedding table for GatherBlockQuantized, the RoPE caches (LongRoPE's two, chosen by an If), and the
+external-data file the initializers are streamed into (layouts in FORMATS.md 1.1 and 1.3).
 
 MatMulNBits computes Y = A @ W with W[k, n] = (q[n, k] - zp[n, k // block]) * scale[n, k // block], q packed
 LSB-first along K per block, zp 2^(bits-1) when absent. A lowbit spec maps onto it exactly:
@@ -94,8 +94,9 @@ def quantize_table(table: torch.Tensor, bits: int, block: int) -> tuple[dict[str
 def rope_caches(hf_config, length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """cache name ("default", or Gemma-3's layer types) -> cos and sin (length, rotary_dim / 2) float32 for
     positions 0..length-1, computed as the model's own rotary embedding does (inv_freq from transformers, so
-    llama3 / linear / yarn scaling and partial rotary come out right; the attention scaling of yarn multiplies
-    both)."""
+    llama3 / linear / yarn scaling and partial rotary come out right; the attention scaling of yarn and
+    LongRoPE multiplies both). LongRoPE: "default" with the short factors and "default.long" with the long ones
+    (select_rope_cache chooses between them in the graph)."""
     import importlib
 
     import transformers
@@ -107,13 +108,42 @@ def rope_caches(hf_config, length: int) -> dict[str, tuple[np.ndarray, np.ndarra
     rotary = cls(hf_config)
     kinds = {"default": ("inv_freq", "attention_scaling")} if hasattr(rotary, "inv_freq") else \
         {t: (f"{t}_inv_freq", f"{t}_attention_scaling") for t in rotary.layer_types}
+    inv_freqs = {kind: (getattr(rotary, freq).float(), getattr(rotary, scaling))
+                 for kind, (freq, scaling) in kinds.items()}
+    if getattr(rotary, "rope_type", None) == "longrope":  # inv_freq holds the short factors' frequencies
+        inv_freqs["default.long"] = (_longrope_inv_freq(hf_config), rotary.attention_scaling)
     caches = {}
-    for kind, (freq, scaling) in kinds.items():
-        freqs = torch.arange(length, dtype=torch.float32)[:, None] * getattr(rotary, freq).float()[None, :]
-        scale = getattr(rotary, scaling)
+    for kind, (inv_freq, scale) in inv_freqs.items():
+        freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
         caches[kind] = ((freqs.cos() * scale).numpy().astype(np.float32),
                         (freqs.sin() * scale).numpy().astype(np.float32))
     return caches
+
+
+def _longrope_inv_freq(hf_config) -> torch.Tensor:
+    """LongRoPE's frequencies with the long factors, as transformers computes them past the original context."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    original = hf_config.rope_parameters["original_max_position_embeddings"]
+    return ROPE_INIT_FUNCTIONS["longrope"](hf_config, "cpu", seq_len=original + 1)[0].float()
+
+
+def select_rope_cache(g, total: str, original: int, short: tuple[str, str], long: tuple[str, str]) -> tuple[str, str]:
+    """LongRoPE's (cos, sin) caches chosen at run time as onnxruntime-genai's builder chooses them: an If on the
+    total sequence length (past + current tokens, int32) > original (original_max_position_embeddings) passing
+    the long caches' initializers through, else the short ones'. g: the graph being built (onnx_graph.Graph)."""
+    path = "/model/rotemb_caches_subgraph"
+    condition = g.op("Greater", [total, g.const("rope_original_context", np.array(original, dtype=np.int32))],
+                     f"{path}/Greater")
+
+    def branch(name: str, caches: tuple[str, str]) -> onnx.GraphProto:
+        outs = [f"{path}/{name}/{c}" for c in caches]
+        nodes = [onnx.helper.make_node("Identity", [c], [o], name=f"{o}/Identity") for c, o in zip(caches, outs)]
+        return onnx.helper.make_graph(nodes, f"{name}_rotemb_caches", [],
+                                      [onnx.helper.make_tensor_value_info(o, g.float_type, None) for o in outs])
+    cos, sin = g.op("If", [condition], f"{path}/If", ["cos_cache", "sin_cache"],
+                    then_branch=branch("long", long), else_branch=branch("short", short))
+    return cos, sin
 
 
 def kronecker_split(rotation, n: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -1,7 +1,7 @@
 """Opening and feeding the runtimes that run a decoder outside torch, in one place: onnxruntime (an ONNX
 decoder's model file, its genai_config.json, an InferenceSession and the inputs of a window from an empty
-past), onnxruntime-genai (a Model of a folder and a greedy Generator over it) and llama.cpp (a Llama over a
-GGUF file).
+past, a sliding-window KV cache given its window's capacity), onnxruntime-genai (a Model of a folder and a
+greedy Generator over it) and llama.cpp (a Llama over a GGUF file).
 
 A low module: it imports only lowbit.errors and lowbit.model_files, so the ONNX front end (onnx/) and the
 measurements (eval/) both build on it. The optional packages (onnxruntime, onnxruntime_genai, llama_cpp) are
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from .errors import LowbitError
 from .model_files import read_json, resolve_inside
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {past input: window capacity}
 GENAI_INSTALL = "--runtime onnxruntime-genai needs the onnxruntime-genai package: pip install onnxruntime-genai"
 
 
@@ -73,34 +75,66 @@ def decoder_session(model: Path, threads: int | None = None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    note_windows(session, model)
+    return session
+
+
+def sliding_windows(model) -> dict[str, int]:
+    """past input name -> the capacity its KV cache must have: local_window_size for the past key and value of
+    a GroupQueryAttention with sliding_window_cache=1 (the builder's bounded cache of a sliding-window layer,
+    which onnxruntime refuses below the window). `model`: a ModelProto or a model file (read without its
+    external data)."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    windows = {}
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attributes.get("sliding_window_cache") and attributes.get("local_window_size", -1) > 0:
+            windows.update({name: int(attributes["local_window_size"]) for name in node.input[3:5] if name})
+    return windows
+
+
+def note_windows(session, model) -> None:
+    """Remember the sliding-window capacities of the session's model (a ModelProto or file) for decoder_feeds;
+    decoder_session does it for the sessions it opens."""
+    _WINDOWS[session] = sliding_windows(model)
 
 
 def decoder_feeds(session, batch: np.ndarray, head_size: int | None) -> dict[str, np.ndarray]:
     """Inputs for one batch of windows from an empty past. A symbolic head dimension of the KV cache (the
-    builder names it kv_cache_dim) is read from genai_config.json's head_size."""
+    builder names it kv_cache_dim) is read from genai_config.json's head_size. A sliding-window cache (the
+    builder's past_sliding_length inputs) gets a zeroed buffer of its sliding window's capacity, as
+    onnxruntime-genai feeds it: the attention mask covers only the batch's own tokens (a past of length 0), so
+    the zeros are never attended, and the present it returns is that ring buffer, filled."""
     n, seq = batch.shape
     feeds = {"input_ids": batch, "attention_mask": np.ones((n, seq), dtype=np.int64)}
+    windows = _WINDOWS.get(session, {})
     for spec in session.get_inputs():
         if spec.name == "position_ids":
             feeds["position_ids"] = np.tile(np.arange(seq, dtype=np.int64), (n, 1))
         elif spec.name.startswith("past_key_values"):
-            feeds[spec.name] = _empty_past(spec, n, head_size)
+            feeds[spec.name] = _empty_past(spec, n, head_size, windows.get(spec.name, 0))
         elif spec.name not in feeds:
             raise LowbitError(f"the ONNX model has an input {spec.name!r} this evaluation does not know how to feed; "
                               f"give a decoder with onnxruntime-genai's input names")
     return feeds
 
 
-def _empty_past(spec, n: int, head_size: int | None) -> np.ndarray:
-    """A zero-length past key or value (n, kv_heads, 0, head_dim) shaped and typed from the input's metadata."""
+def _empty_past(spec, n: int, head_size: int | None, capacity: int = 0) -> np.ndarray:
+    """An empty past key or value (n, kv_heads, capacity, head_dim) shaped and typed from the input's metadata:
+    zero-length, or a zeroed buffer of `capacity` positions for a sliding-window cache."""
     shape = list(spec.shape) if len(spec.shape) == 4 else [None] * 4
     heads, dim = shape[1], shape[3] if isinstance(shape[3], int) else head_size
     if spec.type not in _NUMPY_TYPES or not isinstance(heads, int) or not isinstance(dim, int):
         raise LowbitError(f"cannot feed {spec.name} ({spec.type}, shape {spec.shape}): expected a float "
                           f"(batch, kv_heads, past, head_dim) KV cache input (head_dim from "
                           f"genai_config.json when symbolic)")
-    return np.zeros((n, heads, 0, dim), dtype=_NUMPY_TYPES[spec.type])
+    return np.zeros((n, heads, capacity, dim), dtype=_NUMPY_TYPES[spec.type])
 
 
 # -- onnxruntime-genai ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..algorithms.stats import InputStats
 from ..errors import LowbitError
-from ..runtimes import decoder_feeds, genai_decoder
+from ..runtimes import decoder_feeds, genai_decoder, note_windows
 from .graph import OnnxDecoder
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",
@@ -61,7 +61,9 @@ def session_with_outputs(decoder: OnnxDecoder, outputs: list[str], providers: li
         options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    note_windows(session, model)
+    return session
 
 
 def _stats_bytes(columns: int, gram: bool) -> int:

@@ -129,11 +129,9 @@ class WindowReader:
     calibrate.gather_stats feeds them (an empty past); set_range lets the histogram calibrators go in strides."""
 
     def __init__(self, model_path: Path, windows: torch.Tensor, head_size: int | None):
-        import onnxruntime as ort
+        from ..runtimes import decoder_feeds, decoder_session
 
-        from ..runtimes import decoder_feeds
-
-        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        session = decoder_session(model_path)
         self.feeds = [decoder_feeds(session, w[None].numpy().astype(np.int64), head_size) for w in windows]
         del session
         self.start, self.end = 0, len(self.feeds)

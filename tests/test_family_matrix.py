@@ -93,7 +93,13 @@ def _cells(names, slow=(), xfail=None):
 
 # -- (a) quantize: lowbit's model computes close to the float model ------------------------------------------
 
-@pytest.mark.parametrize("family,path", _cells(PATHS, SLOW_PATHS))
+# plain static W8A8 (RTN codes, calibrated input ranges) is the SmoothQuant chain without its scales: run on
+# llama, and on olmo2 whose SmoothQuant is refused; every other family's W8A8 cell is the SmoothQuant chain
+W8A8_PLAIN = {"llama", "olmo2"}
+
+
+@pytest.mark.parametrize("family,path", [c for c in _cells(PATHS, SLOW_PATHS)
+                                         if c.values[1] != "w8a8" or c.values[0] in W8A8_PLAIN])
 def test_quantize(family, path, family_model, lowbit_out, tmp_path):
     hf = family_model(family)
     reason = QUANT_REFUSED.get((family, path))
@@ -285,7 +291,7 @@ BUILDER_FAILS = {
     "qwen3_moe": (_NOT_SUPPORTED[0], _NOT_SUPPORTED[1].format("Qwen3MoeForCausalLM")),
     "gemma3": ("KeyError: 'rope_type'", "builder: KeyError 'rope_type' (transformers 5 writes Gemma-3's "
                                         "rope_parameters per layer type; the builder reads one flat dict)")}
-BUILDER_FAST = {("llama3.2", "awq"), ("qwen3", "gptq")}  # the rest are slow (about 8 s a cell)
+BUILDER_FAST = {("llama3.2", "gptq"), ("qwen3", "awq")}  # the rest are slow (about 8 s a cell)
 BUILDER_TOL = 2e-3  # the float16 scales (as EXPORT_TOL); measured 5.6e-5 (Granite) to 7.6e-4, AWQ = GPTQ
 
 
@@ -340,8 +346,10 @@ def _builder_logits(folder) -> np.ndarray:
 
 
 def _builder_cells():
+    """One layout per family, alternating, so that the builder's AutoAWQ and GPTQ readers each meet half of the
+    families (both layouts gave equal errors on every family when all 28 cells ran: 5.6e-5 to 7.6e-4)."""
     return [pytest.param(f, n, id=f"{f}-{n}", marks=[] if (f, n) in BUILDER_FAST else [pytest.mark.slow])
-            for f in FAMILIES for n in ("awq", "gptq")]
+            for i, f in enumerate(FAMILIES) for n in [("awq", "gptq")[i % 2]]]
 
 
 @pytest.mark.parametrize("family,fmt", _builder_cells())

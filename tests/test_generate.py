@@ -310,3 +310,15 @@ def test_demo_in_llama_cpp_and_torch(capsys):
                      "--json", "--runtime", runtime]) == 0
         outputs[runtime] = json.loads(capsys.readouterr().out)["token_ids"]
     assert outputs["llama.cpp"][:3] == outputs["torch"][:3]
+
+
+def test_ctrl_c_ends_a_chat_without_an_error_line(monkeypatch, capsys):
+    import lowbit.eval.chat as chat
+    from lowbit.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "run_chat", interrupted)
+    assert main(["chat", "demo"]) == 130
+    assert "error:" not in capsys.readouterr().err

@@ -497,8 +497,14 @@ def cmd_chat(args) -> int:
     from .eval.chat import run_chat
     from .eval.generate import Sampling
 
-    return run_chat(args.model, runtime=args.runtime, sampling=Sampling.from_args(args), system=args.system,
-                    threads=args.threads)
+    try:
+        return run_chat(args.model, runtime=args.runtime, sampling=Sampling.from_args(args), system=args.system,
+                        threads=args.threads)
+    except KeyboardInterrupt as exc:  # Ctrl-C ends a conversation (it writes nothing to remove)
+        if isinstance(exc, Terminated):
+            raise
+        print(file=sys.stderr)
+        return 130
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export,

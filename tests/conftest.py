@@ -216,3 +216,19 @@ def family_model(tmp_path_factory, tokenizer_dir):
             made[name] = make_family(name, tmp_path_factory.mktemp(f"family-{name.replace('.', '_')}"), tokenizer_dir)
         return made[name]
     return get
+
+
+def genai_greedy(folder, prompt, new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy tokens after `prompt` (token ids) for an ONNX folder, up to new_tokens."""
+    import numpy as np
+
+    from lowbit.runtimes import genai_generator, open_genai_model
+
+    prompt = [int(t) for t in prompt]
+    generator = genai_generator(open_genai_model(folder), len(prompt) + new_tokens, do_sample=False)
+    generator.append_tokens(np.array(prompt, dtype=np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens

@@ -34,7 +34,7 @@ from lowbit.exporters.onnx_tensors import matmul_block_size, matmul_nbits_tensor
 from lowbit.exporters.source import PlannedModel  # noqa: E402
 from lowbit.formats import Quantized, compute_qparams, quantize_codes  # noqa: E402
 from lowbit.spec import QuantSpec, parse_scheme  # noqa: E402
-from .conftest import save_random_model  # noqa: E402
+from .conftest import genai_greedy, save_random_model  # noqa: E402
 
 TOL = 1e-4
 IDS = torch.randint(3, 300, (2, 23), generator=torch.Generator().manual_seed(0))
@@ -246,17 +246,8 @@ def test_genai_greedy_generation(arch, quantized, tmp_path):
     with torch.no_grad():
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                                   pad_token_id=1)[0, len(prompt):].tolist()
-    genai = og.Model(str(out))
-    params = og.GeneratorParams(genai)
-    params.set_search_options(max_length=len(prompt) + 24, do_sample=False)
-    generator = og.Generator(genai, params)
-    generator.append_tokens(np.array(prompt, dtype=np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    assert tokens == expected
-    assert og.Tokenizer(genai).encode("def main():").tolist() == tokenizer("def main():").input_ids
+    assert genai_greedy(out, prompt, 24) == expected
+    assert og.Tokenizer(og.Model(str(out))).encode("def main():").tolist() == tokenizer("def main():").input_ids
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["type"] == arch and config["search"]["past_present_share_buffer"]
 

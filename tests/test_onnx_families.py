@@ -28,6 +28,8 @@ from onnx import helper  # noqa: E402
 from lowbit.api import load, quantize  # noqa: E402
 from lowbit.exporters.onnx import export_onnx  # noqa: E402
 
+from .conftest import genai_greedy  # noqa: E402
+
 EXPORTED = ["llama", "llama3.2", "mistral", "qwen2", "qwen3", "phi3", "phi4_mini", "gemma", "gemma2", "gemma3",
             "granite", "olmo2", "mixtral", "qwen3_moe"]
 GENAI_TYPES = {"llama": "llama", "llama3.2": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
@@ -174,16 +176,7 @@ def test_family_genai_generation(family, dtype, quantized, expected, tmp_path):
     """onnxruntime-genai loads the folder and greedy-generates the 24 tokens transformers generates with
     lowbit's float32 model (float16 too: measured equal on every family)."""
     out = export_onnx(quantized(family), tmp_path / "onnx", dtype=dtype)
-    genai = og.Model(str(out))
-    params = og.GeneratorParams(genai)
-    params.set_search_options(max_length=len(PROMPT) + 24, do_sample=False)
-    generator = og.Generator(genai, params)
-    generator.append_tokens(np.array(PROMPT, dtype=np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    assert tokens == expected(family)[1]
+    assert genai_greedy(out, PROMPT, 24) == expected(family)[1]
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == GENAI_TYPES[family]
 
 
